@@ -1,0 +1,535 @@
+"""Metrics, bootstrap confidence intervals, threshold choice, calibration and plots.
+
+Training (threshold and temperature on the validation split), ``pneumo evaluate`` and ``pneumo compare``
+all go through this module, so every number they report has one definition. Conventions: ``y_true`` is 1
+for PNEUMONIA (the positive class) and 0 for NORMAL, ``prob`` is P(pneumonia), and an image is called
+PNEUMONIA when ``prob >= threshold``. Values that are undefined on the data at hand (ROC AUC with one
+class, precision with no positive calls) are ``None``, never NaN, so reports stay valid JSON.
+
+Pure numpy / scipy / scikit-learn (matplotlib only inside :func:`save_plots`): no torch needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+from scipy.stats import rankdata
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+from pneumo.errors import PneumoError
+
+logger = logging.getLogger(__name__)
+
+LABEL_NAMES = ("NORMAL", "PNEUMONIA")
+THRESHOLD_RULES = ("youden", "sensitivity", "f1")
+#: Metrics that :func:`evaluation_report` gives a confidence interval by default.
+REPORT_CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "roc_auc", "pr_auc")
+#: Every metric :func:`bootstrap_ci` can resample (all vectorized over resamples).
+BOOTSTRAP_METRICS = (*REPORT_CI_METRICS, "brier", "ece")
+
+_HEADLINE = (
+    ("accuracy", "Accuracy"),
+    ("sensitivity", "Sensitivity (recall)"),
+    ("specificity", "Specificity"),
+    ("precision", "Precision (PPV)"),
+    ("npv", "NPV"),
+    ("f1", "F1"),
+    ("roc_auc", "ROC AUC"),
+    ("pr_auc", "PR AUC (average precision)"),
+    ("ece", "ECE (15 bins)"),
+    ("brier", "Brier score"),
+)
+# Bootstrap resamples are processed in chunks of about this many (resample x image) cells to bound memory.
+_CHUNK_CELLS = 2_000_000
+
+
+class MetricsInputError(PneumoError, ValueError):
+    """Labels, probabilities or options handed to ``pneumo.metrics`` are not usable."""
+
+    code = "invalid_metrics_input"
+
+
+# ---------------------------------------------------------------- validation and small helpers
+
+
+def _check_binary(y_true: ArrayLike, prob: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Validate labels and probabilities once, so every metric fails with the same clear message."""
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=np.float64)
+    if y.ndim != 1 or p.shape != y.shape:
+        raise MetricsInputError(f"y_true and prob must be 1-D and of equal length, got shapes {y.shape} and {p.shape}")
+    if y.size == 0:
+        raise MetricsInputError("y_true and prob are empty: there are no images to score")
+    if not np.isin(y, (0, 1)).all():
+        raise MetricsInputError(f"y_true must hold 0 (NORMAL) or 1 (PNEUMONIA) only, got values {np.unique(y)[:10]}")
+    if not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0:
+        raise MetricsInputError(
+            f"prob must be probabilities in [0, 1], got min {np.nanmin(p)} and max {np.nanmax(p)} "
+            "(NaN/inf included?); apply sigmoid or softmax to logits first"
+        )
+    return y.astype(np.int64), p
+
+
+def _check_threshold(threshold: float) -> float:
+    thr = float(threshold)
+    if not math.isfinite(thr):
+        raise MetricsInputError(f"threshold must be a finite number, got {threshold!r}")
+    return thr
+
+
+def _both_classes(y: NDArray[np.int64]) -> bool:
+    return 0 < int(y.sum()) < y.size
+
+
+def _optional(x: Any) -> float | None:
+    """NaN -> None: JSON has no NaN, and None says 'undefined' plainly."""
+    value = float(x)
+    return None if math.isnan(value) else value
+
+
+def _div(num: ArrayLike, den: ArrayLike) -> NDArray[np.float64]:
+    n, d = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast_shapes(n.shape, d.shape), np.nan)
+    return np.divide(n, d, out=out, where=d > 0)
+
+
+def _rates(tp: ArrayLike, fp: ArrayLike, tn: ArrayLike, fn: ArrayLike) -> dict[str, NDArray[np.float64]]:
+    """Confusion-matrix ratios, elementwise, NaN where 0/0; shared by point estimates and the bootstrap."""
+    tp, fp, tn, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, tn, fn))
+    return {
+        "accuracy": _div(tp + tn, tp + fp + tn + fn),
+        "sensitivity": _div(tp, tp + fn),
+        "specificity": _div(tn, tn + fp),
+        "precision": _div(tp, tp + fp),
+        "npv": _div(tn, tn + fn),
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def _bin_index(p: NDArray[np.float64], n_bins: int) -> NDArray[np.int64]:
+    """Equal-width bins over [0, 1], left-closed, with 1.0 in the last bin."""
+    return np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+
+
+def _reliability_bins(
+    y: NDArray[np.int64], p: NDArray[np.float64], n_bins: int
+) -> tuple[NDArray[np.intp], NDArray[np.float64], NDArray[np.float64]]:
+    """Per bin: image count, sum of predicted probabilities, number of positives."""
+    b = _bin_index(p, n_bins)
+    counts = np.bincount(b, minlength=n_bins)
+    sum_p, sum_y = (np.bincount(b, weights=w, minlength=n_bins).astype(np.float64) for w in (p, y))
+    return counts, sum_p, sum_y
+
+
+# ---------------------------------------------------------------- threshold and calibration
+
+
+def select_threshold(
+    y_true: np.ndarray, prob: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.95
+) -> float:
+    """Choose the decision threshold on validation data (never on the test set).
+
+    Args:
+        y_true: 1 = PNEUMONIA, 0 = NORMAL; both classes must be present.
+        prob: P(pneumonia) per image.
+        rule: ``"youden"`` maximizes sensitivity + specificity - 1 over the ROC curve; ``"sensitivity"`` takes
+            the highest threshold whose sensitivity is at least ``target_sensitivity`` (a screening setting:
+            missing pneumonia costs more than a false alarm, and among thresholds that reach the target the
+            highest has the best specificity); ``"f1"`` maximizes F1 of the positive class.
+        target_sensitivity: the sensitivity the ``"sensitivity"`` rule must reach, in (0, 1].
+
+    Returns:
+        A finite threshold to use as ``prob >= threshold``. Ties go to the highest threshold. When the best
+        choice is "call nobody positive" (scikit-learn's ``inf`` ROC threshold), the float just above the
+        largest probability is returned instead, so it stays finite and JSON-serializable.
+    """
+    y, p = _check_binary(y_true, prob)
+    if rule not in THRESHOLD_RULES:
+        raise MetricsInputError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+    if not _both_classes(y):
+        raise MetricsInputError(
+            f"choosing a threshold needs both NORMAL and PNEUMONIA images, got {int(y.sum())} positive "
+            f"of {y.size}; use a validation split that contains both classes"
+        )
+    if rule == "f1":
+        precision, recall, thresholds = precision_recall_curve(y, p)
+        f1 = _div(2 * precision[:-1] * recall[:-1], precision[:-1] + recall[:-1])
+        f1 = np.nan_to_num(f1, nan=0.0)
+        best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # thresholds ascend: the last maximum is the highest
+        return float(thresholds[best])
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)  # thresholds descend
+    if rule == "youden":
+        best = int(np.argmax(tpr - fpr))
+    else:
+        if not 0.0 < target_sensitivity <= 1.0:
+            raise MetricsInputError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+        best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # tpr reaches 1.0, so a match exists
+    threshold = float(thresholds[best])
+    if not math.isfinite(threshold) or threshold > p.max():
+        threshold = float(np.nextafter(p.max(), np.inf))
+        logger.warning("threshold rule %r calls no image positive; returning %.6g", rule, threshold)
+    return threshold
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Fit the temperature T of temperature scaling (Guo et al., 2017) on held-out data.
+
+    Dividing logits by one scalar T > 0 fixes the over-confidence of deep networks without changing which
+    class wins, so accuracy and ROC AUC are unchanged while probabilities become trustworthy.
+
+    Args:
+        logits: shape (N, C) with C >= 2; a 1-D array is read as binary logits of the positive class
+            (equivalent to the two columns ``[0, z]``).
+        labels: integer class ids in ``[0, C)``, shape (N,).
+        bounds: the search interval for T; the search runs on log T, where the NLL is smooth.
+
+    Returns:
+        T minimizing the mean negative log-likelihood of ``softmax(logits / T)``.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim == 1:
+        z = np.stack([np.zeros_like(z), z], axis=1)
+    t = np.asarray(labels)
+    if z.ndim != 2 or z.shape[1] < 2 or t.shape != (z.shape[0],) or z.shape[0] == 0:
+        raise MetricsInputError(
+            f"expected logits of shape (N, C>=2) and labels of shape (N,), got {z.shape} and {t.shape}"
+        )
+    if not np.isfinite(z).all():
+        raise MetricsInputError("logits contain NaN or inf")
+    if not np.issubdtype(t.dtype, np.integer) or t.min() < 0 or t.max() >= z.shape[1]:
+        raise MetricsInputError(f"labels must be integer class ids in [0, {z.shape[1]}), got {np.unique(t)[:10]}")
+    lo, hi = bounds
+    if not 0 < lo < hi:
+        raise MetricsInputError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    rows = np.arange(z.shape[0])
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(z / math.exp(log_t), axis=1)[rows, t].mean())
+
+    result = minimize_scalar(nll, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-5})
+    temperature = math.exp(float(result.x))
+    if min(abs(temperature - lo), abs(temperature - hi)) < 1e-3 * temperature:
+        logger.warning("fitted temperature %.4g is at the search bound %s (separable data?)", temperature, bounds)
+    return temperature
+
+
+def softmax_with_temperature(logits: np.ndarray, temperature: float) -> NDArray[np.float64]:
+    """Calibrated class probabilities ``softmax(logits / T)`` over the last axis."""
+    if not temperature > 0:
+        raise MetricsInputError(f"temperature must be > 0, got {temperature}")
+    return np.asarray(softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1), dtype=np.float64)
+
+
+def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
+    """Binary ECE of P(positive): sum over equal-width bins of (bin share) x |observed rate - mean prob|.
+
+    Computed on the positive-class probability (not top-label confidence) because that is the number the
+    app shows to clinicians.
+    """
+    y, p = _check_binary(y_true, prob)
+    if n_bins < 1:
+        raise MetricsInputError(f"n_bins must be >= 1, got {n_bins}")
+    _, sum_p, sum_y = _reliability_bins(y, p, n_bins)
+    return float(np.abs(sum_y - sum_p).sum() / y.size)
+
+
+# ---------------------------------------------------------------- point estimates and bootstrap
+
+
+def compute_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, Any]:
+    """All headline metrics at one threshold, JSON-ready (plain ints/floats, ``None`` where undefined).
+
+    Keys: n_images, n_positive, n_negative, threshold, accuracy, sensitivity, specificity, precision, npv,
+    f1, roc_auc, pr_auc (average precision), ece, brier, confusion_matrix (``[[tn, fp], [fn, tp]]``).
+    """
+    y, p = _check_binary(y_true, prob)
+    thr = _check_threshold(threshold)
+    (tn, fp), (fn, tp) = confusion_matrix(y, (p >= thr).astype(np.int64), labels=[0, 1])
+    both = _both_classes(y)
+    out: dict[str, Any] = {
+        "n_images": int(y.size),
+        "n_positive": int(y.sum()),
+        "n_negative": int(y.size - y.sum()),
+        "threshold": thr,
+    }
+    out.update({name: _optional(value) for name, value in _rates(tp, fp, tn, fn).items()})
+    out["roc_auc"] = float(roc_auc_score(y, p)) if both else None
+    out["pr_auc"] = float(average_precision_score(y, p)) if both else None
+    out["ece"] = expected_calibration_error(y, p)
+    out["brier"] = float(brier_score_loss(y, p))
+    out["confusion_matrix"] = [[int(tn), int(fp)], [int(fn), int(tp)]]
+    return out
+
+
+def _auc_rows(probs: NDArray[np.float64], pos: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """ROC AUC of every row at once via the Mann-Whitney rank form (equals ``roc_auc_score``, ties included).
+
+    A loop over ``roc_auc_score`` costs ~2.5 ms per resample; 1000 resamples would dominate evaluation.
+    """
+    n_pos = int(pos.sum())
+    n_neg = pos.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return np.full(len(probs), np.nan)
+    ranks = rankdata(probs, axis=1)  # average ranks for ties count a tie as half a win
+    return np.asarray((ranks[:, pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), dtype=np.float64)
+
+
+def _ap_rows(probs: NDArray[np.float64], pos: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Average precision of every row at once, with scikit-learn's step rule: sum of (delta recall) x precision
+    at each distinct score, tied scores forming one step."""
+    n_pos = int(pos.sum())
+    if n_pos == 0 or n_pos == pos.size:
+        return np.full(len(probs), np.nan)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    scores = np.take_along_axis(probs, order, axis=1)
+    tp = np.cumsum(pos[order], axis=1)
+    end = np.ones(scores.shape, dtype=bool)  # last position of each group of tied scores
+    end[:, :-1] = scores[:, :-1] != scores[:, 1:]
+    prev_tp = np.zeros_like(tp)  # true positives at the previous group end
+    prev_tp[:, 1:] = np.maximum.accumulate(np.where(end, tp, 0), axis=1)[:, :-1]
+    steps = np.where(end, (tp - prev_tp) * tp / np.arange(1, pos.size + 1), 0.0)
+    return np.asarray(steps.sum(axis=1) / n_pos, dtype=np.float64)
+
+
+def _metric_rows(
+    y: NDArray[np.int64], probs: NDArray[np.float64], threshold: float, metrics: Sequence[str], n_bins: int = 15
+) -> dict[str, NDArray[np.float64]]:
+    """Each metric for each row of ``probs`` (shape (B, N)); all rows share the labels ``y`` (shape (N,))."""
+    pos = y == 1
+    n_pos = int(pos.sum())
+    called = probs >= threshold
+    tp = called[:, pos].sum(axis=1)
+    fp = called[:, ~pos].sum(axis=1)
+    rates = _rates(tp, fp, (y.size - n_pos) - fp, n_pos - tp)
+    out: dict[str, NDArray[np.float64]] = {}
+    for name in metrics:
+        if name in rates:
+            out[name] = rates[name]
+        elif name == "roc_auc":
+            out[name] = _auc_rows(probs, pos)
+        elif name == "pr_auc":
+            out[name] = _ap_rows(probs, pos)
+        elif name == "brier":
+            out[name] = ((probs - y) ** 2).mean(axis=1)
+        elif name == "ece":
+            bins = _bin_index(probs, n_bins) + n_bins * np.arange(len(probs))[:, None]
+            gaps = np.bincount(bins.ravel(), weights=(probs - y).ravel(), minlength=len(probs) * n_bins)
+            out[name] = np.abs(gaps.reshape(len(probs), n_bins)).sum(axis=1) / y.size
+    return out
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+    metrics: Sequence[str] = ("accuracy", "sensitivity", "specificity", "roc_auc", "f1"),
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile-bootstrap confidence intervals over images.
+
+    Resampling is stratified (NORMAL and PNEUMONIA images are resampled separately), so every resample has
+    the class counts of the data and sensitivity, specificity and AUC are always defined. All metrics are
+    computed for all resamples at once with numpy. Resamples where a metric is undefined (precision with no
+    positive call) are left out of its interval.
+
+    Returns:
+        metric -> (low, high) at level ``1 - alpha``; ``None`` where the metric is undefined in every resample
+        (e.g. ``roc_auc`` when only one class is present).
+    """
+    y, p = _check_binary(y_true, prob)
+    thr = _check_threshold(threshold)
+    unknown = [m for m in metrics if m not in BOOTSTRAP_METRICS]
+    if unknown:
+        raise MetricsInputError(f"cannot bootstrap {unknown}; choose from {', '.join(BOOTSTRAP_METRICS)}")
+    if n_boot < 1 or not 0.0 < alpha < 1.0:
+        raise MetricsInputError(f"need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
+    rng = np.random.default_rng(seed)
+    groups = [g for g in (np.flatnonzero(y == 0), np.flatnonzero(y == 1)) if g.size]
+    y_resampled = np.concatenate([y[g] for g in groups])  # the label of each column, identical in every resample
+    chunk = max(1, _CHUNK_CELLS // y.size)
+    values: dict[str, list[NDArray[np.float64]]] = {m: [] for m in metrics}
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        idx = np.concatenate([g[rng.integers(0, g.size, size=(size, g.size))] for g in groups], axis=1)
+        for name, v in _metric_rows(y_resampled, p[idx], thr, metrics).items():
+            values[name].append(v)
+    out: dict[str, tuple[float, float] | None] = {}
+    for name in metrics:
+        v = np.concatenate(values[name])
+        v = v[~np.isnan(v)]
+        if v.size == 0:
+            out[name] = None
+            continue
+        lo, hi = np.percentile(v, [50 * alpha, 100 - 50 * alpha])
+        out[name] = (float(lo), float(hi))
+    return out
+
+
+def evaluation_report(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    ci_metrics: Sequence[str] = REPORT_CI_METRICS,
+) -> dict[str, Any]:
+    """:func:`compute_metrics` plus ``"ci"`` (metric -> ``[low, high]`` or ``None``), ``"ci_level"`` and
+    ``"ci_method"``. ``n_boot=0`` skips the bootstrap (``"ci"`` is then empty)."""
+    report = compute_metrics(y_true, prob, threshold)
+    ci = bootstrap_ci(y_true, prob, threshold, ci_metrics, n_boot, seed, alpha) if n_boot > 0 else {}
+    report["ci"] = {name: (list(bounds) if bounds is not None else None) for name, bounds in ci.items()}
+    report["ci_level"] = 1.0 - alpha
+    report["ci_method"] = (
+        f"percentile bootstrap, n={n_boot} resamples of the images, stratified by class, seed {seed}"
+        if n_boot > 0
+        else "none"
+    )
+    return report
+
+
+# ---------------------------------------------------------------- plots and Markdown
+
+
+def save_plots(
+    y_true: np.ndarray, prob: np.ndarray, threshold: float, out_dir: Path, prefix: str = ""
+) -> dict[str, Path]:
+    """Write ROC, precision-recall, confusion-matrix and reliability plots as PNG files.
+
+    Uses ``matplotlib.figure.Figure`` directly (Agg rendering, no pyplot), so it is thread-safe, needs no
+    display and leaves no global state behind.
+
+    Returns:
+        ``{"roc", "pr", "confusion_matrix", "reliability"}`` -> path of ``out_dir / f"{prefix}{name}.png"``.
+    """
+    from matplotlib.figure import Figure  # lazy: only plotting needs matplotlib
+
+    y, p = _check_binary(y_true, prob)
+    m = compute_metrics(y, p, threshold)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawers = {"roc": _plot_roc, "pr": _plot_pr, "confusion_matrix": _plot_confusion, "reliability": _plot_reliability}
+    paths: dict[str, Path] = {}
+    for name, draw in drawers.items():
+        fig = Figure(figsize=(5, 5), layout="constrained")
+        ax = fig.add_subplot()
+        draw(ax, y, p, m)
+        paths[name] = out_dir / f"{prefix}{name}.png"
+        fig.savefig(paths[name], dpi=100)
+    return paths
+
+
+def _undefined(ax: Any, title: str) -> None:
+    ax.set_title(title)
+    ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center", transform=ax.transAxes)
+
+
+def _plot_roc(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
+    if m["roc_auc"] is None:
+        _undefined(ax, "ROC curve")
+        return
+    fpr, tpr, _ = roc_curve(y, p)
+    ax.plot(fpr, tpr, label=f"ROC (AUC = {m['roc_auc']:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
+    ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="red", label=f"threshold {m['threshold']:.3f}")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC curve", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+
+
+def _plot_pr(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
+    if m["pr_auc"] is None:
+        _undefined(ax, "Precision-recall curve")
+        return
+    precision, recall, _ = precision_recall_curve(y, p)
+    ax.step(recall, precision, where="post", label=f"PR (AP = {m['pr_auc']:.3f})")
+    ax.axhline(m["n_positive"] / m["n_images"], ls="--", lw=1, color="grey", label="prevalence")
+    if m["precision"] is not None:
+        ax.plot(m["sensitivity"], m["precision"], "o", color="red", label=f"threshold {m['threshold']:.3f}")
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        title="Precision-recall curve",
+        xlim=(0, 1.01),
+        ylim=(0, 1.01),
+    )
+    ax.legend(loc="lower left")
+
+
+def _plot_confusion(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
+    cm = np.asarray(m["confusion_matrix"])
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), count in np.ndenumerate(cm):
+        color = "white" if count > cm.max() / 2 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=14)
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (threshold {m['threshold']:.3f})")
+
+
+def _plot_reliability(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
+    counts, sum_p, sum_y = _reliability_bins(y, p, 15)
+    seen = counts > 0
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfect calibration")
+    ax.plot(sum_p[seen] / counts[seen], sum_y[seen] / counts[seen], "o-", label="model")
+    ax.set(xlabel="mean predicted P(pneumonia)", ylabel="observed fraction PNEUMONIA", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(f"Reliability diagram (ECE = {m['ece']:.3f})")
+    ax.legend(loc="upper left")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_ci(value: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
+    """``"0.952 (0.931-0.970)"``; ``"n/a"`` for an undefined value, the bare value when there is no CI."""
+    if value is None:
+        return "n/a"
+    if ci is None:
+        return _fmt(value, digits)
+    return f"{value:.{digits}f} ({ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
+
+
+def markdown_report(report: Mapping[str, Any], title: str = "Evaluation") -> str:
+    """A Markdown page for humans from :func:`evaluation_report`'s dict (optionally with ``"plots"``:
+    name -> path, linked by file name so the page works next to its PNGs)."""
+    ci: Mapping[str, Any] = report.get("ci") or {}
+    level = float(report.get("ci_level", 0.95))
+    lines = [f"# {title}", ""]
+    lines.append(
+        f"{report['n_images']} images ({report['n_positive']} PNEUMONIA, {report['n_negative']} NORMAL). "
+        f"An image is called PNEUMONIA when P(pneumonia) >= {report['threshold']:.4f}"
+        + (f" (chosen by: {report['threshold_rule']})." if report.get("threshold_rule") else ".")
+    )
+    lines += ["", f"| metric | value | {level:.0%} CI |", "| --- | ---: | :---: |"]
+    for key, label in _HEADLINE:
+        if key in report:
+            bounds = ci.get(key)
+            interval = "" if bounds is None else f"{bounds[0]:.3f} - {bounds[1]:.3f}"
+            lines.append(f"| {label} | {_fmt(report[key])} | {interval} |")
+    if report.get("ci_method") and report["ci_method"] != "none":
+        lines += ["", f"Confidence intervals: {report['ci_method']}."]
+    (tn, fp), (fn, tp) = report["confusion_matrix"]
+    lines += ["", "## Confusion matrix", "", "| true \\ predicted | NORMAL | PNEUMONIA |", "| --- | ---: | ---: |"]
+    lines += [f"| NORMAL | {tn} | {fp} |", f"| PNEUMONIA | {fn} | {tp} |"]
+    plots: Mapping[str, Any] = report.get("plots") or {}
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name.replace('_', ' ')}]({Path(path).name})" for name, path in plots.items()]
+    return "\n".join(lines) + "\n"
