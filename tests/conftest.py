@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny synthetic dataset in the Kaggle layout, and the real data when present."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+#: The read-only real data (see its README), next to the repository checkout.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def normal_names(n: int) -> list[str]:
+    """``n`` NORMAL file names in the dataset's three styles; every other patient has two films."""
+    names: list[str] = []
+    patient = 1
+    while len(names) < n:
+        style = (patient - 1) % 3
+        for k in range(1, 3 if patient % 2 else 2):
+            if style == 0:
+                names.append(f"IM-{patient:04d}-{k:04d}.jpeg")
+            elif style == 1:
+                names.append(f"NORMAL2-IM-{patient:04d}-{k:04d}.jpeg")
+            else:
+                names.append(f"IM-{patient:04d}-0001-{k:04d}.jpeg")
+        patient += 1
+    return names[:n]
+
+
+def pneumonia_names(n: int) -> list[str]:
+    """``n`` PNEUMONIA file names ``personP_{bacteria,virus}_M``, about 2:1 bacteria, some multi-film patients."""
+    patterns = (("bacteria", "virus"), ("bacteria", "bacteria"), ("virus",), ("bacteria",))
+    names: list[str] = []
+    patient, image = 1, 1
+    while len(names) < n:
+        for kind in patterns[(patient - 1) % len(patterns)]:
+            names.append(f"person{patient}_{kind}_{image}.jpeg")
+            image += 1
+        patient += 1
+    return names[:n]
+
+
+def synthetic_xray(name: str, pneumonia: bool, size: int = 64) -> Image.Image:
+    """A grayscale chest-like picture: two dark lungs in a brighter body; pneumonia adds a bright blotch.
+
+    The pixels are seeded by ``name``, so the same file name always gives the same image.
+    """
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    y, x = np.mgrid[0:size, 0:size] / size
+    image = 150.0 - 60.0 * np.abs(x - 0.5)
+    for cx in (0.3, 0.7):
+        lung = ((x - cx) / 0.15) ** 2 + ((y - 0.5) / 0.3) ** 2 < 1.0
+        image[lung] -= 90.0
+    if pneumonia:
+        cx, cy = rng.choice([0.3, 0.7]), rng.uniform(0.4, 0.65)
+        image += 110.0 * np.exp(-(((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.08**2)))
+    image += rng.normal(0.0, 8.0, image.shape)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="L")
+
+
+def write_tiny_dataset(root: Path, n_per_class: int = 12, splits: Sequence[str] = ("train",), size: int = 64) -> Path:
+    """Write ``root/<split>/{NORMAL,PNEUMONIA}/*.jpeg`` with realistic names and return ``root``."""
+    for split in splits:
+        for class_dir, names in (("NORMAL", normal_names(n_per_class)), ("PNEUMONIA", pneumonia_names(n_per_class))):
+            folder = root / split / class_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                synthetic_xray(f"{split}/{name}", class_dir == "PNEUMONIA", size).save(folder / name, quality=92)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """A Kaggle-layout root with ``train/{NORMAL,PNEUMONIA}``, 12 64x64 JPEGs per class."""
+    return write_tiny_dataset(tmp_path / "chest_xray")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` (the real dataset); skips the test where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
