@@ -101,9 +101,14 @@ def save_bundle(out_dir: str | Path, model: nn.Module, meta: BundleMeta) -> Path
     meta.versions = {**software_versions(), **meta.versions}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"arch": meta.arch, "format": "pneumo-bundle"})
-    (out / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=False) + "\n")
+    write_meta(out, meta)
     log.info("Saved model bundle to %s", out)
     return out
+
+
+def write_meta(bundle_dir: str | Path, meta: BundleMeta) -> None:
+    """Rewrite ``bundle.json`` (e.g. after attaching OOD statistics), leaving the weights alone."""
+    (Path(bundle_dir) / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
 
 
 def read_meta(bundle_dir: str | Path) -> BundleMeta:

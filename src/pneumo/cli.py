@@ -28,7 +28,13 @@ ModelOption = Annotated[
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # Configure pneumo's own logger only: Lightning and others keep their handlers (no duplicate lines).
+    logger = logging.getLogger("pneumo")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -109,6 +115,126 @@ def _write_rows(rows: list[dict[str, Any]], json_out: Path | None, csv_out: Path
             for row in rows:
                 error = row.get("error") or {}
                 writer.writerow({**row, "error_code": error.get("code", ""), "error_message": error.get("message", "")})
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise typer.BadParameter(f"expected true or false, got {value!r}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path | None, typer.Option(help="Dataset root (Kaggle layout, or NORMAL/ + PNEUMONIA/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder; the bundle goes to OUT/bundle.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig settings; options override it.")] = None,
+    arch: Annotated[str | None, typer.Option(help="efficientnet_lite0|1|2, vgg19, xception or any timm name.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Total epochs (frozen + fine-tuning).")] = None,
+    frozen_epochs: Annotated[int | None, typer.Option(help="Phase 1: epochs on a frozen backbone.")] = None,
+    unfreeze_stages: Annotated[int | None, typer.Option(help="Phase 2: backbone stages unfrozen.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam, adamax or adamw.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate of the head.")] = None,
+    finetune_lr: Annotated[float | None, typer.Option(help="Learning rate of unfrozen stages.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="cosine, plateau or none.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience (epochs).")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    label_mode: Annotated[str | None, typer.Option(help="binary or 3class.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option()] = None,
+    balance: Annotated[str | None, typer.Option(help="weighted_loss, sampler or none.")] = None,
+    augment: Annotated[str | None, typer.Option(help="true/false: training augmentation.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="true/false: start from ImageNet weights.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local file of ImageNet weights for the backbone.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Share of patients carved out for validation.")] = None,
+    threshold_rule: Annotated[str | None, typer.Option(help="youden, sensitivity or f1 (on validation).")] = None,
+    target_sensitivity: Annotated[float | None, typer.Option()] = None,
+    feature_cache: Annotated[str | None, typer.Option(help="true/false: cache frozen stages (CPU).")] = None,
+    cache_views: Annotated[int | None, typer.Option(help="Augmented views cached per image.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Reuse cached features across runs here.")] = None,
+    num_workers: Annotated[int | None, typer.Option()] = None,
+    accelerator: Annotated[str | None, typer.Option(help="Lightning accelerator: auto, cpu, gpu.")] = None,
+    devices: Annotated[str | None, typer.Option(help="Lightning devices, e.g. auto, 1, 2, 0,1.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
+    num_nodes: Annotated[int | None, typer.Option()] = None,
+    precision: Annotated[str | None, typer.Option(help="Lightning precision, e.g. 32-true, bf16-mixed.")] = None,
+    name: Annotated[str | None, typer.Option(help="Name recorded in the bundle.")] = None,
+) -> None:
+    """Train with transfer learning (frozen head phase, then fine-tuning) and write a model bundle."""
+    from pneumo.errors import PneumoError
+    from pneumo.training import TrainConfig, fit
+
+    try:
+        cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
+        given = {k: v for k, v in locals().items() if k not in ("config", "cfg", "epochs") and v is not None}
+        for key in ("augment", "pretrained", "feature_cache"):
+            if key in given:
+                given[key] = _parse_bool(given[key])
+        if "augment" in given:
+            cfg.augment.enabled = given.pop("augment")
+        for key, value in given.items():
+            setattr(cfg, key, str(value) if isinstance(value, Path) else value)
+        if epochs is not None:
+            cfg.frozen_epochs = min(cfg.frozen_epochs, epochs)
+            cfg.finetune_epochs = epochs - cfg.frozen_epochs
+        bundle_dir = fit(cfg)
+    except PneumoError as err:
+        _fail(err.message)
+    if bundle_dir is not None:
+        typer.echo(f"bundle written to {bundle_dir}")
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Folder with NORMAL/ and PNEUMONIA/, or a Kaggle root (uses test/).")],
+    model: ModelOption = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for report.md and plots (default: next to --json).")] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+) -> None:
+    """Metrics with bootstrap 95% CIs, a Markdown report and ROC/PR/confusion/reliability plots."""
+    from pneumo.errors import PneumoError
+    from pneumo.evaluation import evaluate_folder
+
+    try:
+        report = evaluate_folder(data, model, json_out=json_out, out_dir=out, n_boot=n_boot)
+    except PneumoError as err:
+        _fail(err.message)
+    ci = report.get("ci", {})
+    for key in ("n_images", "accuracy", "sensitivity", "specificity", "roc_auc", "threshold"):
+        value = report.get(key)
+        bounds = ci.get(key)
+        extra = f"  (95% CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""
+        typer.echo(f"{key:12s} {value if isinstance(value, int) else format(value or 0.0, '.4f')}{extra}")
+    if report.get("n_failed"):
+        typer.echo(f"{report['n_failed']} files could not be read; see failures in the JSON", err=True)
+
+
+# ----------------------------------------------------------------------------------------- compare
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders written by `pneumo train --out`.")],
+    out: Annotated[Path, typer.Option(help="Markdown table to write.")] = Path("experiments.md"),
+    curves: Annotated[Path | None, typer.Option(help="Overlaid learning curves PNG.")] = None,
+) -> None:
+    """Put runs side by side: validation metrics with CIs, settings, training and inference time."""
+    from pneumo.reporting import compare_runs
+
+    try:
+        table = compare_runs(runs, out, curves)
+    except FileNotFoundError as err:
+        _fail(str(err))
+    typer.echo(table)
 
 
 def run() -> None:  # pragma: no cover - console entry point alias

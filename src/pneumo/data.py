@@ -303,6 +303,7 @@ def build_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor]:
                     degrees=cfg.rotation_deg,
                     translate=(cfg.shift, cfg.shift) if cfg.shift else None,
                     scale=(1.0 - cfg.zoom, 1.0 + cfg.zoom) if cfg.zoom else None,
+                    interpolation=v2.InterpolationMode.BILINEAR,
                     fill=0.0,
                 )
             )
