@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from pneumo.bundle import BundleMeta, load_bundle, resolve_bundle
-from pneumo.errors import PneumoError
+from pneumo.errors import NotAChestXrayError, PneumoError
 from pneumo.io import DEFAULT_LIMITS, DecodedImage, Limits, read_image
+from pneumo.ood import OodGate
 from pneumo.preprocess import PreprocessConfig, preprocess
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ class Predictor:
         bundle: folder of a model bundle; ``None`` uses the default bundle shipped in the package.
         limits: input limits applied by :func:`pneumo.io.read_image`.
         device: torch device for the torch backend.
+        backend: ``"auto"`` (ONNX Runtime when the bundle has, or can get, an ONNX export and
+            onnxruntime imports; else PyTorch), ``"torch"`` or ``"onnx"`` (raises if impossible).
+            See :func:`pneumo.export.select_onnx_runner`. ``self.backend`` says which one runs;
+            ``self.model`` (torch) stays loaded either way, for Grad-CAM.
+        check_ood: refuse images the bundle's out-of-distribution gate rejects (raise
+            :class:`NotAChestXrayError`); when False the score is still reported but nothing is refused.
     """
 
     def __init__(
@@ -69,14 +76,26 @@ class Predictor:
         *,
         limits: Limits = DEFAULT_LIMITS,
         device: str = "cpu",
+        backend: str = "auto",
+        check_ood: bool = True,
     ) -> None:
         self.bundle_dir = resolve_bundle(bundle)
         self.meta: BundleMeta
         self.meta, self.model = load_bundle(self.bundle_dir)
+        #: The "not a chest X-ray" gate, when the bundle has one (see pneumo.ood).
+        self.ood_gate: OodGate | None = OodGate.load(self.bundle_dir, self.meta.ood) if self.meta.ood else None
+        self.check_ood = check_ood
+        if self.ood_gate is None and check_ood:
+            log.warning(
+                "The bundle %s has no OOD gate: images that are not chest X-rays are not refused.", self.bundle_dir
+            )
         self.device = torch.device(device)
         self.model.to(self.device)
         self.limits = limits
-        self.backend = "torch"
+        from pneumo.export import select_onnx_runner  # lazy: onnx/onnxruntime load only when used
+
+        self._onnx = select_onnx_runner(self.bundle_dir, backend, device=device)
+        self.backend = "torch" if self._onnx is None else "onnx"
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -109,6 +128,8 @@ class Predictor:
 
         The features feed the out-of-distribution gate; computing both in one pass costs nothing extra.
         """
+        if self._onnx is not None:
+            return self._onnx(batch.detach().cpu().numpy())
         model: Any = self.model  # a timm model: forward_features / forward_head / get_classifier
         features = model.forward_head(model.forward_features(batch.to(self.device)), pre_logits=True)
         logits = model.get_classifier()(features)
@@ -132,6 +153,16 @@ class Predictor:
     def _answer(
         self, probs: np.ndarray, features: np.ndarray, decoded: DecodedImage | None, source: str | None
     ) -> Prediction:
+        ood_score = None
+        if self.ood_gate is not None:
+            ood_score = float(self.ood_gate.score(features)[0])
+            if self.check_ood and ood_score > self.ood_gate.threshold:
+                raise NotAChestXrayError(
+                    f"{source or 'The image'} does not look like a frontal chest X-ray: its distance to the training "
+                    f"X-rays is {ood_score:.2f}, over the threshold {self.ood_gate.threshold:.2f} (which "
+                    f"{100 * (1 - float(self.ood_gate.info.get('quantile', 0.995))):g}% of validation X-rays exceed). "
+                    "Upload a frontal chest radiograph."
+                )
         p = float(self.pneumonia_probability(probs[None])[0])
         label = "PNEUMONIA" if p >= self.meta.threshold else "NORMAL"
         return Prediction(
@@ -142,6 +173,7 @@ class Predictor:
             source=source,
             format=decoded.format if decoded else None,
             metadata=dict(decoded.metadata) if decoded else {},
+            ood_score=ood_score,
         )
 
     # --- the public entry points ---

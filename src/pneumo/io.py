@@ -81,13 +81,20 @@ def read_bytes(source: str | Path | bytes, limits: Limits = DEFAULT_LIMITS) -> b
         path = Path(source)
         if not path.is_file():
             raise InvalidImageError(f"{path} is not a file; pass the path of an image.", code="file_not_found")
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise InputTooLargeError(
-                f"{path.name} is {size / 2**20:.1f} MB, over the {limits.max_bytes / 2**20:.0f} MB limit.",
-                code="file_too_large",
-            )
-        data = path.read_bytes()
+        try:
+            size = path.stat().st_size
+            if size > limits.max_bytes:
+                raise InputTooLargeError(
+                    f"{path.name} is {size / 2**20:.1f} MB, over the {limits.max_bytes / 2**20:.0f} MB limit.",
+                    code="file_too_large",
+                )
+            with path.open("rb") as handle:  # read at most one byte past the limit, whatever stat said
+                data = handle.read(limits.max_bytes + 1)
+        except OSError as err:  # permission denied, removed meanwhile, I/O error
+            raise InvalidImageError(
+                f"{path} cannot be read ({err.strerror or err}); check that it exists and is readable.",
+                code="unreadable_file",
+            ) from err
     if len(data) > limits.max_bytes:
         raise InputTooLargeError(
             f"The upload is {len(data) / 2**20:.1f} MB, over the {limits.max_bytes / 2**20:.0f} MB limit.",
@@ -145,20 +152,49 @@ def _check_shape(width: int, height: int, limits: Limits) -> None:
         )
 
 
+#: Pillow's name of each sniffed format: ``Image.open`` is told which one to use, so bytes that
+#: start like a PNG are never handed to another decoder.
+_PILLOW_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP"}
+
+
+def _reason(err: BaseException) -> str:
+    """A short, stable description of a decoder exception (no object reprs or memory addresses)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "the header is not valid"
+    text = str(err).split(" <", 1)[0].strip() or "no detail"
+    return f"{type(err).__name__}: {text}"
+
+
+def _bomb(limits: Limits) -> InputTooLargeError:
+    return InputTooLargeError(
+        f"The image header declares more pixels than Pillow's decompression-bomb limit, far over the "
+        f"{limits.max_pixels / 1e6:.0f} MP limit; no chest radiograph is that large.",
+        code="too_many_pixels",
+    )
+
+
 def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) -> DecodedImage:
+    name = fmt.upper()
     try:
         with warnings.catch_warnings():
             # Pillow warns (and past 2x errors) on huge images; both mean "too large" here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=[_PILLOW_FORMATS[fmt]])
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise InputTooLargeError(f"The image has too many pixels: {err}", code="too_many_pixels") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise InvalidImageError(f"The {fmt.upper()} file cannot be read: {err}", code="corrupt_image") from err
+        raise _bomb(limits) from err
+    except MemoryError:  # never disguise running out of memory as a bad file
+        raise
+    except Exception as err:  # untrusted bytes: Pillow's parsers raise many types on malformed headers
+        raise InvalidImageError(
+            f"The file starts like a {name} but cannot be read ({_reason(err)}); it is damaged or not an image.",
+            code="corrupt_image",
+        ) from err
 
     original_size = image.size
     _check_shape(*original_size, limits)
-    frames = int(getattr(image, "n_frames", 1))
+    # A camera JPEG is often MPO (the photo plus preview frames): its first frame is the picture.
+    # Other multi-frame files (APNG, multi-page TIFF, animated WebP) hold several images: refuse.
+    frames = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1))
     if frames > 1:
         raise InvalidImageError(f"The file holds {frames} frames; upload one radiograph per file.", code="multi_frame")
     try:
@@ -167,9 +203,16 @@ def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) 
         image.load()
         image = ImageOps.exif_transpose(image) or image
         gray = _to_gray8(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        code = "truncated_image" if "truncated" in str(err) else "corrupt_image"
-        raise InvalidImageError(f"The {fmt.upper()} file cannot be decoded: {err}", code=code) from err
+    except Image.DecompressionBombError as err:
+        raise _bomb(limits) from err
+    except MemoryError:
+        raise
+    except Exception as err:  # truncated or corrupt pixel data: any decoder failure means the same to the user
+        code = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
+        raise InvalidImageError(
+            f"The {name} file cannot be decoded ({_reason(err)}); it is truncated or damaged. Export it again.",
+            code=code,
+        ) from err
     return DecodedImage(gray, fmt, original_size)
 
 
@@ -178,13 +221,13 @@ def _to_gray8(image: Image.Image) -> Image.Image:
     if image.mode == "L":
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16-bit PNG/TIFF: map the full 16-bit range onto 8 bits, as a viewer shows it.
-        pixels = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if image.mode.startswith("I") and pixels.max(initial=0) > 255 else 255.0
-        if image.mode == "F":
-            lo, hi = float(pixels.min(initial=0)), float(pixels.max(initial=0))
-            pixels, scale = pixels - lo, max(hi - lo, 1e-12)
-        return Image.fromarray(np.clip(pixels / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        # 16-bit PNG/TIFF (often 10-14 significant bits) and 32-bit int/float: window the stored
+        # range onto 0-255, as the DICOM path does without a VOI LUT. Scaling by 65535 instead
+        # would turn a 12-bit radiograph nearly black; the dataset's originals span 0-255.
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
+        scaled = (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+        return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent areas become black, the background of a radiograph.
         rgba = image.convert("RGBA")

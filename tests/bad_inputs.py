@@ -1,0 +1,172 @@
+"""Factories of good and bad image files, shared by test_io.py and test_fuzz.py.
+
+Each bad-input class a user can send is one entry of :data:`BAD_INPUTS` with the error class and
+stable code pneumo must answer with; docs/reliability.md lists the same table.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pneumo.errors import InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
+
+
+def xray_like(size: tuple[int, int] = (96, 96), seed: int = 0) -> Image.Image:
+    """A small grayscale picture with structure (gradient, two dark ellipses, noise)."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    image = 40 + 150 * (x / w) + np.random.default_rng(seed).normal(0, 10, (h, w))
+    for cx in (0.3, 0.7):
+        image[((x / w - cx) / 0.15) ** 2 + ((y / h - 0.5) / 0.3) ** 2 < 1] -= 30
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="L")
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@functools.lru_cache(maxsize=8)
+def png_with_size(width: int, height: int, real_pixels: bool = False) -> bytes:
+    """A grayscale PNG whose header claims ``width`` x ``height``.
+
+    With ``real_pixels`` the IDAT really holds that many (zero) pixels, compressed ~1000:1 like a
+    true decompression bomb (streamed, so building it needs no memory); otherwise it holds a
+    few bytes only (a lying header).
+    """
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    compressor = zlib.compressobj(6)
+    if real_pixels:
+        rows = b"\x00" * ((width + 1) * 256)  # filter byte + pixels, 256 rows at a time
+        parts = [compressor.compress(rows[: (width + 1) * min(256, height - y)]) for y in range(0, height, 256)]
+        body = b"".join(parts) + compressor.flush()
+    else:
+        body = compressor.compress(b"\x00" * 64) + compressor.flush()
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", body) + _chunk(b"IEND", b"")
+
+
+def set_png_size(data: bytes, width: int, height: int) -> bytes:
+    """A PNG with its IHDR width/height replaced (and the CRC fixed, so only the size is wrong)."""
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    return data[:8] + _chunk(b"IHDR", ihdr) + data[33:]
+
+
+def set_jpeg_size(data: bytes, width: int, height: int) -> bytes:
+    """A baseline JPEG with its SOF0 frame size replaced (values are 16-bit: at most 65535)."""
+    at = data.index(b"\xff\xc0")
+    return data[: at + 5] + struct.pack(">HH", height, width) + data[at + 9 :]
+
+
+def exif_rotated_jpeg(orientation: int) -> tuple[bytes, Image.Image]:
+    """A 128 x 80 JPEG with an EXIF Orientation tag, and the stored (un-rotated) picture."""
+    image = Image.new("L", (128, 80), 30)
+    image.paste(230, (0, 0, 32, 20))  # a bright marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", exif=exif.tobytes(), quality=95), image
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One class of bad input, how to make one, and what pneumo must answer."""
+
+    name: str
+    make: Callable[[], bytes]
+    error: type[PneumoError]
+    code: str
+
+
+def _truncated(fmt: str) -> Callable[[], bytes]:
+    def make() -> bytes:
+        data = encode(xray_like((256, 256)), fmt)
+        return data[: len(data) // 2]
+
+    return make
+
+
+def _bad_crc() -> bytes:
+    data = bytearray(encode(xray_like(), "PNG"))
+    data[20] ^= 0xFF  # inside IHDR: its CRC no longer matches
+    return bytes(data)
+
+
+BAD_INPUTS: list[BadInput] = [
+    BadInput("empty file", lambda: b"", InvalidImageError, "empty_file"),
+    BadInput("plain text", lambda: b"patient: 12\nfindings: none\n" * 10, UnsupportedFormatError, "unsupported_format"),
+    BadInput(
+        "PDF report",
+        lambda: b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n" + b"0" * 300,
+        UnsupportedFormatError,
+        "unsupported_format",
+    ),
+    BadInput("ZIP archive", lambda: b"PK\x03\x04" + b"\x00" * 200, UnsupportedFormatError, "unsupported_format"),
+    BadInput(
+        "HTML page",
+        lambda: b"<!doctype html><html><body>x-ray</body></html>",
+        UnsupportedFormatError,
+        "unsupported_format",
+    ),
+    BadInput(
+        "GIF (not a radiograph format)",
+        lambda: encode(xray_like(), "GIF"),
+        UnsupportedFormatError,
+        "unsupported_format",
+    ),
+    BadInput("JPEG magic bytes only", lambda: b"\xff\xd8\xff", InvalidImageError, "corrupt_image"),
+    BadInput("PNG signature only", lambda: b"\x89PNG\r\n\x1a\n", InvalidImageError, "corrupt_image"),
+    BadInput("PNG with a broken header CRC", _bad_crc, InvalidImageError, "corrupt_image"),
+    BadInput("truncated JPEG", _truncated("JPEG"), InvalidImageError, "truncated_image"),
+    BadInput("truncated PNG", _truncated("PNG"), InvalidImageError, "truncated_image"),
+    BadInput(
+        "PNG bomb header, 100k x 100k", lambda: png_with_size(100_000, 100_000), InputTooLargeError, "too_many_pixels"
+    ),
+    BadInput(
+        "real PNG bomb, 7000 x 7000 zeros in 50 KB",
+        lambda: png_with_size(7000, 7000, real_pixels=True),
+        InputTooLargeError,
+        "too_many_pixels",
+    ),
+    BadInput(
+        "JPEG bomb header, 60000 x 60000",
+        lambda: set_jpeg_size(encode(xray_like(), "JPEG"), 60000, 60000),
+        InputTooLargeError,
+        "too_many_pixels",
+    ),
+    BadInput(
+        "image under 64 px on a side", lambda: encode(xray_like((200, 40)), "PNG"), InvalidImageError, "image_too_small"
+    ),
+    BadInput(
+        "aspect ratio over 4:1", lambda: encode(xray_like((600, 120)), "PNG"), InvalidImageError, "bad_aspect_ratio"
+    ),
+    BadInput(
+        "animated PNG (2 frames)",
+        lambda: encode(xray_like(), "PNG", save_all=True, append_images=[xray_like(seed=1)]),
+        InvalidImageError,
+        "multi_frame",
+    ),
+    BadInput(
+        "multi-page TIFF",
+        lambda: encode(xray_like(), "TIFF", save_all=True, append_images=[xray_like(seed=1)]),
+        InvalidImageError,
+        "multi_frame",
+    ),
+    BadInput(
+        "animated WebP",
+        lambda: encode(xray_like(), "WEBP", save_all=True, append_images=[xray_like(seed=1)]),
+        InvalidImageError,
+        "multi_frame",
+    ),
+]
