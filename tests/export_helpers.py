@@ -1,0 +1,55 @@
+"""Helpers for the ONNX export, backend and bench tests: a tiny seeded bundle and synthetic X-rays."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from conftest import synthetic_xray
+
+from pneumo.bundle import BundleMeta, save_bundle
+from pneumo.io import read_image
+from pneumo.models import create_model
+from pneumo.preprocess import PreprocessConfig, preprocess
+
+#: timm's smallest EfficientNet (~0.1 M parameters): the same block types as Lite0, exported in seconds.
+TINY_ARCH = "test_efficientnet"
+
+
+def tiny_bundle(folder: Path, *, seed: int = 0, input_size: int = 64) -> Path:
+    """A seeded random bundle whose probabilities spread over (0, 1), so parity is tested away from 0.5.
+
+    Seeded, so the same call gives the same weights (and the same ONNX cache entry) every time.
+    """
+    torch.manual_seed(seed)
+    model: Any = create_model(TINY_ARCH, num_classes=2, pretrained=False).eval()
+    config = PreprocessConfig(input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    batch = torch.stack([preprocess(read_image(blob).image, config) for blob in xray_jpegs(32)])
+    head = model.get_classifier()
+    with torch.no_grad():  # rescale and centre the head: logit gaps with mean 0 and standard deviation 3
+        features = model.forward_head(model.forward_features(batch), pre_logits=True)
+        gap = head(features) @ torch.tensor([-1.0, 1.0])
+        head.weight.mul_(3.0 / gap.std())
+        head.bias.mul_(3.0 / gap.std())
+        head.bias[1] -= (head(features) @ torch.tensor([-1.0, 1.0])).mean()
+    meta = BundleMeta(
+        arch=TINY_ARCH,
+        timm_name=TINY_ARCH,
+        labels=["NORMAL", "PNEUMONIA"],
+        preprocess=config,
+        temperature=1.5,
+        name="tiny-onnx-test",
+    )
+    return save_bundle(folder, model, meta)
+
+
+def xray_jpegs(n: int, size: int = 96) -> list[bytes]:
+    """``n`` different synthetic chest-like JPEGs (half with a pneumonia-like blotch), as bytes."""
+    blobs = []
+    for index in range(n):
+        buffer = io.BytesIO()
+        synthetic_xray(f"onnx-{index}", pneumonia=index % 2 == 1, size=size).save(buffer, "JPEG", quality=92)
+        blobs.append(buffer.getvalue())
+    return blobs
