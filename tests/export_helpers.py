@@ -1,4 +1,8 @@
-"""Helpers for the ONNX export, backend and bench tests: a tiny seeded bundle and synthetic X-rays."""
+"""Helpers for the ONNX export, backend and bench tests: a tiny seeded bundle, its export, synthetic X-rays.
+
+Test modules import :func:`exported_tiny_bundle_fixture` (the session fixture ``exported_tiny_bundle``),
+so the whole suite pays for one real ONNX export (~5-15 s on 2 shared cores), not one per module.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,14 @@ import io
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from conftest import synthetic_xray
+from typer.testing import CliRunner
 
 from pneumo.bundle import BundleMeta, save_bundle
+from pneumo.cli import app
+from pneumo.export import ONNX_FILE
 from pneumo.io import read_image
 from pneumo.models import create_model
 from pneumo.preprocess import PreprocessConfig, preprocess
@@ -53,3 +61,21 @@ def xray_jpegs(n: int, size: int = 96) -> list[bytes]:
         synthetic_xray(f"onnx-{index}", pneumonia=index % 2 == 1, size=size).save(buffer, "JPEG", quality=92)
         blobs.append(buffer.getvalue())
     return blobs
+
+
+@pytest.fixture(scope="session", name="exported_tiny_bundle")
+def exported_tiny_bundle_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny bundle exported with ``pneumo export onnx`` (so the CLI command is exercised too).
+
+    Each importing module registers its own copy of this fixture; the memo makes them share one export.
+    """
+    if "bundle" not in _EXPORTED:
+        folder = tiny_bundle(tmp_path_factory.mktemp("exported") / "bundle")
+        result = CliRunner().invoke(app, ["export", "onnx", "--model", str(folder), "--opset", "18"])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip().endswith(ONNX_FILE)
+        _EXPORTED["bundle"] = folder
+    return _EXPORTED["bundle"]
+
+
+_EXPORTED: dict[str, Path] = {}

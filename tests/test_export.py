@@ -10,13 +10,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import tiny_bundle, xray_jpegs
+from export_helpers import (
+    exported_tiny_bundle_fixture,  # noqa: F401 (session fixture)
+    tiny_bundle,
+    xray_jpegs,
+)
 from onnx import TensorProto, helper
-from typer.testing import CliRunner
 
 from pneumo import export
 from pneumo.bundle import BundleMeta, load_bundle, read_meta, save_bundle
-from pneumo.cli import app
 from pneumo.errors import PneumoError
 from pneumo.export import (
     ONNX_FILE,
@@ -30,14 +32,10 @@ from pneumo.export import (
 from pneumo.inference import Predictor
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny bundle exported with ``pneumo export onnx`` (the one export shared by this module)."""
-    folder = tiny_bundle(tmp_path_factory.mktemp("exported") / "bundle")
-    result = CliRunner().invoke(app, ["export", "onnx", "--model", str(folder), "--opset", "18"])
-    assert result.exit_code == 0, result.output
-    assert result.output.strip().endswith(ONNX_FILE)
-    return folder
+@pytest.fixture
+def exported(exported_tiny_bundle: Path) -> Path:
+    """The session's exported tiny bundle (read-only: tests that change a bundle copy it first)."""
+    return exported_tiny_bundle
 
 
 def test_export_writes_a_dynamic_batch_graph_with_logits_and_features(exported: Path) -> None:
