@@ -237,6 +237,64 @@ def compare(
     typer.echo(table)
 
 
+# -------------------------------------------------------------------------------------- app, serve
+
+
+@app.command("app")
+def app_command(
+    port: Annotated[int, typer.Option(help="Port of the web page.")] = 8501,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    model: ModelOption = None,
+) -> None:
+    """Start the clinician's web page (Streamlit) at http://HOST:PORT."""
+    from streamlit.web import cli as streamlit_cli
+
+    from pneumo.bundle import resolve_bundle
+    from pneumo.errors import PneumoError
+    from pneumo.io import DEFAULT_LIMITS
+
+    try:
+        bundle = resolve_bundle(model).resolve() if model is not None else None
+    except PneumoError as err:
+        _fail(err.message)
+    page = Path(__file__).with_name("app.py")
+    args = ["run", str(page), "--server.port", str(port), "--server.address", host, "--server.headless", "true"]
+    args += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
+    args += ["--client.showErrorDetails", "none"]  # a traceback never reaches the page, even on a bug
+    args += ["--server.maxUploadSize", str(max(1, round(DEFAULT_LIMITS.max_bytes / 2**20)))]
+    if bundle is not None:
+        args += ["--", "--model", str(bundle)]
+    typer.echo(f"pneumo app: http://{host}:{port}", err=True)
+    streamlit_cli.main(args=args, prog_name="streamlit")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the HTTP API.")] = 8000,
+    model: ModelOption = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest file accepted, in MB (413 above it).")] = 20.0,
+    max_batch_files: Annotated[int, typer.Option(help="Most files in one /v1/predict/batch request.")] = 16,
+) -> None:
+    """Start the HTTP API (FastAPI + uvicorn); OpenAPI docs at http://HOST:PORT/docs."""
+    import dataclasses
+
+    import uvicorn
+
+    from pneumo.api import create_app
+    from pneumo.errors import PneumoError
+    from pneumo.io import DEFAULT_LIMITS
+
+    if max_upload_mb <= 0 or max_batch_files < 1:
+        _fail("--max-upload-mb must be positive and --max-batch-files at least 1.")
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_bytes=int(max_upload_mb * 2**20))
+    try:
+        api = create_app(model, limits, max_batch_files=max_batch_files)
+    except PneumoError as err:
+        _fail(err.message)
+    uvicorn.run(api, host=host, port=port)
+
+
 def run() -> None:  # pragma: no cover - console entry point alias
     app()
 

@@ -237,9 +237,18 @@ def _to_gray8(image: Image.Image) -> Image.Image:
 
 
 def _read_dicom(data: bytes, limits: Limits) -> DecodedImage:
+    """Decode a single-frame grayscale radiograph as a viewer displays it.
+
+    The stored values go through the modality LUT (rescale slope/intercept or LUT) and the VOI
+    LUT or window the file asks for; the output range of that VOI transform (not of this image's
+    pixels) maps onto 0-255, so a window means the same on every file. Without a VOI, the
+    image's own min-max is used, as viewers do. MONOCHROME1 (white = low values) is inverted.
+    A compressed transfer syntax is decoded by whichever pydicom plugin is installed (RLE and
+    JPEG baseline work out of the box); without one the error names what to install.
+    """
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
     except ImportError as err:  # pragma: no cover - pydicom is a core dependency
         raise DicomError("Reading DICOM needs pydicom: pip install pydicom.", code="dicom_unavailable") from err
 
@@ -261,9 +270,10 @@ def _read_dicom(data: bytes, limits: Limits) -> DecodedImage:
             "The DICOM file has no pixel data (is it a report or a structured document?).", code="dicom_no_pixel_data"
         )
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise DicomError(
-            f"The DICOM photometric interpretation is {photometric}; radiographs are MONOCHROME1 or MONOCHROME2.",
+            f"The DICOM photometric interpretation is {photometric} with {ds.get('SamplesPerPixel', 1)} samples per "
+            "pixel; radiographs are grayscale (MONOCHROME1 or MONOCHROME2, one sample per pixel).",
             code="unsupported_photometric",
         )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -272,22 +282,43 @@ def _read_dicom(data: bytes, limits: Limits) -> DecodedImage:
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_shape(cols, rows, limits)
 
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed:
+        try:
+            decoder = get_decoder(syntax)
+            available, missing = decoder.is_available, "; ".join(decoder.missing_dependencies)
+        except Exception:  # pydicom knows no decoder at all for this syntax
+            available, missing = False, "pydicom has no decoder for it"
+        if not available:
+            raise DicomError(
+                f"The DICOM transfer syntax {syntax.name} ({syntax}) is compressed and no decoder for it is "
+                f"installed ({missing}). Install one (e.g. pip install pylibjpeg pylibjpeg-libjpeg "
+                "pylibjpeg-openjpeg) or export the image uncompressed.",
+                code="unsupported_transfer_syntax",
+            )
+
     try:
         pixels = ds.pixel_array
-    except Exception as err:  # missing codec plugin, or pixel data that does not match the header
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_compressed:
-            raise DicomError(
-                f"The DICOM transfer syntax {syntax.name} is compressed and no decoder for it is installed "
-                "(try: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg).",
-                code="unsupported_transfer_syntax",
-            ) from err
+    except Exception as err:  # pixel data that does not match the header, or a broken codestream
         raise DicomError(f"The DICOM pixel data cannot be decoded: {err}", code="corrupt_image") from err
+    if pixels.shape != (rows, cols):
+        raise DicomError(
+            f"The DICOM pixel data has shape {pixels.shape}, not the {rows} x {cols} its header declares.",
+            code="corrupt_image",
+        )
 
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    values = apply_modality_lut(pixels, ds)
     lo, hi = float(values.min()), float(values.max())
-    scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1: invert to the usual look
-        scaled = 1.0 - scaled
+    if any(key in ds for key in ("VOILUTSequence", "WindowCenter", "WindowWidth")):
+        values = apply_voi_lut(values, ds)
+        try:  # the VOI output range is what its extreme inputs map to (a window's full [y_min, y_max])
+            extremes = apply_voi_lut(np.array([-(2.0**40), 2.0**40]), ds)
+            lo, hi = float(min(extremes.min(), values.min())), float(max(extremes.max(), values.max()))
+        except Exception:  # an unusual LUT that cannot take the probe: the image's own range
+            lo, hi = float(values.min()), float(values.max())
+    values = values.astype(np.float64)
+    if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1: mirror them to the usual look
+        values = (lo + hi) - values  # mirrored before scaling, so a MONOCHROME2 twin rounds identically
+    scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
     gray = Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
     return DecodedImage(gray, "dicom", (cols, rows), metadata)

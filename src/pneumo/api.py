@@ -1,0 +1,360 @@
+"""The HTTP API a hospital system calls (FastAPI): a thin layer over the one :class:`Predictor`.
+
+Endpoints: ``GET /health``, ``GET /v1/model``, ``POST /v1/predict`` (multipart field ``file``,
+``?heatmap=true`` adds a Grad-CAM overlay as a base64 PNG) and ``POST /v1/predict/batch``
+(multipart field ``files``, one result or error object per file, in order). OpenAPI docs at
+``/docs``; the reference text is in ``docs/api.md``.
+
+Every error answers ``{"error": {"code", "message"}}``: a :class:`PneumoError` with its own
+``http_status`` (400/413/415/422), a malformed request 422, an unknown path 404. Request bodies
+are capped per path while they stream in (:class:`_BodyLimit`: a 1 GB upload is refused from its
+``Content-Length`` or after the cap, never buffered), so no input a user sends can cause a 500;
+anything unexpected is logged with its traceback and answered as a JSON 500 without one.
+(FastAPI's own ``max_body_size`` answers an oversize ``Content-Length`` in plain text, hence the
+small middleware here.)
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at run
+# time, and some of them close over create_app's arguments.
+import base64
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import pneumo
+from pneumo.app_support import public_model_info
+from pneumo.errors import InputTooLargeError, PneumoError
+from pneumo.explain import DEFAULT_OPACITY, GradCamExplainer
+from pneumo.inference import Prediction, Predictor
+from pneumo.io import DEFAULT_LIMITS, Limits
+
+log = logging.getLogger(__name__)
+
+#: Room for the multipart boundaries and part headers around each file in a request body.
+MULTIPART_OVERHEAD = 16 * 1024
+#: Most files one batch request may carry (the body cap is this many times the file limit).
+DEFAULT_MAX_BATCH_FILES = 16
+
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+# ------------------------------------------------------------------------------------ schemas
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error code, e.g. unsupported_format.")
+    message: str = Field(description="What was received, what was expected and what to do.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    arch: str
+
+
+class Heatmap(BaseModel):
+    png_base64: str = Field(description="The image with the Grad-CAM heatmap laid over it, PNG, base64.")
+    target_label: str = Field(description="The answer whose evidence the heatmap shows.")
+    layer: str = Field(description="The model layer the map was taken from.")
+    width: int
+    height: int
+    opacity: float
+
+
+class PredictionResponse(BaseModel):
+    file: str | None = Field(None, description="The uploaded file name.")
+    label: str = Field(description="PNEUMONIA when probability >= threshold, else NORMAL.")
+    probability: float = Field(description="Calibrated probability of pneumonia.")
+    threshold: float = Field(description="Decision threshold in force (chosen on validation data).")
+    probabilities: dict[str, float] = Field(description="Calibrated probability of every label of the model.")
+    format: str | None = Field(None, description="Decoded format: jpeg, png, dicom, ...")
+    metadata: dict[str, str] = Field(default_factory=dict, description="DICOM header fields, when DICOM.")
+    ood_score: float | None = Field(None, description="Distance to the training X-rays (OOD gate), if any.")
+    model: ModelRef
+    heatmap: Heatmap | None = None
+
+
+class FileError(BaseModel):
+    file: str | None
+    error: ErrorDetail
+
+
+class BatchResponse(BaseModel):
+    results: list[PredictionResponse | FileError] = Field(description="One entry per uploaded file, in order.")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "Unreadable input"),
+        (413, "Upload over the size limit"),
+        (415, "Not a JPEG, PNG or DICOM file"),
+        (422, "Malformed request, unusable DICOM, or not a chest X-ray"),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------- app
+
+
+def create_app(
+    bundle: Path | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
+    predictor: Predictor | None = None,
+) -> FastAPI:
+    """Build the API around one model bundle (loaded now, so a bad bundle fails at start-up).
+
+    Args:
+        bundle: model bundle folder; None uses the bundle shipped with pneumo.
+        limits: input limits; ``limits.max_bytes`` is the per-file upload limit (413 above it).
+        max_batch_files: most files in one ``/v1/predict/batch`` request.
+        predictor: an already loaded predictor to serve (its own limits apply to decoding).
+
+    Raises:
+        BundleError: the bundle is missing or broken.
+    """
+    predictor = predictor or Predictor(bundle, limits=limits)
+    try:
+        explainer: GradCamExplainer | None = GradCamExplainer(predictor)
+    except PneumoError as err:
+        log.warning("Heatmaps disabled: %s", err.message)
+        explainer = None
+    meta = predictor.meta
+    model_ref = ModelRef(name=meta.name, version=meta.version, arch=meta.arch)
+    single_cap = limits.max_bytes + MULTIPART_OVERHEAD
+    batch_cap = max_batch_files * single_cap
+
+    app = FastAPI(
+        title="pneumo",
+        version=pneumo.__version__,
+        description=(
+            "Pneumonia detection on pediatric chest X-rays (JPEG, PNG, DICOM). Decision support for frontal "
+            'chest X-rays of children, not a diagnosis. Errors answer {"error": {"code", "message"}}.'
+        ),
+    )
+    _install_error_handlers(app)
+    app.add_middleware(_BodyLimit, caps={"/v1/predict": single_cap, "/v1/predict/batch": batch_cap})
+
+    def answer(prediction: Prediction, name: str | None, data: bytes, heatmap: bool, opacity: float) -> dict:
+        body = PredictionResponse(
+            file=name,
+            label=prediction.label,
+            probability=prediction.probability,
+            threshold=prediction.threshold,
+            probabilities=prediction.probabilities,
+            format=prediction.format,
+            metadata=prediction.metadata,
+            ood_score=prediction.ood_score,
+            model=model_ref,
+        )
+        if heatmap:
+            body.heatmap = _heatmap(explainer, predictor, data, prediction.label, opacity)
+        return body.model_dump()
+
+    def predict_one(data: bytes, name: str | None, heatmap: bool, opacity: float) -> dict:
+        return answer(predictor.predict(data, name=name), name, data, heatmap, opacity)
+
+    def predict_batch(items: list[tuple[str | None, bytes | PneumoError]], heatmap: bool, opacity: float) -> dict:
+        readable = [(i, data) for i, (_, data) in enumerate(items) if isinstance(data, bytes)]
+        outcomes = predictor.predict_many([data for _, data in readable])
+        by_index: dict[int, Prediction | PneumoError] = {i: r for (i, _), r in zip(readable, outcomes, strict=True)}
+        results: list[dict] = []
+        for index, (name, data) in enumerate(items):
+            outcome = data if isinstance(data, PneumoError) else by_index[index]
+            if isinstance(outcome, PneumoError):
+                results.append({"file": name, "error": outcome.to_dict()})
+                continue
+            assert isinstance(data, bytes)
+            try:
+                results.append(answer(outcome, name, data, heatmap, opacity))
+            except PneumoError as err:
+                results.append({"file": name, "error": err.to_dict()})
+        return {"results": results}
+
+    @app.get("/health", summary="Liveness and the model in use")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": pneumo.__version__, "model": model_ref.model_dump()}
+
+    @app.get("/v1/model", summary="Metadata of the model bundle in use")
+    def model_info() -> dict[str, Any]:
+        info = public_model_info(predictor.describe())
+        info["heatmaps"] = explainer is not None
+        info["limits"] = {
+            "max_upload_bytes": limits.max_bytes,
+            "max_pixels": limits.max_pixels,
+            "max_batch_files": max_batch_files,
+        }
+        return info
+
+    @app.post(
+        "/v1/predict",
+        summary="Classify one chest X-ray",
+        response_model=PredictionResponse,
+        responses=_ERRORS,
+    )
+    async def predict(
+        file: Annotated[UploadFile, File(description="JPEG, PNG or DICOM file.")],
+        heatmap: Annotated[bool, Query(description="Add a Grad-CAM overlay (base64 PNG).")] = False,
+        opacity: Annotated[float, Query(ge=0.0, le=1.0, description="Heatmap opacity.")] = DEFAULT_OPACITY,
+    ) -> dict:
+        data = await _read_upload(file, limits.max_bytes)
+        if isinstance(data, PneumoError):
+            raise data
+        return await run_in_threadpool(predict_one, data, file.filename, heatmap, opacity)
+
+    @app.post(
+        "/v1/predict/batch",
+        summary="Classify several chest X-rays",
+        response_model=BatchResponse,
+        responses=_ERRORS,
+    )
+    async def predict_many(
+        files: Annotated[list[UploadFile], File(description=f"Up to {max_batch_files} JPEG, PNG or DICOM files.")],
+        heatmap: Annotated[bool, Query(description="Add a Grad-CAM overlay to every result.")] = False,
+        opacity: Annotated[float, Query(ge=0.0, le=1.0, description="Heatmap opacity.")] = DEFAULT_OPACITY,
+    ) -> dict:
+        if len(files) > max_batch_files:
+            raise InputTooLargeError(
+                f"The request holds {len(files)} files; send at most {max_batch_files} per batch.",
+                code="too_many_files",
+            )
+        items = [(upload.filename, await _read_upload(upload, limits.max_bytes)) for upload in files]
+        return await run_in_threadpool(predict_batch, items, heatmap, opacity)
+
+    return app
+
+
+async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes | PneumoError:
+    """The upload's bytes, reading at most one byte past the limit; an oversize file becomes its error."""
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return InputTooLargeError(
+            f"{upload.filename or 'The upload'} is over the {max_bytes / 2**20:g} MB limit.", code="file_too_large"
+        )
+    return data
+
+
+def _heatmap(
+    explainer: GradCamExplainer | None, predictor: Predictor, data: bytes, label: str, opacity: float
+) -> Heatmap:
+    from pneumo.app_support import png_bytes
+    from pneumo.explain import ExplainUnavailableError
+
+    if explainer is None:
+        raise ExplainUnavailableError("Heatmaps are not available for this model.")
+    explanation = explainer.explain(predictor.decode(data), label)
+    overlay = explanation.overlay(opacity)
+    return Heatmap(
+        png_base64=base64.b64encode(png_bytes(overlay)).decode("ascii"),
+        target_label=explanation.target_label,
+        layer=explanation.layer,
+        width=overlay.width,
+        height=overlay.height,
+        opacity=opacity,
+    )
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the application when the body it is reading passes the cap."""
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: refuse a request body over its path's cap with a JSON 413, as it streams in.
+
+    A declared ``Content-Length`` over the cap is refused before a byte is read; a chunked body
+    is counted while it is received and cut off at the cap (whatever the application answered
+    to the broken body is replaced by the 413). Paths without a cap get ``default_cap``.
+    """
+
+    def __init__(self, app: ASGIApp, caps: dict[str, int], default_cap: int = 64 * 1024) -> None:
+        self.app = app
+        self.caps = caps
+        self.default_cap = default_cap
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap = self.caps.get(str(scope["path"]).rstrip("/"), self.default_cap)
+        refusal = _error(
+            413, "request_too_large", f"The request body is over this endpoint's {cap / 2**20:.1f} MB limit."
+        )
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            await refusal(scope, receive, send)
+            return
+        received, exceeded, started = 0, False, False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cap:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await refusal(scope, receive, send)
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Answer every failure with the same ``{"error": {"code", "message"}}`` body."""
+
+    async def pneumo_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, PneumoError)
+        return _error(exc.http_status, exc.code, exc.message)
+
+    async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
+            for error in exc.errors()
+        )
+        return _error(422, "invalid_request", f"The request is malformed ({problems}). See /docs.")
+
+    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("Unexpected error answering a request", exc_info=exc)
+        return _error(500, "internal_error", "The server failed to answer this request; the error was logged.")
+
+    app.add_exception_handler(PneumoError, pneumo_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

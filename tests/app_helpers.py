@@ -1,0 +1,105 @@
+"""Helpers shared by the explain, API, app and DICOM tests: tiny bundles and encoded test images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from conftest import synthetic_xray
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+from pneumo.bundle import BundleMeta, save_bundle
+from pneumo.models import create_model, get_spec
+from pneumo.preprocess import PreprocessConfig
+
+
+def make_bundle(folder: Path, arch: str = "efficientnet_lite0", input_size: int = 64, **meta: Any) -> Path:
+    """A randomly initialised bundle with a small input size: fast, and says nothing about X-rays."""
+    spec = get_spec(arch)
+    labels = meta.get("labels", ["NORMAL", "PNEUMONIA"])
+    model = create_model(arch, num_classes=len(labels), pretrained=False)
+    config = PreprocessConfig(input_size, spec.preprocess.mean, spec.preprocess.std)
+    fields: dict[str, Any] = {
+        "arch": arch,
+        "timm_name": spec.timm_name,
+        "labels": labels,
+        "preprocess": config,
+        "name": "tiny-test",
+        "version": "9.9.9",
+        "metrics": {"roc_auc": 0.5, "sensitivity": 0.25},
+    }
+    fields.update(meta)
+    return save_bundle(folder, model, BundleMeta(**fields))
+
+
+def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    """``image`` encoded in memory (JPEG quality 92, or PNG)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def xray_bytes(name: str = "case", pneumonia: bool = True, size: int = 96, fmt: str = "JPEG") -> bytes:
+    """A synthetic chest-like grayscale picture, encoded."""
+    return encode(synthetic_xray(name, pneumonia, size), fmt)
+
+
+def dicom_bytes(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    modality: str | None = "DX",
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+    with_pixels: bool = True,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    **fields: Any,
+) -> bytes:
+    """An uncompressed single-frame DICOM file (Digital X-Ray) holding ``pixels``, as written by pydicom.
+
+    Args:
+        pixels: 2-D unsigned array (H, W), or (H, W, 3) with ``photometric="RGB"``.
+        window: (center, width) written as WindowCenter/WindowWidth.
+        rescale: (slope, intercept) written as RescaleSlope/RescaleIntercept.
+        fields: more header elements, e.g. ``ViewPosition="AP"``.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    if modality is not None:
+        ds.Modality = modality
+    for key, value in fields.items():
+        setattr(ds, key, value)
+    if with_pixels:
+        bits_allocated = 8 if bits_stored <= 8 else 16
+        ds.Rows, ds.Columns = pixels.shape[:2]
+        ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+        if pixels.ndim == 3:
+            ds.PlanarConfiguration = 0
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, bits_stored, bits_stored - 1
+        ds.PixelRepresentation = 0
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = window
+        if rescale is not None:
+            ds.RescaleSlope, ds.RescaleIntercept = rescale
+        ds.PixelData = pixels.astype(np.uint8 if bits_allocated == 8 else np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def xray_array(name: str = "case", size: int = 96, bits: int = 12, pneumonia: bool = True) -> np.ndarray:
+    """The synthetic X-ray of :func:`xray_bytes` as unsigned integers with ``bits`` significant bits."""
+    gray = np.asarray(synthetic_xray(name, pneumonia, size), dtype=np.float64) / 255.0
+    return np.round(gray * (2**bits - 1)).astype(np.uint16 if bits > 8 else np.uint8)

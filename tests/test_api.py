@@ -1,0 +1,272 @@
+"""Tests of pneumo.api (FastAPI TestClient): every endpoint, status code and error body; the serve command."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from app_helpers import dicom_bytes, make_bundle, xray_array, xray_bytes
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from pneumo.api import create_app
+from pneumo.cli import app as cli_app
+from pneumo.errors import NotAChestXrayError
+from pneumo.inference import Predictor
+from pneumo.io import DEFAULT_LIMITS, Limits
+
+MAX_BYTES = 300_000
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle: Path) -> Predictor:
+    return Predictor(bundle, limits=Limits(max_bytes=MAX_BYTES))
+
+
+@pytest.fixture(scope="module")
+def client(predictor: Predictor) -> Iterator[TestClient]:
+    app = create_app(limits=predictor.limits, predictor=predictor, max_batch_files=3)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def _upload(name: str, data: bytes, mime: str = "application/octet-stream") -> dict[str, Any]:
+    return {"file": (name, data, mime)}
+
+
+def _assert_error(response: Any, status: int, code: str) -> dict[str, str]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    assert "Traceback" not in body["error"]["message"]
+    return body["error"]
+
+
+def test_health(client: TestClient) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+    assert response.json()["model"] == {"name": "tiny-test", "version": "9.9.9", "arch": "efficientnet_lite0"}
+
+
+def test_model_metadata(client: TestClient) -> None:
+    info = client.get("/v1/model").json()
+    assert info["arch"] == "efficientnet_lite0"
+    assert info["labels"] == ["NORMAL", "PNEUMONIA"]
+    assert info["threshold"] == 0.5
+    assert info["preprocess"]["input_size"] == 64
+    assert info["metrics"] == {"roc_auc": 0.5, "sensitivity": 0.25}
+    assert info["limits"] == {
+        "max_upload_bytes": MAX_BYTES,
+        "max_pixels": DEFAULT_LIMITS.max_pixels,
+        "max_batch_files": 3,
+    }
+    assert info["heatmaps"] is True and info["ood"] == {"enabled": False}
+    assert "not a diagnosis" in info["intended_use"]
+    assert "bundle_dir" not in info, "the server's file paths are not the client's business"
+
+
+def test_predict_matches_the_predictor(client: TestClient, predictor: Predictor) -> None:
+    data = xray_bytes("api")
+    response = client.post("/v1/predict", files=_upload("chest.jpeg", data, "image/jpeg"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = predictor.predict(data)
+    assert body["file"] == "chest.jpeg"
+    assert body["label"] == expected.label
+    assert body["probability"] == pytest.approx(expected.probability, abs=1e-6)
+    assert body["label"] == ("PNEUMONIA" if body["probability"] >= body["threshold"] else "NORMAL")
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["model"] == {"name": "tiny-test", "version": "9.9.9", "arch": "efficientnet_lite0"}
+    assert body["format"] == "jpeg" and body["heatmap"] is None
+
+
+def test_predict_png16_and_dicom(client: TestClient) -> None:
+    png16 = io.BytesIO()
+    Image.fromarray(xray_array("png16", bits=16).astype(np.uint16)).save(png16, format="PNG")
+    response = client.post("/v1/predict", files=_upload("deep.png", png16.getvalue(), "image/png"))
+    assert response.status_code == 200 and response.json()["format"] == "png"
+    dicom = dicom_bytes(xray_array("dcm"), ViewPosition="AP", PatientAge="003Y")
+    body = client.post("/v1/predict", files=_upload("IM0001", dicom)).json()
+    assert body["format"] == "dicom"
+    assert body["metadata"]["ViewPosition"] == "AP" and body["metadata"]["PatientAge"] == "003Y"
+
+
+def test_predict_with_heatmap(client: TestClient) -> None:
+    response = client.post("/v1/predict?heatmap=true&opacity=0.6", files=_upload("x.jpg", xray_bytes("heat", size=120)))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    heatmap = body["heatmap"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(heatmap["png_base64"])))
+    assert overlay.format == "PNG" and overlay.mode == "RGB"
+    assert overlay.size == (heatmap["width"], heatmap["height"]) == (120, 120)
+    assert heatmap["target_label"] == body["label"] and heatmap["opacity"] == 0.6
+    assert heatmap["layer"] == "bn2"
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"just some text, not an image", 415, "unsupported_format"),
+        (b"", 400, "empty_file"),
+        (xray_bytes("cut")[:300], 400, None),
+        (dicom_bytes(xray_array(), modality="CT"), 422, "unsupported_modality"),
+        (dicom_bytes(xray_array(), with_pixels=False), 422, "dicom_no_pixel_data"),
+    ],
+)
+def test_bad_inputs_get_4xx_json(client: TestClient, data: bytes, status: int, code: str | None) -> None:
+    response = client.post("/v1/predict", files=_upload("bad.bin", data))
+    assert response.status_code == status, response.text
+    _assert_error(response, status, code or response.json()["error"]["code"])
+
+
+def test_file_over_the_limit_gets_413(client: TestClient) -> None:
+    """Over the per-file limit but within the multipart allowance: refused by the endpoint."""
+    error = _assert_error(
+        client.post("/v1/predict", files=_upload("big.jpg", b"\xff" * (MAX_BYTES + 10))), 413, "file_too_large"
+    )
+    assert "MB" in error["message"]
+
+
+def test_body_far_over_the_limit_is_refused_from_its_length(client: TestClient) -> None:
+    _assert_error(
+        client.post("/v1/predict", files=_upload("huge.jpg", b"\xff" * (3 * MAX_BYTES))), 413, "request_too_large"
+    )
+
+
+def test_chunked_body_over_the_limit_is_cut_off(client: TestClient) -> None:
+    def body() -> Iterator[bytes]:
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n\r\n'
+        for _ in range(40):
+            yield b"\xff" * 20_000
+
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    _assert_error(client.post("/v1/predict", content=body(), headers=headers), 413, "request_too_large")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("post", "/v1/predict", {}, 422, "invalid_request"),
+        ("post", "/v1/predict", {"data": {"file": "not a file"}}, 422, "invalid_request"),
+        ("post", "/v1/predict?opacity=2", {"files": _upload("x.jpg", b"x")}, 422, "invalid_request"),
+        ("post", "/v1/predict?heatmap=maybe", {"files": _upload("x.jpg", b"x")}, 422, "invalid_request"),
+        ("get", "/v1/predict", {}, 405, "method_not_allowed"),
+        ("get", "/v2/nothing", {}, 404, "not_found"),
+        ("post", "/v1/predict/batch", {}, 422, "invalid_request"),
+    ],
+)
+def test_malformed_requests(client: TestClient, method: str, path: str, kwargs: dict, status: int, code: str) -> None:
+    _assert_error(getattr(client, method)(path, **kwargs), status, code)
+
+
+def test_not_a_chest_xray_is_422(client: TestClient, predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(source: Any, name: str | None = None) -> Any:
+        raise NotAChestXrayError("x.jpg does not look like a frontal chest X-ray.")
+
+    monkeypatch.setattr(predictor, "predict", refuse)
+    error = _assert_error(client.post("/v1/predict", files=_upload("x.jpg", xray_bytes())), 422, "not_a_chest_xray")
+    assert "chest X-ray" in error["message"]
+
+
+def test_unexpected_failure_is_a_json_500_without_details(
+    client: TestClient, predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(source: Any, name: str | None = None) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(predictor, "predict", crash)
+    response = client.post("/v1/predict", files=_upload("x.jpg", xray_bytes()))
+    error = _assert_error(response, 500, "internal_error")
+    assert "secret" not in response.text and "RuntimeError" not in error["message"]
+
+
+def test_batch_keeps_order_and_reports_each_error(client: TestClient) -> None:
+    files = [
+        ("files", ("one.jpg", xray_bytes("one"), "image/jpeg")),
+        ("files", ("two.txt", b"not an image", "text/plain")),
+        ("files", ("three.dcm", dicom_bytes(xray_array("three")), "application/dicom")),
+    ]
+    response = client.post("/v1/predict/batch", files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["file"] for r in results] == ["one.jpg", "two.txt", "three.dcm"]
+    assert results[0]["label"] in ("NORMAL", "PNEUMONIA") and results[2]["format"] == "dicom"
+    assert results[1] == {
+        "file": "two.txt",
+        "error": {"code": "unsupported_format", "message": results[1]["error"]["message"]},
+    }
+
+
+def test_batch_with_heatmaps_and_an_oversize_file(client: TestClient) -> None:
+    files = [
+        ("files", ("big.jpg", b"\xff" * (MAX_BYTES + 1), "image/jpeg")),
+        ("files", ("ok.jpg", xray_bytes("ok"), "image/jpeg")),
+    ]
+    results = client.post("/v1/predict/batch?heatmap=true", files=files).json()["results"]
+    assert results[0]["error"]["code"] == "file_too_large"
+    assert results[1]["heatmap"]["png_base64"]
+
+
+def test_batch_over_the_file_count_is_refused(client: TestClient) -> None:
+    files = [("files", (f"{i}.jpg", xray_bytes(str(i)), "image/jpeg")) for i in range(4)]
+    _assert_error(client.post("/v1/predict/batch", files=files), 413, "too_many_files")
+
+
+def test_openapi_docs(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/health", "/v1/model", "/v1/predict", "/v1/predict/batch"} <= set(paths)
+    assert "413" in paths["/v1/predict"]["post"]["responses"]
+
+
+_SEEDS = [xray_bytes("fuzz"), xray_bytes("fuzz", fmt="PNG"), dicom_bytes(xray_array("fuzz"))]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.sampled_from(_SEEDS), cut=st.integers(0, 4000), noise=st.binary(max_size=64), at=st.integers(0, 400))
+def test_no_user_input_causes_a_500(client: TestClient, seed: bytes, cut: int, noise: bytes, at: int) -> None:
+    """Truncated and corrupted JPEG/PNG/DICOM files get a 2xx or 4xx, never a 500."""
+    data = seed[: max(0, len(seed) - cut)]
+    data = data[:at] + noise + data[at + len(noise) :]
+    response = client.post("/v1/predict", files=_upload("fuzz.bin", data))
+    assert response.status_code < 500, response.text
+
+
+# ------------------------------------------------------------------------------------- pneumo serve
+
+
+def test_serve_command_runs_uvicorn_on_the_app(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+    args = ["serve", "--model", str(bundle), "--port", "8123", "--max-upload-mb", "0.25", "--max-batch-files", "2"]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    assert isinstance(seen["app"], FastAPI)
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    limits = TestClient(seen["app"]).get("/v1/model").json()["limits"]
+    assert limits["max_upload_bytes"] == 2**18 and limits["max_batch_files"] == 2
+
+
+def test_serve_command_refuses_a_missing_bundle(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "bundle" in result.output.lower()
