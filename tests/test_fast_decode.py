@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pneumo.bench import synthesize_xrays
 from pneumo.inference import Predictor
 from pneumo.io import read_image
-from pneumo.preprocess import PreprocessConfig, preprocess
+from pneumo.preprocess import PreprocessConfig, normalize, preprocess, resize, to_unit_tensor
 
 MEAN_TOLERANCE = 0.01
 MAX_TOLERANCE = 0.5
@@ -84,3 +85,15 @@ def test_draft_decode_is_within_tolerance_on_the_full_resolution_samples(shared_
     draft_shift, copy_shift = np.abs(draft_p - exact_p), np.abs(copy_p - exact_p)
     assert (draft_shift <= np.maximum(0.02, copy_shift)).all(), (draft_shift, copy_shift)
     assert draft_shift.mean() <= 0.25 * copy_shift.mean()
+
+
+@pytest.mark.parametrize("config", [CONFIG, PreprocessConfig(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+@pytest.mark.parametrize("size", [(300, 280), (224, 224), (48, 90)])
+def test_numpy_preprocess_is_bit_identical_to_the_torch_steps(config: PreprocessConfig, size: tuple[int, int]) -> None:
+    """preprocess() computes in NumPy for speed; training composes the torch steps: they must agree exactly."""
+    image = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, size[::-1], dtype=np.uint8), mode="L")
+    fast = preprocess(image, config)
+    steps = normalize(to_unit_tensor(resize(image, config.input_size)), config)
+    assert fast.dtype == steps.dtype == torch.float32
+    assert fast.shape == steps.shape == (3, config.input_size, config.input_size)
+    assert torch.equal(fast, steps)
