@@ -59,6 +59,9 @@ def predict(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as a JSON list here.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the results as CSV here.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    no_ood: Annotated[
+        bool, typer.Option("--no-ood", help="Do not refuse images the not-a-chest-X-ray gate rejects (score kept).")
+    ] = False,
 ) -> None:
     """Classify files; one row per input file (result or error), in input order.
 
@@ -68,7 +71,7 @@ def predict(
     from pneumo.inference import Predictor, iter_image_files
 
     try:
-        predictor = Predictor(model)
+        predictor = Predictor(model, check_ood=not no_ood)
     except PneumoError as err:
         _fail(err.message)
     files = iter_image_files(inputs)
@@ -108,7 +111,7 @@ def _write_rows(rows: list[dict[str, Any]], json_out: Path | None, csv_out: Path
         json_out.write_text(json.dumps(rows, indent=2) + "\n")
     if csv_out is not None:
         csv_out.parent.mkdir(parents=True, exist_ok=True)
-        fields = ["file", "label", "probability", "threshold", "error_code", "error_message"]
+        fields = ["file", "label", "probability", "threshold", "ood_score", "error_code", "error_message"]
         with csv_out.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()

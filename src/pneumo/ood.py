@@ -85,8 +85,9 @@ class OodGate:
             )
         centred = x - self.mean
         projected = centred @ self.components.T
-        residual = np.maximum(np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", projected, projected), 0)
-        distance = (projected**2 / self.variances).sum(axis=1) + residual / self.noise_variance
+        # The off-subspace part explicitly (not |x|^2 - |z|^2, which cancels badly with float32 statistics).
+        residual = centred - projected @ self.components
+        distance = (projected**2 / self.variances).sum(axis=1) + (residual**2).sum(axis=1) / self.noise_variance
         return np.asarray(distance / self.feature_dim)
 
     def accepts(self, features: np.ndarray) -> np.ndarray:
@@ -97,10 +98,10 @@ class OodGate:
         """Write ``ood.safetensors`` into ``bundle_dir``; returns the dict to store as ``meta.ood``."""
         from safetensors.numpy import save_file
 
+        # C order matters: safetensors writes a Fortran-ordered array's buffer as if it were C-ordered.
         arrays = {
-            "mean": self.mean.astype(np.float32),
-            "components": self.components.astype(np.float32),
-            "variances": self.variances.astype(np.float32),
+            name: np.ascontiguousarray(value, dtype=np.float32)
+            for name, value in (("mean", self.mean), ("components", self.components), ("variances", self.variances))
         }
         save_file(arrays, str(Path(bundle_dir) / OOD_FILE), metadata={"method": METHOD})
         return {
