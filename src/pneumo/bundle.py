@@ -67,6 +67,8 @@ class BundleMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BundleMeta:
+        if not isinstance(data, dict):
+            raise BundleError(f"bundle.json must hold a JSON object, not {type(data).__name__}.")
         data = dict(data)
         data.pop("format_version", None)
         known = set(cls.__dataclass_fields__)
@@ -74,7 +76,7 @@ class BundleMeta:
         try:
             data["preprocess"] = PreprocessConfig.from_dict(data["preprocess"])
             return cls(**data, extra=extra)
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"bundle.json is incomplete or malformed: {err}") from err
 
 

@@ -139,6 +139,13 @@ def _load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], origi
     head_keys = {k for k, p in model.named_parameters() if id(p) in head_ids}
     body = [k for k in own if k not in head_keys]
     if all(k in state for k in body):
+        wrong = [k for k in body if tuple(state[k].shape) != tuple(own[k].shape)]
+        if wrong:  # load_state_dict would raise a bare RuntimeError (even with strict=False)
+            raise PretrainedWeightsUnavailableError(
+                f"The weights in {origin} do not fit {type(model).__name__}: {len(wrong)} tensors have other shapes "
+                f"(e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}). "
+                "Pass ImageNet weights of this very architecture."
+            )
         mapped = {k: state[k] for k in body}
     else:
         theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]

@@ -35,8 +35,10 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        mean, std = (float(v) for v in data["mean"]), (float(v) for v in data["std"])
-        return cls(int(data["input_size"]), tuple(mean), tuple(std))  # type: ignore[arg-type]
+        mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"preprocess needs 3 mean and 3 positive std values, got mean={mean}, std={std}")
+        return cls(int(data["input_size"]), mean, std)
 
 
 def resize(image: Image.Image, size: int) -> Image.Image:

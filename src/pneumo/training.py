@@ -158,7 +158,8 @@ class XrayClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: under DDP the epoch mean covers every rank's batches, not rank 0's alone (one reduce per epoch).
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -267,7 +268,7 @@ def fit(config: TrainConfig) -> Path | None:
         "split": dm.split_description,
         "train_data": dataset_summary(dm.train_samples, config.label_mode),
         "val_data": dataset_summary(dm.val_samples, config.label_mode),
-        "epochs_run": trainer.current_epoch + (0 if trainer.interrupted else 1),
+        "epochs_run": trainer.current_epoch,  # after fit: the number of completed epochs (early stop included)
         "best_epoch": _best_epoch(out),
         "trainable_parameters_phase2": sum(p.numel() for p in head + body),
         "parameters": count_parameters(model),

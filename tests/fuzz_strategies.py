@@ -1,0 +1,177 @@
+"""Hypothesis strategies for fuzzing bytes -> pneumo.io.read_image -> preprocess, and the property checked.
+
+Shared by tests/test_fuzz.py (a short, deterministic run) and benchmarks/fuzz_decode.py (the long run).
+Random bytes alone rarely get past a decoder's first check, so most strategies start from *valid*
+files of every format pneumo reads and damage them: flipped and overwritten bytes, cuts, inserted
+junk, and header fields (PNG IHDR, JPEG SOF) set to random sizes with the checksum fixed, so the
+decoder believes them.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+import zlib
+
+import numpy as np
+from bad_inputs import encode, set_jpeg_size, xray_like
+from hypothesis import strategies as st
+from PIL import Image
+
+from pneumo.errors import PneumoError
+from pneumo.io import Limits, read_image
+
+#: Small caps keep every example cheap; the checks are the same at any cap.
+FUZZ_LIMITS = Limits(max_bytes=1 * 2**20, max_pixels=2_000_000, min_side=64, max_aspect_ratio=4.0)
+MODEL_SIDE = 64  # the preprocess input size used in the property
+
+MAGICS = [
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"II*\x00",
+    b"MM\x00*",
+    b"BM",
+    b"RIFF\x00\x00\x00\x00WEBP",
+    b"\x00" * 128 + b"DICM",
+]
+
+
+def _dicom_seed() -> bytes:
+    """A 72 x 64, 12-bit MONOCHROME2 Digital X-Ray DICOM with a window (pydicom only: no model imports)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["pneumo-fuzz"])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    pixels = np.asarray(xray_like((72, 64)), dtype=np.uint16) * 16
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2000, 3000
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def seeds() -> list[bytes]:
+    """Valid files of every format and flavour read_image handles."""
+    gray = xray_like((72, 64))
+    rgb = Image.merge("RGB", [gray, xray_like((72, 64), seed=1), gray])
+    rgba = rgb.convert("RGBA")
+    deep = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return [
+        encode(gray, "PNG"),
+        encode(rgba, "PNG"),
+        encode(rgb.quantize(16), "PNG"),
+        encode(deep, "PNG"),
+        encode(gray, "PNG", save_all=True, append_images=[gray]),
+        encode(gray, "JPEG", quality=80),
+        encode(rgb, "JPEG", progressive=True),
+        encode(rgb, "JPEG", exif=exif.tobytes()),
+        encode(rgb.convert("CMYK"), "JPEG"),
+        encode(rgb, "MPO", save_all=True, append_images=[rgb]),
+        encode(gray, "BMP"),
+        encode(rgb.quantize(16), "BMP"),
+        encode(gray, "TIFF"),
+        encode(rgb, "TIFF", compression="tiff_deflate"),
+        encode(Image.fromarray(np.asarray(gray, dtype=np.float32)), "TIFF"),
+        encode(gray, "WEBP"),
+        encode(rgba, "WEBP", lossless=True),
+        _dicom_seed(),
+    ]
+
+
+def _set_png_ihdr(data: bytes, width: int, height: int) -> bytes:
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return data
+    body = struct.pack(">II", width, height) + data[24:29]
+    return data[:8] + data[8:12] + b"IHDR" + body + struct.pack(">I", zlib.crc32(b"IHDR" + body)) + data[33:]
+
+
+def _set_size(data: bytes, width: int, height: int) -> bytes:
+    if data[:3] == b"\xff\xd8\xff" and b"\xff\xc0" in data:
+        return set_jpeg_size(data, min(width, 65535), min(height, 65535))
+    return _set_png_ihdr(data, width, height)
+
+
+@st.composite
+def mutated_files(draw: st.DrawFn) -> bytes:
+    """A valid seed file with 1-6 random edits (flip, overwrite, cut, insert, delete, resize header)."""
+    data = bytearray(draw(st.sampled_from(seeds())))
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.sampled_from(["flip", "set", "cut", "insert", "delete", "size"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "flip" and data:
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and data:
+            data[at] = draw(st.sampled_from([0x00, 0xFF, 0x7F, 0x80, draw(st.integers(0, 255))]))
+        elif op == "cut":
+            del data[at:]
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        elif op == "delete":
+            del data[at : at + draw(st.integers(1, 64))]
+        elif op == "size":
+            data = bytearray(_set_size(bytes(data), *draw(size_pairs())))
+    return bytes(data)
+
+
+def size_pairs() -> st.SearchStrategy[tuple[int, int]]:
+    """Image sizes a header may claim: zero, tiny, plausible, huge, the 31-bit maximum."""
+    side = st.one_of(
+        st.sampled_from([0, 1, 63, 64, 65, 2**15 - 1, 2**16 - 1, 2**16, 2**31 - 1]),
+        st.integers(0, 70_000),
+    )
+    return st.tuples(side, side)
+
+
+@st.composite
+def header_sizes(draw: st.DrawFn) -> bytes:
+    """A valid PNG or JPEG seed whose header claims a random size (the checksum fixed)."""
+    seed = draw(st.sampled_from([s for s in seeds() if s[:3] == b"\xff\xd8\xff" or s[:4] == b"\x89PNG"]))
+    return _set_size(seed, *draw(size_pairs()))
+
+
+def magic_prefixed() -> st.SearchStrategy[bytes]:
+    """Random bytes behind a real format signature, so they reach the format's own parser."""
+    return st.builds(lambda magic, rest: magic + rest, st.sampled_from(MAGICS), st.binary(max_size=2048))
+
+
+def any_input() -> st.SearchStrategy[bytes]:
+    return st.one_of(st.binary(max_size=1024), magic_prefixed(), mutated_files(), header_sizes())
+
+
+def decode_and_preprocess(data: bytes, limits: Limits = FUZZ_LIMITS, *, preprocess_too: bool = True) -> str:
+    """The property: a finite (3, S, S) model input, or a PneumoError. Returns "ok" or the error code.
+
+    Any other exception propagates and fails the caller. ``preprocess_too=False`` stops after
+    decoding (the memory-capped child then needs no torch).
+    """
+    try:
+        decoded = read_image(data, limits, draft_size=MODEL_SIDE)
+    except PneumoError as err:
+        assert err.code and err.message, "typed errors carry a code and a message"
+        return err.code
+    w, h = decoded.image.size
+    assert decoded.image.mode == "L" and min(w, h) >= 1
+    assert decoded.original_size[0] * decoded.original_size[1] <= limits.max_pixels
+    if preprocess_too:
+        import torch
+
+        from pneumo.preprocess import PreprocessConfig, preprocess
+
+        tensor = preprocess(decoded.image, PreprocessConfig(MODEL_SIDE))
+        assert tuple(tensor.shape) == (3, MODEL_SIDE, MODEL_SIDE)
+        assert bool(torch.isfinite(tensor).all())
+    return "ok"

@@ -1,0 +1,175 @@
+"""The model bundle (``pneumo.bundle``): save -> load round trip, metadata, typed errors."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_xray
+from model_helpers import tiny_bundle, tiny_model
+from safetensors.torch import load_file
+
+from pneumo.bundle import (
+    FORMAT_VERSION,
+    META_FILE,
+    WEIGHTS_FILE,
+    BundleMeta,
+    load_bundle,
+    read_meta,
+    resolve_bundle,
+    save_bundle,
+    write_meta,
+)
+from pneumo.errors import BundleError
+from pneumo.inference import Predictor
+from pneumo.preprocess import PreprocessConfig, preprocess
+
+
+def _png(name: str, pneumonia: bool) -> bytes:
+    buffer = io.BytesIO()
+    synthetic_xray(name, pneumonia, size=80).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_round_trip_gives_identical_weights_and_predictions(tmp_path: Path) -> None:
+    folder, model = tiny_bundle(tmp_path / "b1", threshold=0.42, temperature=1.7)
+    meta, loaded = load_bundle(folder)
+    assert not loaded.training
+    original = model.state_dict()
+    assert set(loaded.state_dict()) == set(original)  # BatchNorm buffers included
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+    # The same image through the Predictor of the bundle and of a bundle re-saved from the loaded model.
+    save_bundle(tmp_path / "b2", loaded, meta)
+    image = _png("roundtrip", True)
+    # backend="torch": bit-identity is a property of the same engine on the same weights (ONNX has its own tests).
+    first = Predictor(folder, backend="torch").predict(image)
+    second = Predictor(tmp_path / "b2", backend="torch").predict(image)
+    assert first.probability == second.probability
+    assert first.probabilities == second.probabilities
+    assert first.threshold == second.threshold == 0.42
+
+    # And the bundle's logits are exactly what the in-memory model computed before saving.
+    predictor = Predictor(folder, backend="torch")
+    batch = predictor.prepare(predictor.decode(image))[None]
+    with torch.inference_mode():
+        expected = model.eval()(batch).numpy()
+    assert np.array_equal(predictor.logits(batch), expected)
+
+
+def test_weights_file_is_plain_safetensors_with_every_tensor(tmp_path: Path) -> None:
+    folder, model = tiny_bundle(tmp_path / "b")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    assert set(tensors) == set(model.state_dict())
+
+
+def test_meta_round_trip_keeps_every_field_and_unknown_keys(tmp_path: Path) -> None:
+    folder, _ = tiny_bundle(
+        tmp_path / "b",
+        threshold=0.3,
+        threshold_rule="youden",
+        temperature=2.5,
+        training={"epochs_run": 3},
+        metrics={"validation": {"roc_auc": 0.9}},
+        ood={"method": "x", "threshold": 4.0},
+    )
+    meta = read_meta(folder)
+    assert meta.threshold == 0.3 and meta.temperature == 2.5 and meta.threshold_rule == "youden"
+    assert meta.training == {"epochs_run": 3} and meta.metrics["validation"]["roc_auc"] == 0.9
+    assert meta.ood == {"method": "x", "threshold": 4.0}
+    assert meta.preprocess == PreprocessConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert meta.versions["torch"] == torch.__version__ and meta.created
+
+    raw = json.loads((folder / META_FILE).read_text())
+    assert raw["format_version"] == FORMAT_VERSION
+    raw["future_field"] = {"added_by": "a later pneumo"}
+    (folder / META_FILE).write_text(json.dumps(raw))
+    meta = read_meta(folder)
+    assert meta.extra == {"future_field": {"added_by": "a later pneumo"}}
+    write_meta(folder, meta)  # rewriting keeps what this version does not know
+    assert json.loads((folder / META_FILE).read_text())["future_field"] == {"added_by": "a later pneumo"}
+    assert BundleMeta.from_dict(meta.to_dict()) == meta
+
+
+def test_positive_indices_follow_the_labels() -> None:
+    config = PreprocessConfig()
+    binary = BundleMeta("a", "a", ["NORMAL", "PNEUMONIA"], config)
+    three = BundleMeta("a", "a", ["NORMAL", "BACTERIA", "VIRUS"], config, positive_labels=["BACTERIA", "VIRUS"])
+    assert binary.positive_indices == [1]
+    assert three.positive_indices == [1, 2]
+
+
+_GOOD = {
+    "arch": "efficientnet_lite0",
+    "timm_name": "tf_efficientnet_lite0",
+    "labels": ["NORMAL", "PNEUMONIA"],
+    "preprocess": {"input_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
+}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        "42",
+        "null",
+        json.dumps({k: v for k, v in _GOOD.items() if k != "preprocess"}),
+        json.dumps({k: v for k, v in _GOOD.items() if k != "arch"}),
+        json.dumps({**_GOOD, "preprocess": {"input_size": "big", "mean": [0.5] * 3, "std": [0.5] * 3}}),
+        json.dumps({**_GOOD, "preprocess": {"input_size": 64, "mean": [0.5], "std": [0.5] * 3}}),
+        json.dumps({**_GOOD, "threshold": 0.5, "unexpected_argument": 1, "labels": None, "preprocess": []}),
+    ],
+)
+def test_read_meta_malformed_bundle_json_is_a_bundle_error(tmp_path: Path, content: str) -> None:
+    (tmp_path / META_FILE).write_text(content)
+    with pytest.raises(BundleError) as info:
+        read_meta(tmp_path)
+    assert info.value.code == "bundle_error"
+
+
+def test_read_meta_accepts_the_minimal_good_file(tmp_path: Path) -> None:
+    (tmp_path / META_FILE).write_text(json.dumps(_GOOD))
+    meta = read_meta(tmp_path)
+    assert meta.threshold == 0.5 and meta.temperature == 1.0 and meta.positive_labels == ["PNEUMONIA"]
+
+
+def test_missing_bundle_json_or_weights_is_a_bundle_error(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"bundle\.json is missing"):
+        read_meta(tmp_path)
+    with pytest.raises(BundleError):
+        resolve_bundle(tmp_path)
+    with pytest.raises(BundleError):
+        Predictor(tmp_path)
+    (tmp_path / META_FILE).write_text(json.dumps(_GOOD))
+    with pytest.raises(BundleError, match=WEIGHTS_FILE):
+        load_bundle(tmp_path)
+
+
+def test_weights_of_another_architecture_are_a_bundle_error(tmp_path: Path) -> None:
+    folder, _ = tiny_bundle(tmp_path / "b", model=tiny_model("test_efficientnet"), arch="test_efficientnet")
+    meta = read_meta(folder)
+    meta.arch, meta.timm_name = "efficientnet_lite0", "tf_efficientnet_lite0"
+    write_meta(folder, meta)
+    with pytest.raises(BundleError, match="do not match"):
+        load_bundle(folder)
+
+
+def test_three_class_bundle_round_trip(tmp_path: Path) -> None:
+    labels = ["NORMAL", "BACTERIA", "VIRUS"]
+    folder, model = tiny_bundle(tmp_path / "b", labels=labels, positive_labels=["BACTERIA", "VIRUS"])
+    predictor = Predictor(folder, backend="torch")
+    result = predictor.predict(_png("three", False))
+    assert set(result.probabilities) == set(labels)
+    assert result.probability == pytest.approx(result.probabilities["BACTERIA"] + result.probabilities["VIRUS"])
+    image = synthetic_xray("three-direct", False, size=64)
+    with torch.inference_mode():
+        direct = model(preprocess(image, predictor.preprocess_config)[None]).softmax(1)[0]
+    assert predictor.predict_tensors(preprocess(image, predictor.preprocess_config)[None])[0] == pytest.approx(
+        float(direct[1] + direct[2]), abs=1e-6
+    )

@@ -1,0 +1,253 @@
+"""Training (``pneumo.training``): config, one tiny fit end to end, staged unfreezing, both data paths.
+
+The fits use timm's ``test_efficientnet`` / ``test_resnet`` (100k parameters, 160 px) so they run
+in seconds on a shared CPU; "pretrained" weights are a saved random initialisation passed as
+``weights``, which lets a test rebuild the exact starting point and compare against it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import write_tiny_dataset
+
+from pneumo import training
+from pneumo.bundle import WEIGHTS_FILE, read_meta
+from pneumo.data import AugmentConfig
+from pneumo.errors import PneumoError
+from pneumo.inference import Predictor
+from pneumo.metrics import select_threshold
+from pneumo.models import create_model, stage_modules
+from pneumo.training import TrainConfig, fit
+
+
+def _save_start_weights(arch: str, path: Path) -> Path:
+    torch.manual_seed(123)
+    torch.save(create_model(arch, pretrained=False).state_dict(), path)
+    return path
+
+
+def _module_of(key: str) -> str:
+    return key.rsplit(".", 1)[0]
+
+
+def _keys_in(groups: list[list[str]], state: dict[str, torch.Tensor]) -> list[str]:
+    names = {name for group in groups for name in group}
+    return [k for k in state if _module_of(k) in names and not k.endswith("num_batches_tracked")]
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    bundle: Path
+    snapshots: list[dict[str, torch.Tensor]]  # the model's state at the end of each training epoch
+    start: dict[str, torch.Tensor]  # the "pretrained" starting point, rebuilt fresh
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """Two epochs on the tiny dataset with the feature cache: head only, then the last 2 stages."""
+    tmp = tmp_path_factory.mktemp("train")
+    weights = _save_start_weights("test_efficientnet", tmp / "start.pth")
+    config = TrainConfig(
+        data=str(write_tiny_dataset(tmp / "data")),
+        out=str(tmp / "run"),
+        arch="test_efficientnet",
+        weights=str(weights),
+        frozen_epochs=1,
+        finetune_epochs=1,
+        unfreeze_stages=2,
+        cache_views=1,
+        batch_size=8,
+        accelerator="cpu",
+        devices="1",
+        name="tiny",
+    )
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    class Recording(training.StagedUnfreeze):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            snapshots.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "StagedUnfreeze", Recording)
+        bundle = fit(config)
+    assert bundle is not None
+    start = create_model("test_efficientnet", weights=weights).state_dict()
+    yield Run(config, bundle, snapshots, start)
+
+
+def test_fit_writes_a_complete_run(cached_run: Run) -> None:
+    out = Path(cached_run.config.out)
+    assert cached_run.bundle == out / "bundle"
+    assert (cached_run.bundle / WEIGHTS_FILE).is_file()
+    meta = json.loads((cached_run.bundle / "bundle.json").read_text())
+    assert meta["arch"] == "test_efficientnet" and meta["labels"] == ["NORMAL", "PNEUMONIA"]
+    assert 0.0 <= meta["threshold"] <= 1.0 and meta["temperature"] > 0
+    assert "youden" in meta["threshold_rule"] and "validation" in meta["threshold_rule"]
+    validation = meta["metrics"]["validation"]
+    assert {"roc_auc", "accuracy", "sensitivity", "specificity", "ci"} <= set(validation)
+    assert validation["threshold"] == meta["threshold"]
+    record = meta["training"]
+    assert record["config"]["arch"] == "test_efficientnet" and record["config"]["unfreeze_stages"] == 2
+    assert record["epochs_run"] == 2 and record["best_epoch"] in (0, 1)
+    assert validation["n_images"] == record["val_data"]["n_images"] > 0
+    assert record["train_data"]["n_images"] + record["val_data"]["n_images"] == 24
+    assert meta["ood"] is not None and (cached_run.bundle / "ood.safetensors").is_file()
+    assert meta["preprocess"]["input_size"] == 160
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["arch"] == "test_efficientnet" and run["bundle"] == str(cached_run.bundle)
+    assert run["validation"]["roc_auc"] == validation["roc_auc"]
+
+    rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
+    val_epochs = sorted(int(r["epoch"]) for r in rows if r.get("val_auc"))
+    assert val_epochs == [0, 1]
+    assert any(r.get("train_loss") for r in rows)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "validation" / "report.md").is_file()
+
+
+def _validation_predictions(out: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rows = list(csv.DictReader((out / "validation" / "predictions.csv").open()))
+    files = [r["file"] for r in rows]
+    return files, np.array([int(r["label"]) for r in rows]), np.array([float(r["probability"]) for r in rows])
+
+
+def test_bundle_threshold_is_the_rule_applied_to_validation_predictions(cached_run: Run) -> None:
+    files, y_true, prob = _validation_predictions(Path(cached_run.config.out))
+    assert len(files) == read_meta(cached_run.bundle).training["val_data"]["n_images"]
+    assert set(y_true) == {0, 1}
+    assert all("/PNEUMONIA/" in f for f, y in zip(files, y_true) if y == 1)
+    expected = select_threshold(y_true, prob, "youden")
+    assert read_meta(cached_run.bundle).threshold == pytest.approx(expected, abs=2e-6)  # the CSV rounds to 1e-6
+
+
+def test_validation_probabilities_are_what_the_predictor_gives(cached_run: Run) -> None:
+    """The threshold was chosen on these numbers; it is only right if the Predictor reproduces them."""
+    files, _, prob = _validation_predictions(Path(cached_run.config.out))
+    predictor = Predictor(cached_run.bundle, backend="torch", check_ood=False)
+    served = np.array([predictor.predict(Path(f)).probability for f in files])
+    # The cache stores the frozen prefix's output as float16, hence a tolerance (measured: 2e-5); it
+    # must stay well below the spread of the probabilities, or a threshold between them would be moot.
+    assert np.abs(served - prob).max() < 2e-4
+    assert np.ptp(prob) > 10 * 2e-4
+
+
+def test_staged_unfreezing_trains_exactly_the_unfrozen_stages(cached_run: Run) -> None:
+    after_head_phase, after_finetune = cached_run.snapshots
+    stages = stage_modules(create_model("test_efficientnet", pretrained=False))
+    frozen_prefix = _keys_in(stages[:-3], cached_run.start)
+    unfrozen = _keys_in(stages[-3:-1], cached_run.start)
+    head = _keys_in(stages[-1:], after_finetune)
+    assert frozen_prefix and unfrozen and head
+
+    # Phase 1: only the head moved; the whole backbone (BatchNorm statistics included) is untouched.
+    for key in frozen_prefix + unfrozen:
+        assert torch.equal(after_head_phase[key], cached_run.start[key]), f"phase 1 changed {key}"
+    assert any(not torch.equal(after_head_phase[k], after_finetune[k]) for k in head)
+
+    # Phase 2: every unfrozen weight moved; the frozen prefix is still bit-identical.
+    params = {name for name, _ in create_model("test_efficientnet", pretrained=False).named_parameters()}
+    moved = [k for k in unfrozen if k in params and not torch.equal(after_finetune[k], cached_run.start[k])]
+    assert moved == [k for k in unfrozen if k in params]
+    for key in frozen_prefix:
+        assert torch.equal(after_finetune[key], cached_run.start[key]), f"phase 2 changed frozen {key}"
+
+    # And the bundle holds a model whose frozen prefix is the starting point.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(cached_run.bundle / WEIGHTS_FILE))
+    assert all(torch.equal(saved[k], cached_run.start[k]) for k in frozen_prefix)
+
+
+def test_training_without_the_cache_unfreezes_any_timm_model(tmp_path: Path) -> None:
+    """The image path (no cache), on a non-EfficientNet: one fine-tuning epoch of the last stage."""
+    weights = _save_start_weights("test_resnet", tmp_path / "start.pth")
+    config = TrainConfig(
+        data=str(write_tiny_dataset(tmp_path / "data")),
+        out=str(tmp_path / "run"),
+        arch="test_resnet",
+        weights=str(weights),
+        frozen_epochs=0,
+        finetune_epochs=1,
+        unfreeze_stages=1,
+        feature_cache=False,
+        batch_size=8,
+        accelerator="cpu",
+        devices="1",
+    )
+    bundle = fit(config)
+    assert bundle is not None and read_meta(bundle).arch == "test_resnet"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(bundle / WEIGHTS_FILE))
+    start = create_model("test_resnet", weights=weights).state_dict()
+    stages = stage_modules(create_model("test_resnet", pretrained=False))
+    frozen, last = _keys_in(stages[:-2], start), _keys_in(stages[-2:-1], start)
+    assert all(torch.equal(saved[k], start[k]) for k in frozen), "frozen stages (or their BatchNorm stats) moved"
+    assert all(not torch.equal(saved[k], start[k]) for k in last if k.endswith("weight"))
+    Predictor(bundle, backend="torch", check_ood=False)  # loads
+
+
+def test_feature_cache_refuses_to_fine_tune_a_model_it_cannot_split(tmp_path: Path) -> None:
+    config = TrainConfig(
+        data=str(write_tiny_dataset(tmp_path / "data", n_per_class=4)),
+        out=str(tmp_path / "run"),
+        arch="test_resnet",
+        pretrained=False,
+        frozen_epochs=0,
+        finetune_epochs=1,
+        unfreeze_stages=1,
+        accelerator="cpu",
+    )
+    with pytest.raises(PneumoError) as info:
+        fit(config)
+    assert info.value.code == "feature_cache_unsupported"
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def test_config_from_yaml_with_nested_augment_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("arch: vgg19\nlr: 0.0005\naugment:\n  rotation_deg: 5\n  hflip: 0.0\n  enabled: true\n")
+    config = TrainConfig.from_yaml(path)
+    assert config.arch == "vgg19" and config.lr == 0.0005
+    assert isinstance(config.augment, AugmentConfig) and config.augment.rotation_deg == 5
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    (tmp_path / "empty.yaml").write_text("")
+    assert TrainConfig.from_yaml(tmp_path / "empty.yaml") == TrainConfig()
+
+
+def test_config_unknown_key_is_a_pneumo_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("arch: vgg19\nlearning_rate: 0.1\n")
+    with pytest.raises(PneumoError) as info:
+        TrainConfig.from_yaml(path)
+    assert info.value.code == "bad_config" and "learning_rate" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"scheduler": "step"}, "scheduler"),
+        ({"frozen_epochs": 0, "finetune_epochs": 0}, "at least one epoch"),
+        ({"data": ""}, "--data"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(change: dict[str, Any], words: str) -> None:
+    config = TrainConfig(**{"data": "/nonexistent", **change})
+    with pytest.raises(PneumoError, match=words) as info:
+        fit(config)
+    assert info.value.code == "bad_config"
