@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from conftest import synthetic_xray
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -17,11 +18,15 @@ from pneumo.models import create_model, get_spec
 from pneumo.preprocess import PreprocessConfig
 
 
-def make_bundle(folder: Path, arch: str = "efficientnet_lite0", input_size: int = 64, **meta: Any) -> Path:
-    """A randomly initialised bundle with a small input size: fast, and says nothing about X-rays."""
+def make_bundle(
+    folder: Path, arch: str = "efficientnet_lite0", input_size: int = 64, seed: int = 0, **meta: Any
+) -> Path:
+    """A randomly initialised (seeded) bundle with a small input size: fast, and says nothing about X-rays."""
     spec = get_spec(arch)
     labels = meta.get("labels", ["NORMAL", "PNEUMONIA"])
-    model = create_model(arch, num_classes=len(labels), pretrained=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the same weights every run: tests on a random model stay deterministic
+        model = create_model(arch, num_classes=len(labels), pretrained=False)
     config = PreprocessConfig(input_size, spec.preprocess.mean, spec.preprocess.std)
     fields: dict[str, Any] = {
         "arch": arch,

@@ -116,6 +116,8 @@ def _show_result(
     left.image(image, caption="Uploaded image")
     if show and analysis.explanation is not None:
         caption = f"Grad-CAM: where the model found evidence for {analysis.explanation.target_label}"
+        if float(analysis.explanation.heatmap.max()) == 0.0:
+            caption += " (no region stands out)"
         right.image(analysis.explanation.overlay(opacity), caption=caption)
     elif show and analysis.explain_error:
         right.info(analysis.explain_error)
