@@ -16,7 +16,14 @@ from typer.testing import CliRunner
 from pneumo.bench import BenchSettings, format_table, model_flops, physical_floor, run_bench, synthesize_xrays
 from pneumo.cli import app
 
-METRICS = ("throughput_ips", "e2e_throughput_ips", "latency_p50_ms", "latency_p95_ms", "peak_rss_mb")
+METRICS = (
+    "throughput_ips",
+    "e2e_throughput_ips",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "cpu_ms_per_image",
+    "peak_rss_mb",
+)
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ What is measured, for each backend (``torch`` = eager PyTorch, ``onnx`` = ONNX R
   median of each stage, so a slow total says where its time goes;
 - **throughput** (images/s): the model alone on preprocessed batches of 32 (``throughput_ips``),
   and files to probabilities through :meth:`Predictor.predict_many` at batch 32 (``e2e_throughput_ips``);
+- **CPU time** per image (all threads): unlike wall time, it barely changes when other
+  processes share the machine, so it is the figure to compare across noisy runs;
 - **peak RSS** (MB) of the process;
 - optionally the cost of one Grad-CAM map (``--gradcam``), which runs on the torch model whatever
   the backend.
@@ -143,11 +145,13 @@ def bench_backend(backend: str, bundle: Path | None, files: Sequence[Path], sett
 
     total: list[float] = []
     stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "model": []}
+    cpu_start = time.process_time()
     for _ in range(settings.runs):
         for blob in blobs:
             t0 = time.perf_counter()
             predictor.predict(blob)
             total.append(time.perf_counter() - t0)
+    cpu_ms = (time.process_time() - cpu_start) / len(total) * 1e3
     for blob in blobs:
         t0 = time.perf_counter()
         decoded = predictor.decode(blob)
@@ -178,6 +182,7 @@ def bench_backend(backend: str, bundle: Path | None, files: Sequence[Path], sett
         "latency_p50_ms": _ms(total, 50),
         "latency_p95_ms": _ms(total, 95),
         "latency_mean_ms": round(float(np.mean(total) * 1e3), 3),
+        "cpu_ms_per_image": round(cpu_ms, 3),
         "stage_p50_ms": {name: _ms(values, 50) for name, values in stages.items()},
         "load_s": round(load_s, 3),
         "threads": torch.get_num_threads() if predictor.backend == "torch" else _onnx_threads(predictor),
@@ -383,6 +388,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("files -> probabilities, batch 32 (img/s)", "e2e_throughput_ips"),
         ("single image, file bytes -> probability, p50 (ms)", "latency_p50_ms"),
         ("single image, p95 (ms)", "latency_p95_ms"),
+        ("single image, CPU time, all threads (ms)", "cpu_ms_per_image"),
         ("  decode (JPEG draft) p50 (ms)", ("stage_p50_ms", "decode")),
         ("  preprocess (resize, normalize) p50 (ms)", ("stage_p50_ms", "preprocess")),
         ("  model p50 (ms)", ("stage_p50_ms", "model")),
