@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pneumo.errors import InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
+from pneumo.errors import DicomError, InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
 
 
 def xray_like(size: tuple[int, int] = (96, 96), seed: int = 0) -> Image.Image:
@@ -79,6 +79,37 @@ def exif_rotated_jpeg(orientation: int) -> tuple[bytes, Image.Image]:
     return encode(image, "JPEG", exif=exif.tobytes(), quality=95), image
 
 
+def dicom_xray() -> bytes:
+    """A 72 x 64, 12-bit MONOCHROME2 Digital X-Ray DICOM with a window (pydicom only: no model imports)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["pneumo-fuzz"])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    pixels = np.asarray(xray_like((72, 64)), dtype=np.uint16) * 16
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2000, 3000
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _dicom_bad_transfer_syntax() -> bytes:
+    """A DICOM whose TransferSyntaxUID is not a transfer syntax (found by atheris: ValueError in pydicom)."""
+    data = dicom_xray()
+    assert data.count(b"1.2.840.10008.1.2.1\x00") == 1
+    return data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.1000\xbe.1.2.1\x00")
+
+
 @dataclass(frozen=True)
 class BadInput:
     """One class of bad input, how to make one, and what pneumo must answer."""
@@ -100,6 +131,19 @@ def _truncated(fmt: str) -> Callable[[], bytes]:
 def _bad_crc() -> bytes:
     data = bytearray(encode(xray_like(), "PNG"))
     data[20] ^= 0xFF  # inside IHDR: its CRC no longer matches
+    return bytes(data)
+
+
+def _tiff_second_page_without_size() -> bytes:
+    """Two-page TIFF whose second page lost its width/height tags (found by atheris: TypeError in n_frames)."""
+    data = bytearray(encode(xray_like(), "TIFF", save_all=True, append_images=[xray_like(seed=1)]))
+    first = struct.unpack("<I", data[4:8])[0]
+    count = struct.unpack("<H", data[first : first + 2])[0]
+    second = struct.unpack("<I", data[first + 2 + 12 * count : first + 6 + 12 * count])[0]
+    for entry in range(struct.unpack("<H", data[second : second + 2])[0]):
+        at = second + 2 + 12 * entry
+        if struct.unpack("<H", data[at : at + 2])[0] in (256, 257):  # ImageWidth, ImageLength
+            data[at : at + 2] = struct.pack("<H", 0x7FFF)
     return bytes(data)
 
 
@@ -163,6 +207,8 @@ BAD_INPUTS: list[BadInput] = [
         InvalidImageError,
         "multi_frame",
     ),
+    BadInput("DICOM with a malformed transfer syntax UID", _dicom_bad_transfer_syntax, DicomError, "corrupt_image"),
+    BadInput("TIFF with a damaged second page", _tiff_second_page_without_size, InvalidImageError, "corrupt_image"),
     BadInput(
         "animated WebP",
         lambda: encode(xray_like(), "WEBP", save_all=True, append_images=[xray_like(seed=1)]),

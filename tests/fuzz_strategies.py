@@ -10,12 +10,11 @@ decoder believes them.
 from __future__ import annotations
 
 import functools
-import io
 import struct
 import zlib
 
 import numpy as np
-from bad_inputs import encode, set_jpeg_size, xray_like
+from bad_inputs import dicom_xray, encode, set_jpeg_size, xray_like
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -35,30 +34,6 @@ MAGICS = [
     b"RIFF\x00\x00\x00\x00WEBP",
     b"\x00" * 128 + b"DICM",
 ]
-
-
-def _dicom_seed() -> bytes:
-    """A 72 x 64, 12-bit MONOCHROME2 Digital X-Ray DICOM with a window (pydicom only: no model imports)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["pneumo-fuzz"])
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    pixels = np.asarray(xray_like((72, 64)), dtype=np.uint16) * 16
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2000, 3000
-    ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,7 +63,7 @@ def seeds() -> list[bytes]:
         encode(Image.fromarray(np.asarray(gray, dtype=np.float32)), "TIFF"),
         encode(gray, "WEBP"),
         encode(rgba, "WEBP", lossless=True),
-        _dicom_seed(),
+        dicom_xray(),
     ]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pneumo.errors import DicomError, InputTooLargeError, InvalidImageError, UnsupportedFormatError
+from pneumo.errors import DicomError, InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
 
 #: DICOM modalities accepted as a plain radiograph. CR and DX are the standard codes for
 #: computed and digital radiography; "DR" is not a DICOM term but several vendors write it
@@ -128,7 +128,14 @@ def read_image(
             "The file is not a JPEG, PNG or DICOM image (its first bytes match no known image format).",
         )
     if fmt == "dicom":
-        return _read_dicom(data, limits)
+        try:
+            return _read_dicom(data, limits)
+        except (PneumoError, MemoryError):
+            raise
+        except Exception as err:  # safety net: a malformed header field that pydicom chokes on (found by fuzzing)
+            raise DicomError(
+                f"The DICOM file is malformed ({_reason(err)}); export it again from the PACS.", code="corrupt_image"
+            ) from err
     return _read_pillow(data, fmt, limits, draft_size)
 
 
@@ -194,7 +201,14 @@ def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) 
     _check_shape(*original_size, limits)
     # A camera JPEG is often MPO (the photo plus preview frames): its first frame is the picture.
     # Other multi-frame files (APNG, multi-page TIFF, animated WebP) hold several images: refuse.
-    frames = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1))
+    try:  # counting frames parses every frame header (TIFF IFDs): damaged ones fail here
+        frames = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1))
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise InvalidImageError(
+            f"The {name} file's frames cannot be read ({_reason(err)}); it is damaged.", code="corrupt_image"
+        ) from err
     if frames > 1:
         raise InvalidImageError(f"The file holds {frames} frames; upload one radiograph per file.", code="multi_frame")
     try:
