@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -208,3 +209,16 @@ def test_default_bundle_export_goes_to_the_cache_not_into_the_package(
     assert target == cached_onnx_path(shipped)
     assert calls and calls[0].parent == target.parent
     assert not (shipped / ONNX_FILE).exists()
+
+
+def test_prune_cache_keeps_the_most_recently_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path))
+    folder = export.cache_dir()
+    folder.mkdir(parents=True)
+    for age, name in enumerate("abcde"):
+        path = folder / f"{name}.onnx"
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 - age * 10, 1_000_000 - age * 10))  # a is the newest, e the oldest
+    removed = export.prune_cache(keep=2)
+    assert sorted(p.name for p in removed) == ["c.onnx", "d.onnx", "e.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.onnx", "b.onnx"]

@@ -57,6 +57,8 @@ BACKENDS = ("auto", "torch", "onnx")
 WEIGHTS_SHA_KEY = "pneumo_weights_sha256"
 #: Largest |P_onnx - P_torch| accepted by the check run right after every export.
 EXPORT_TOLERANCE = 1e-4
+#: Cached exports kept (most recently used first); older ones are deleted after each new export.
+CACHE_KEEP = 8
 
 
 class OnnxBackendError(PneumoError):
@@ -129,7 +131,25 @@ def find_onnx(bundle_dir: str | Path) -> Path | None:
             folder,
         )
     cached = cached_onnx_path(folder, sha)
-    return cached if cached.is_file() and onnx_weights_sha(cached) == sha else None
+    if cached.is_file() and onnx_weights_sha(cached) == sha:
+        with contextlib.suppress(OSError):
+            os.utime(cached)  # mark as recently used, for prune_cache
+        return cached
+    return None
+
+
+def prune_cache(keep: int = CACHE_KEEP) -> list[Path]:
+    """Delete all but the ``keep`` most recently used cached exports; returns the deleted files.
+
+    Every retrained bundle adds one file (~14 MB for Lite0); without pruning the cache would grow forever.
+    """
+    files = sorted(cache_dir().glob("*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
+    removed = []
+    for old in files[keep:]:
+        with contextlib.suppress(OSError):  # another process may be pruning too
+            old.unlink()
+            removed.append(old)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -371,6 +391,7 @@ def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device:
         if path is None:
             log.info("No ONNX export of %s yet; exporting it once into %s.", bundle_dir, cache_dir())
             path = export_onnx(bundle_dir, out=cached_onnx_path(bundle_dir))
+            prune_cache()
         return OnnxRunner(path)
     except Exception as err:
         if backend == "onnx":
