@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3, help="Timed batches per throughput figure.")
     parser.add_argument("--gradcam", action="store_true", help="Also time one Grad-CAM map per image.")
     parser.add_argument("--backends", default="torch,onnx", help="Comma-separated: torch, onnx.")
+    parser.add_argument("--torch-threads", type=int, default=None, help="Threads of the torch backend.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_inference.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -45,6 +46,7 @@ def main() -> None:
         batches=args.batches,
         gradcam=args.gradcam,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+        torch_threads=args.torch_threads,
     )
     result = run_bench(settings)
     result["command"] = " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]])

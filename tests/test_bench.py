@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from export_helpers import (
     exported_tiny_bundle_fixture,  # noqa: F401 (session fixture)
     tiny_bundle,
@@ -60,10 +61,12 @@ def test_run_bench_in_process_on_given_images(tmp_path: Path) -> None:
     for index in range(3):
         Image.new("L", (300 + 10 * index, 280), color=40 + 60 * index).save(images / f"x{index}.jpeg", quality=90)
     (images / "notes.txt").write_text("not an image")
-    settings = BenchSettings(
-        bundle=bundle, images=images, runs=1, batch_size=2, batches=1, backends=("torch",), isolate=False
-    )
+    settings = BenchSettings(bundle=bundle, images=images, runs=1, batch_size=2, batches=1, backends=("torch",))
+    settings.isolate, settings.torch_threads = False, 1
+    threads = torch.get_num_threads()
     data = run_bench(settings)
+    assert data["torch"]["threads"] == 1  # the setting was applied while measuring ...
+    assert torch.get_num_threads() == threads  # ... and undone afterwards
     assert data["inputs"] == f"3 files from {images}"
     assert data["input_pixels_mean"] == round((300 * 280 + 310 * 280 + 320 * 280) / 3)
     assert "onnx" not in data and "speedup_onnx_vs_torch" not in data

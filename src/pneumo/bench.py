@@ -64,6 +64,7 @@ class BenchSettings:
         gradcam: also time one Grad-CAM map per image.
         backends: the backends to compare.
         isolate: run each backend in a fresh process (clean peak RSS, no competing thread pools).
+        torch_threads: intra-op threads of the torch backend; None keeps torch's default (one per core).
     """
 
     bundle: Path | None = None
@@ -76,6 +77,7 @@ class BenchSettings:
     gradcam: bool = False
     backends: tuple[str, ...] = ("torch", "onnx")
     isolate: bool = True
+    torch_threads: int | None = None
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -133,12 +135,22 @@ def _peak_rss_mb() -> float:
 
 def bench_backend(backend: str, bundle: Path | None, files: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
     """Measure one backend in this process (see the module docstring for what and how)."""
-    from pneumo.errors import PneumoError
     from pneumo.inference import Predictor
 
-    start = time.perf_counter()
-    predictor = Predictor(bundle, backend=backend, check_ood=False)
-    load_s = time.perf_counter() - start
+    default_threads = torch.get_num_threads()
+    if backend == "torch" and settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        start = time.perf_counter()
+        predictor = Predictor(bundle, backend=backend, check_ood=False)
+        return _measure(predictor, time.perf_counter() - start, files, settings)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _measure(predictor: Any, load_s: float, files: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
+    from pneumo.errors import PneumoError
+
     blobs = [Path(f).read_bytes() for f in files]
     for blob in blobs[:2]:  # warm-up: first-call allocations, lazy initializations
         predictor.predict(blob)
