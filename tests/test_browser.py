@@ -35,6 +35,12 @@ CHROMIUM_ARGS = [
 
 pytestmark = pytest.mark.browser
 
+#: True once the page shows two decoded images (the upload and its Grad-CAM overlay).
+_IMAGES_SHOWN = """() => {
+    const images = [...document.querySelectorAll('[data-testid=stImage] img')];
+    return images.length >= 2 && images.every((image) => image.complete && image.naturalWidth > 0);
+}"""
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -104,11 +110,12 @@ def test_upload_in_chromium_shows_the_answer_and_heatmap(
             result.wait_for(timeout=60_000)
             to_answer = time.perf_counter() - start
             page.get_by_text(re.compile("^Grad-CAM: where the model")).wait_for(timeout=60_000)
+            page.wait_for_function(_IMAGES_SHOWN, timeout=60_000)
             to_heatmap = time.perf_counter() - start
+            page.locator("[data-testid=stStatusWidget]").wait_for(state="detached", timeout=60_000)
             assert result.inner_text().split(": ")[1] in ("NORMAL", "PNEUMONIA")
             assert page.get_by_text("Probability of pneumonia").count() == 1
             assert page.get_by_text("not a diagnosis").count() >= 1
-            page.wait_for_timeout(500)  # let the images finish painting before the screenshot
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         finally:

@@ -108,18 +108,20 @@ def _show_result(
     dicom = support.dicom_rows(prediction.metadata)
     if dicom:
         st.markdown("  \n".join(f"**{label}:** {value}" for label, value in dicom))
-    if show and analysis.explanation is None and analysis.explain_error is None:
-        with st.spinner("Computing the heatmap..."):
-            support.explain_upload(analysis, predictor, explainer, data)
-    image = analysis.explanation.image if analysis.explanation is not None else support.display_image(predictor, data)
     left, right = st.columns(2)
+    image = analysis.explanation.image if analysis.explanation is not None else support.display_image(predictor, data)
     left.image(image, caption="Uploaded image")
-    if show and analysis.explanation is not None:
+    if not show:
+        return
+    if analysis.explanation is None and analysis.explain_error is None:
+        with right, st.spinner("Computing the heatmap..."):
+            support.explain_upload(analysis, predictor, explainer, data)
+    if analysis.explanation is not None:
         caption = f"Grad-CAM: where the model found evidence for {analysis.explanation.target_label}"
         if float(analysis.explanation.heatmap.max()) == 0.0:
             caption += " (no region stands out)"
         right.image(analysis.explanation.overlay(opacity), caption=caption)
-    elif show and analysis.explain_error:
+    elif analysis.explain_error:
         right.info(analysis.explain_error)
 
 
