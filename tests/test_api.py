@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,14 @@ def test_serve_command_refuses_a_missing_bundle(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "bundle" in result.output.lower()
+
+
+def test_without_grad_cam_the_api_serves_answers_and_refuses_heatmaps(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
+    client = TestClient(create_app(limits=predictor.limits, predictor=predictor))
+    assert client.get("/v1/model").json()["heatmaps"] is False
+    assert client.post("/v1/predict", files=_upload("x.jpg", xray_bytes())).status_code == 200
+    response = client.post("/v1/predict?heatmap=true", files=_upload("x.jpg", xray_bytes()))
+    _assert_error(response, 501, "explain_unavailable")

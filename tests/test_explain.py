@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,3 +169,9 @@ def test_three_class_bundle_explains_pneumonia_probability(tmp_path: Path) -> No
     explanation = explainer.explain(synthetic_xray("three", True, 96))
     assert explanation.target_label in ("NORMAL", "PNEUMONIA")
     assert explanation.heatmap.std() > 0.01
+
+
+def test_missing_grad_cam_package_is_a_clear_error(predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # makes `import pytorch_grad_cam` fail
+    with pytest.raises(ExplainUnavailableError, match="pip install grad-cam"):
+        GradCamExplainer(predictor)

@@ -195,8 +195,10 @@ class GradCamExplainer:
     """
 
     def __init__(self, predictor: Predictor, layer: str | None = None) -> None:
-        from pytorch_grad_cam import GradCAM  # slow first import (~3 s): pay it here, not on the first upload
-
+        try:  # slow first import (~3 s): pay it here, not on the first upload
+            from pytorch_grad_cam import GradCAM
+        except ImportError as err:
+            raise ExplainUnavailableError("Heatmaps need the grad-cam package: pip install grad-cam.") from err
         self._cam_class = GradCAM
         model = getattr(predictor, "model", None)
         if not isinstance(model, nn.Module):
