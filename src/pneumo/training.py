@@ -26,7 +26,7 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 from pneumo.data import AugmentConfig, XrayDataModule, balanced_sampler, build_augment, dataset_summary, label_names
 from pneumo.errors import PneumoError
-from pneumo.models import count_parameters, create_model, freeze_backbone, get_spec, set_frozen_bn_eval, stage_modules
+from pneumo.models import count_parameters, create_model, freeze_backbone, get_spec, stage_modules
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,17 @@ class TrainConfig:
     weights: str | None = None
     label_mode: str = "binary"
     frozen_epochs: int = 2
-    finetune_epochs: int = 6
+    finetune_epochs: int = 4
     unfreeze_stages: int = 2
     batch_size: int = 32
     optimizer: str = "adam"
-    lr: float = 1e-3
-    finetune_lr: float = 2e-4
+    # Adam at 1e-3 oscillates on a linear head over unnormalized pooled features (sum |x| ~ 600 for
+    # EfficientNet-Lite0: one step moves a logit by ~0.6; measured val loss 1.6 after an epoch).
+    lr: float = 1e-4
+    finetune_lr: float = 1e-4
     weight_decay: float = 1e-5
     scheduler: str = "cosine"
-    patience: int = 3
+    patience: int = 2
     label_smoothing: float = 0.1
     balance: str = "weighted_loss"
     # Plausible for AP chest films: small rotations, zoom and shifts, exposure changes; no flips
@@ -66,7 +68,7 @@ class TrainConfig:
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.95
     feature_cache: bool = True
-    cache_views: int = 3
+    cache_views: int = 1
     cache_dir: str | None = None
     num_workers: int = 0
     accelerator: str = "auto"
@@ -143,17 +145,25 @@ class XrayClassifier(L.LightningModule):
         class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.net, self.config, self.positive = net, config, positive
+        self.net, self.config, self.positive = net.to(memory_format=torch.channels_last), config, positive
         self._groups = [{"params": head, "lr": config.lr}, {"params": body, "lr": config.finetune_lr}]
         self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
         self.val_auc = BinaryAUROC()
         self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # channels_last halves the cost of depthwise convolutions on CPU (measured)
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def on_train_epoch_start(self) -> None:
-        set_frozen_bn_eval(self.net)
+        # Every BatchNorm stays in inference mode, also once its stage is unfrozen: its scale and
+        # shift train, its running statistics stay ImageNet's. Keras' fine-tuning guide advises this
+        # for small datasets (batch statistics of 32 X-rays are noisy), and Lightning restores
+        # module modes after each validation, so setting it here holds for the whole run.
+        for module in self.net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
