@@ -50,7 +50,7 @@ def test_pneumo_bench_writes_json_for_both_backends(exported_tiny_bundle: Path, 
         data["onnx"]["throughput_ips"] / data["torch"]["throughput_ips"], rel=0.01
     )
     assert "| | torch | onnx |" in result.output
-    assert "model throughput, batch 32" in result.output
+    assert "model throughput, batch 4 (img/s)" in result.output
 
 
 def test_run_bench_in_process_on_given_images(tmp_path: Path) -> None:

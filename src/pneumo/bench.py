@@ -7,16 +7,17 @@ What is measured, for each backend (``torch`` = eager PyTorch, ``onnx`` = ONNX R
   median of each stage, so a slow total says where its time goes;
 - **throughput** (images/s): the model alone on preprocessed batches of 32 (``throughput_ips``),
   and files to probabilities through :meth:`Predictor.predict_many` at batch 32 (``e2e_throughput_ips``);
-- **CPU time** per image (all threads): unlike wall time, it barely changes when other
-  processes share the machine, so it is the figure to compare across noisy runs;
+- **CPU time** per single image, all threads, spin-waiting included: it shows what a backend
+  costs the rest of the machine (and exposes thread pools that burn cores while waiting);
 - **peak RSS** (MB) of the process;
 - optionally the cost of one Grad-CAM map (``--gradcam``), which runs on the torch model whatever
   the backend.
 
 Each backend runs in a fresh process (``isolate=True``), so its peak RSS is its own and the two
 runtimes' thread pools never compete. Neither backend's thread settings are tuned by the bench:
-PyTorch uses its default (one thread per core), ONNX Runtime the Predictor's session (one
-intra-op thread per core), which is what a user gets.
+PyTorch uses its default (one thread per core; ``torch_threads`` changes it, to show how much
+eager PyTorch depends on it), ONNX Runtime the Predictor's session (one intra-op thread per core,
+no spin-waiting), which is what a user gets.
 
 The result also states the **physical floor**: the model's FLOPs per image
 (:class:`torch.utils.flop_counter.FlopCounterMode`, 2 FLOPs per multiply-add) over the CPU's peak
@@ -395,9 +396,10 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     """The result as a Markdown table (one column per backend) plus the floor and the machine."""
     backends = [b for b in ("torch", "onnx") if b in result]
+    batch = result.get("settings", {}).get("batch_size", 32)
     rows = [
-        ("model throughput, batch 32 (img/s)", "throughput_ips"),
-        ("files -> probabilities, batch 32 (img/s)", "e2e_throughput_ips"),
+        (f"model throughput, batch {batch} (img/s)", "throughput_ips"),
+        (f"files -> probabilities, batch {batch} (img/s)", "e2e_throughput_ips"),
         ("single image, file bytes -> probability, p50 (ms)", "latency_p50_ms"),
         ("single image, p95 (ms)", "latency_p95_ms"),
         ("single image, CPU time, all threads (ms)", "cpu_ms_per_image"),
