@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +111,19 @@ def xray_array(name: str = "case", size: int = 96, bits: int = 12, pneumonia: bo
     """The synthetic X-ray of :func:`xray_bytes` as unsigned integers with ``bits`` significant bits."""
     gray = np.asarray(synthetic_xray(name, pneumonia, size), dtype=np.float64) / 255.0
     return np.round(gray * (2**bits - 1)).astype(np.uint16 if bits > 8 else np.uint8)
+
+
+@contextmanager
+def pneumo_log_handlers_restored() -> Iterator[None]:
+    """Undo the handler ``pneumo.cli`` adds to the ``pneumo`` logger.
+
+    Under CliRunner that handler writes to a stream the runner closes afterwards, so later log
+    records in the same test process would end in "Logging error" noise.
+    """
+    logger = logging.getLogger("pneumo")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)

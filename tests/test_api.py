@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from app_helpers import dicom_bytes, make_bundle, xray_array, xray_bytes
+from app_helpers import dicom_bytes, make_bundle, pneumo_log_handlers_restored, xray_array, xray_bytes
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -259,7 +259,7 @@ def test_serve_command_runs_uvicorn_on_the_app(bundle: Path, monkeypatch: pytest
     seen: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
     args = ["serve", "--model", str(bundle), "--port", "8123", "--max-upload-mb", "0.25", "--max-batch-files", "2"]
-    result = CliRunner().invoke(cli_app, args)
+    result = _invoke(args)
     assert result.exit_code == 0, result.output
     assert isinstance(seen["app"], FastAPI)
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
@@ -268,7 +268,7 @@ def test_serve_command_runs_uvicorn_on_the_app(bundle: Path, monkeypatch: pytest
 
 
 def test_serve_command_refuses_a_missing_bundle(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path / "nope")])
+    result = _invoke(["serve", "--model", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "bundle" in result.output.lower()
 
@@ -282,3 +282,8 @@ def test_without_grad_cam_the_api_serves_answers_and_refuses_heatmaps(
     assert client.post("/v1/predict", files=_upload("x.jpg", xray_bytes())).status_code == 200
     response = client.post("/v1/predict?heatmap=true", files=_upload("x.jpg", xray_bytes()))
     _assert_error(response, 501, "explain_unavailable")
+
+
+def _invoke(args: list[str]) -> Any:
+    with pneumo_log_handlers_restored():
+        return CliRunner().invoke(cli_app, args)

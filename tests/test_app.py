@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_helpers import dicom_bytes, make_bundle, xray_array, xray_bytes
+from app_helpers import dicom_bytes, make_bundle, pneumo_log_handlers_restored, xray_array, xray_bytes
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
@@ -170,7 +170,7 @@ def test_app_command_starts_streamlit_on_the_page(bundle: Path, monkeypatch: pyt
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(streamlit_cli, "main", lambda **kwargs: seen.update(kwargs))
-    result = CliRunner().invoke(cli_app, ["app", "--port", "8765", "--model", str(bundle)])
+    result = _invoke(["app", "--port", "8765", "--model", str(bundle)])
     assert result.exit_code == 0, result.output
     args = seen["args"]
     assert args[:2] == ["run", str(PAGE)]
@@ -182,6 +182,11 @@ def test_app_command_starts_streamlit_on_the_page(bundle: Path, monkeypatch: pyt
 
 
 def test_app_command_refuses_a_missing_bundle(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli_app, ["app", "--model", str(tmp_path / "nope")])
+    result = _invoke(["app", "--model", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "bundle" in result.output.lower()
+
+
+def _invoke(args: list[str]) -> Any:
+    with pneumo_log_handlers_restored():
+        return CliRunner().invoke(cli_app, args)
