@@ -14,6 +14,7 @@ import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -107,11 +108,25 @@ def create_model(
     """
     spec = get_spec(arch)
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+    _init_head(model)
     if weights is not None:
         _load_backbone_state(model, _read_state_dict(Path(weights)), str(weights))
     elif pretrained:
         _load_pretrained(model, spec)
     return model
+
+
+def _init_head(model: nn.Module) -> None:
+    """Start the new head near zero so the first logits are near zero.
+
+    timm's EfficientNet init draws a 2-class head from U(-0.7, 0.7) (1/sqrt(fan_out)); over
+    1280 pooled features that gives logits of several units and a training loss of ~3.7 that a
+    fine-tuning learning rate needs thousands of steps to undo (measured).
+    """
+    head: Any = model.get_classifier()  # type: ignore[operator]
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
