@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from app_helpers import encode, make_bundle
+from bad_inputs import xray_like
 from conftest import synthetic_xray
 from PIL import Image
 
@@ -55,6 +56,17 @@ def test_off_the_training_subspace_is_refused_even_when_small(gate: OodGate) -> 
     assert np.allclose(leading_only.sum(1), baseline.sum(1))  # invisible to the leading directions
 
 
+def test_check_refuses_blank_images_whatever_their_features(gate: OodGate) -> None:
+    typical = gate.mean  # the most typical features there are
+    assert gate.check(typical, xray_like(), "a.png") == (pytest.approx(0.0, abs=1e-9), None)
+    _, reason = gate.check(typical, Image.new("L", (80, 80), 128), "flat.png")
+    assert reason is not None and "flat.png is blank" in reason
+    far = gate.mean + 100.0
+    _, reason = gate.check(far, xray_like())
+    assert reason is not None and reason.startswith("The image does not look like a frontal chest X-ray")
+    assert f"{gate.threshold:.2f}" in reason
+
+
 def test_save_load_round_trip_keeps_scores_and_is_small(gate: OodGate, tmp_path: Path) -> None:
     meta_ood = gate.save(tmp_path)
     json.dumps(meta_ood)  # goes into bundle.json
@@ -63,6 +75,8 @@ def test_save_load_round_trip_keeps_scores_and_is_small(gate: OodGate, tmp_path:
     assert np.allclose(loaded.score(probe), gate.score(probe), rtol=1e-4)
     assert loaded.threshold == gate.threshold
     assert loaded.info["quantile"] == 0.99
+    assert loaded.min_pixel_std == gate.min_pixel_std
+    assert "min_pixel_std" not in loaded.info
 
 
 def test_stored_statistics_stay_small_for_1280_d_features(tmp_path: Path) -> None:
@@ -153,11 +167,11 @@ def test_predictor_accepts_new_xrays_and_refuses_other_pictures(gated_bundle: Pa
     assert sum(isinstance(r, Prediction) for r in results) >= 21  # ~1% expected refused; allow chance
     accepted = predictor.predict(_validation_xray())
     assert accepted.ood_score is not None and accepted.ood_score <= predictor.ood_gate.threshold
-    for image in (_noise(0), _document(0), Image.new("L", (96, 96), 255)):
+    for image, why in ((_noise(0), "threshold"), (_document(0), "threshold"), (Image.new("L", (96, 96), 255), "blank")):
         with pytest.raises(NotAChestXrayError) as caught:
             predictor.predict(encode(image, "PNG"), name="upload.png")
         assert caught.value.code == "not_a_chest_xray" and caught.value.http_status == 422
-        assert "upload.png" in caught.value.message and "threshold" in caught.value.message
+        assert "upload.png" in caught.value.message and why in caught.value.message
 
 
 def test_check_ood_false_reports_the_score_but_refuses_nothing(gated_bundle: Path) -> None:

@@ -155,14 +155,9 @@ class Predictor:
     ) -> Prediction:
         ood_score = None
         if self.ood_gate is not None:
-            ood_score = float(self.ood_gate.score(features)[0])
-            if self.check_ood and ood_score > self.ood_gate.threshold:
-                raise NotAChestXrayError(
-                    f"{source or 'The image'} does not look like a frontal chest X-ray: its distance to the training "
-                    f"X-rays is {ood_score:.2f}, over the threshold {self.ood_gate.threshold:.2f} (which "
-                    f"{100 * (1 - float(self.ood_gate.info.get('quantile', 0.995))):g}% of validation X-rays exceed). "
-                    "Upload a frontal chest radiograph."
-                )
+            ood_score, refusal = self.ood_gate.check(features, decoded.image if decoded else None, source)
+            if self.check_ood and refusal:
+                raise NotAChestXrayError(refusal)
         p = float(self.pneumonia_probability(probs[None])[0])
         label = "PNEUMONIA" if p >= self.meta.threshold else "NORMAL"
         return Prediction(

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image, ImageStat
 
 from pneumo.errors import BundleError, PneumoError
 
@@ -46,6 +47,9 @@ OOD_FILE = "ood.safetensors"
 METHOD = "ppca-mahalanobis"
 DEFAULT_QUANTILE = 0.995
 DEFAULT_COMPONENTS = 64
+#: Gray-level standard deviation under which an image is blank. The 5,216 training X-rays have
+#: 20-90 (median 57); flat gray pictures otherwise sit close to the X-rays in feature space.
+MIN_PIXEL_STD = 8.0
 
 
 @dataclass
@@ -59,6 +63,7 @@ class OodGate:
         noise_variance: the variance assumed along every other direction.
         threshold: scores above it are refused.
         info: how the gate was fitted (sizes, quantile, validation refusal rate); kept in ``bundle.json``.
+        min_pixel_std: images whose gray levels vary less than this are refused as blank.
     """
 
     mean: np.ndarray
@@ -67,6 +72,7 @@ class OodGate:
     noise_variance: float
     threshold: float
     info: dict[str, Any] = field(default_factory=dict)
+    min_pixel_std: float = MIN_PIXEL_STD
 
     @property
     def feature_dim(self) -> int:
@@ -94,6 +100,34 @@ class OodGate:
         """Boolean per row: True where the image looks like the training X-rays."""
         return self.score(features) <= self.threshold
 
+    def check(
+        self, features: np.ndarray, image: Image.Image | None = None, name: str | None = None
+    ) -> tuple[float, str | None]:
+        """Score one image; returns ``(score, reason)`` where ``reason`` says why it is refused, or is None.
+
+        Args:
+            features: its pooled features (F,).
+            image: the decoded grayscale image, for the blank-image check.
+            name: file name for the message.
+        """
+        score = float(self.score(features)[0])
+        what = name or "The image"
+        if image is not None:
+            spread = float(ImageStat.Stat(image).stddev[0])
+            if spread < self.min_pixel_std:
+                return score, (
+                    f"{what} is blank (its gray levels vary by {spread:.1f}, under {self.min_pixel_std:g}); "
+                    "it is not a chest X-ray. Upload a frontal chest radiograph."
+                )
+        if score > self.threshold:
+            share = 100 * (1 - float(self.info.get("quantile", DEFAULT_QUANTILE)))
+            return score, (
+                f"{what} does not look like a frontal chest X-ray: its distance to the training X-rays is "
+                f"{score:.2f}, over the threshold {self.threshold:.2f} (which {share:g}% of validation X-rays "
+                "exceed). Upload a frontal chest radiograph."
+            )
+        return score, None
+
     def save(self, bundle_dir: str | Path) -> dict[str, Any]:
         """Write ``ood.safetensors`` into ``bundle_dir``; returns the dict to store as ``meta.ood``."""
         from safetensors.numpy import save_file
@@ -112,6 +146,7 @@ class OodGate:
             "noise_variance": float(self.noise_variance),
             "components": int(self.components.shape[0]),
             "feature_dim": self.feature_dim,
+            "min_pixel_std": self.min_pixel_std,
             **self.info,
         }
 
@@ -137,10 +172,16 @@ class OodGate:
         k, dim = components.shape
         if mean.shape != (dim,) or variances.shape != (k,) or noise <= 0 or (variances <= 0).any():
             raise BundleError(f"The OOD gate in {path} is inconsistent (shapes {mean.shape}, {components.shape}).")
-        skip = {"method", "file", "score", "threshold", "noise_variance", "components", "feature_dim"}
+        skip = {"method", "file", "score", "threshold", "noise_variance", "components", "feature_dim", "min_pixel_std"}
         info = {key: value for key, value in meta_ood.items() if key not in skip}
         return cls(
-            mean.astype(np.float64), components.astype(np.float64), variances.astype(np.float64), noise, threshold, info
+            mean.astype(np.float64),
+            components.astype(np.float64),
+            variances.astype(np.float64),
+            noise,
+            threshold,
+            info,
+            float(meta_ood.get("min_pixel_std", MIN_PIXEL_STD)),
         )
 
 
