@@ -108,6 +108,7 @@ def false_refusals(
         "in_sample": float((~gate.accepts(val) | val_blank).mean()),
         "two_fold": refused_cross / len(val),
         "refused_two_fold": refused_cross,
+        "ci95_two_fold": _ci(refused_cross, len(val)),
         "n_val": len(val),
     }
 
@@ -154,12 +155,25 @@ def acceptance(
     for row in per.values():
         row["rate"] = row["accepted"] / row["n"]
     total = sum(r["n"] for r in per.values())
+    not_blank = [scores[i] for i in kept if not blank[i]]
+    accepted_total = sum(r["accepted"] for r in per.values())
     return {
-        "rate": sum(r["accepted"] for r in per.values()) / total,
+        "rate": accepted_total / total,
+        "accepted": accepted_total,
         "n": total,
+        "ci95": _ci(accepted_total, total),
         "per_category": dict(per),
         "min_score": float(min(scores.values())) if scores else None,
+        "min_score_not_blank": float(min(not_blank)) if not_blank else None,
     }
+
+
+def _ci(k: int, n: int) -> list[float]:
+    """Exact (Clopper-Pearson) 95% confidence interval of a rate k / n."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return [round(float(interval.low), 4), round(float(interval.high), 4)]
 
 
 def variants() -> dict[str, dict[str, Any]]:
@@ -296,8 +310,12 @@ def main() -> int:
         f"false refusals of validation X-rays: {fr['two_fold']:.2%} (2-fold by patient), "
         f"{fr['in_sample']:.2%} in-sample"
     )
+    print(f"  (95% CI {fr['ci95_two_fold'][0]:.2%}-{fr['ci95_two_fold'][1]:.2%})")
     print(f"non-X-rays accepted: {nonxray['rate']:.2%} of {nonxray['n']} ", end="")
     print(f"({distance_only['rate']:.2%} on the feature distance alone, without the blank-image check)")
+    print(f"  (95% CI {nonxray['ci95'][0]:.2%}-{nonxray['ci95'][1]:.2%}; ", end="")
+    lowest = nonxray["min_score_not_blank"]
+    print(f"lowest score of a non-blank non-X-ray {lowest:.2f} vs threshold {gate.threshold:.2f})")
     print(f"{'category':16s} {'n':>4s} {'accepted':>9s}")
     for category, row in sorted(nonxray["per_category"].items()):
         print(f"{category:16s} {row['n']:4d} {row['accepted']:9d}  {', '.join(row['accepted_names'][:4])}")
