@@ -223,7 +223,10 @@ def fit(config: TrainConfig) -> Path | None:
     n_classes = len(label_names(config.label_mode))
     model = create_model(config.arch, n_classes, pretrained=config.pretrained, weights=config.weights)
     stages = stage_modules(model)
-    unfreeze = min(config.unfreeze_stages, len(stages) - 1) if config.finetune_epochs > 0 else 0
+    # The cache splits at the same depth whether or not phase 2 runs, so a head-only run reuses
+    # the cached features of a fine-tuning run (and vice versa).
+    split_depth = min(config.unfreeze_stages, len(stages) - 1)
+    unfreeze = split_depth if config.finetune_epochs > 0 else 0
     freeze_backbone(model, 0)  # phase 1: head only
     head = [p for p in model.parameters() if p.requires_grad]
     freeze_backbone(model, unfreeze)
@@ -237,7 +240,7 @@ def fit(config: TrainConfig) -> Path | None:
     dm.setup("fit")
     positive = [i for i, name in enumerate(label_names(config.label_mode)) if name != "NORMAL"]
     started = time.perf_counter()
-    net, train_loader, val_loader, feature_fn = _loaders(model, dm, config, spec.preprocess, unfreeze)
+    net, train_loader, val_loader, feature_fn = _loaders(model, dm, config, spec.preprocess, split_depth)
     cache_seconds = time.perf_counter() - started
 
     system = XrayClassifier(net, head, body, config, n_classes, positive, dm.class_weights)
@@ -299,7 +302,7 @@ def _best_epoch(out: Path) -> int | None:
 
 
 def _loaders(
-    model: nn.Module, dm: XrayDataModule, config: TrainConfig, preprocess: Any, unfreeze: int
+    model: nn.Module, dm: XrayDataModule, config: TrainConfig, preprocess: Any, split_depth: int
 ) -> tuple[nn.Module, DataLoader[Any], DataLoader[Any], Any]:
     """The network Lightning trains, its loaders, and a function giving (logits, features) for samples."""
     if not config.feature_cache:
@@ -308,10 +311,10 @@ def _loaders(
 
     from pneumo.feature_cache import CachedViews, build_views, split_model
 
-    prefix, suffix = split_model(model, unfreeze)
+    prefix, suffix = split_model(model, split_depth)
     augment = build_augment(config.augment) if config.augment.enabled else None
     n_aug = config.cache_views if augment is not None else 0
-    key = {"arch": config.arch, "weights": config.weights, "pretrained": config.pretrained, "unfreeze": unfreeze,
+    key = {"arch": config.arch, "weights": config.weights, "pretrained": config.pretrained, "unfreeze": split_depth,
            "size": preprocess.input_size}  # fmt: skip
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     common: dict[str, Any] = {"seed": config.seed, "batch_size": config.batch_size, "cache_dir": cache_dir,
