@@ -235,3 +235,17 @@ def test_cli_predict_writes_a_row_per_file_in_order_and_exits_non_zero(gated_bun
     noise = str(folder / "c_noise.png")
     relaxed = CliRunner().invoke(app, ["predict", noise, "--model", str(gated_bundle), "--no-ood"])
     assert relaxed.exit_code == 0, relaxed.output
+
+
+def test_calibrate_command_uses_the_patient_split(tiny_dataset: Path, tmp_path: Path) -> None:
+    """``python -m pneumo.ood calibrate BUNDLE --data ROOT``: the one-command step the lead runs on a new bundle."""
+    from pneumo.data import train_val_samples
+    from pneumo.ood import main
+
+    bundle = make_bundle(tmp_path / "bundle")
+    assert main(["calibrate", str(bundle), "--data", str(tiny_dataset), "--components", "4"]) == 0
+    train, val, _ = train_val_samples(tiny_dataset)
+    meta = read_meta(bundle)
+    assert meta.ood is not None
+    assert (meta.ood["n_train"], meta.ood["n_val"]) == (len(train), len(val))
+    assert Predictor(bundle).ood_gate is not None

@@ -238,9 +238,10 @@ def _to_gray8(image: Image.Image) -> Image.Image:
         # 16-bit PNG/TIFF (often 10-14 significant bits) and 32-bit int/float: window the stored
         # range onto 0-255, as the DICOM path does without a VOI LUT. Scaling by 65535 instead
         # would turn a 12-bit radiograph nearly black; the dataset's originals span 0-255.
-        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
-        scaled = (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf in a float TIFF are zeroed right here
+            pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            lo, hi = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
+            scaled = (pixels - lo) / (hi - lo) if np.isfinite(hi - lo) and hi > lo else np.zeros_like(pixels)
         return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent areas become black, the background of a radiograph.
