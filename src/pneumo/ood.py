@@ -8,18 +8,21 @@ EfficientNet-Lite0) and asks how far they are from the features of the training 
 The distance is the Mahalanobis distance under a probabilistic-PCA model of the training
 features (Tipping & Bishop, 1999): the ``k`` leading principal directions keep their own
 variances, every other direction shares one "noise" variance (the mean of the discarded
-eigenvalues). Both parts matter: photos and documents move the features along the leading
-directions *and* off the subspace the X-rays span, and a distance that looked at the leading
-directions alone would miss the second. Compared with a full covariance (1280 x 1280 floats =
-6.5 MB), the stored statistics are the mean, ``k`` directions and ``k`` variances (~330 KB
-for ``k = 64``) in ``ood.safetensors`` next to the weights. The score is the squared distance
-divided by the feature dimension, so a typical training X-ray scores about 1.
+eigenvalues). Both parts matter: an image can move the features off the subspace the X-rays
+span without moving them along its leading directions, which a distance on the leading
+directions alone cannot see (tests/test_ood.py builds such a case). Compared with a full
+covariance (1280 x 1280 floats = 6.5 MB), the stored statistics are the mean, ``k`` directions
+and ``k`` variances (~330 KB for ``k = 64``) in ``ood.safetensors`` next to the weights. The
+score is the squared distance divided by the feature dimension, so a typical training X-ray
+scores about 1.
 
 The threshold is a high quantile (99.5th by default) of the scores of *validation* X-rays,
 which the statistics never saw, so by construction about 0.5% of real X-rays are refused.
+Images whose gray levels barely vary are refused as blank whatever their features: flat gray
+pictures sit close to the X-rays in feature space.
 
-The lead's training code calls :func:`calibrate_bundle` (or :func:`fit_ood` on features it
-already has); to (re)calibrate an existing bundle from the command line::
+Training calls :func:`fit_ood` on the features it already has; :func:`calibrate_bundle` does
+the same for an existing bundle, and from the command line (see docs/reliability.md)::
 
     python -m pneumo.ood calibrate path/to/bundle --data ../shared/data/chest_xray_224
 """
