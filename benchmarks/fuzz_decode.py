@@ -37,6 +37,10 @@ def _strategies(engine: str) -> Any:
 
         with atheris.instrument_imports(include=["PIL", "pydicom", "pneumo", "fuzz_strategies"]):
             import fuzz_strategies
+            import pydicom.pixels  # noqa: F401  (imported lazily otherwise, then uninstrumented)
+            from PIL import Image
+
+            Image.init()  # every Pillow format plugin, for the same reason
     else:
         import fuzz_strategies
     return fuzz_strategies
