@@ -51,7 +51,7 @@ METHOD = "ppca-mahalanobis"
 DEFAULT_QUANTILE = 0.995
 DEFAULT_COMPONENTS = 64
 #: Gray-level standard deviation under which an image is blank. The 5,216 training X-rays have
-#: 20-90 (median 57); flat gray pictures otherwise sit close to the X-rays in feature space.
+#: 20-87 (median 57); flat gray pictures otherwise sit close to the X-rays in feature space.
 MIN_PIXEL_STD = 8.0
 
 
