@@ -36,6 +36,7 @@ def tiny_bundle(folder: Path, *, seed: int = 0, input_size: int = 64) -> Path:
     config = PreprocessConfig(input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     batch = torch.stack([preprocess(read_image(blob).image, config) for blob in xray_jpegs(32)])
     head = model.get_classifier()
+    torch.nn.init.normal_(head.weight)  # independent of how pneumo.models initialises a new head
     with torch.no_grad():  # rescale and centre the head: logit gaps with mean 0 and standard deviation 3
         features = model.forward_head(model.forward_features(batch), pre_logits=True)
         gap = head(features) @ torch.tensor([-1.0, 1.0])
