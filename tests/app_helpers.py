@@ -30,6 +30,9 @@ def make_bundle(
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the same weights every run: tests on a random model stay deterministic
         model = create_model(arch, num_classes=len(labels), pretrained=False)
+        # create_model starts the head near zero (right for training); a served random model needs
+        # a head of ordinary scale, or every probability is ~0.5 and every Grad-CAM map is flat.
+        torch.nn.init.normal_(model.get_classifier().weight, std=0.5)
     config = PreprocessConfig(input_size, spec.preprocess.mean, spec.preprocess.std)
     fields: dict[str, Any] = {
         "arch": arch,

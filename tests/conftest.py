@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +85,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_backend_and_private_onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep ``Predictor(backend="auto")`` on PyTorch in tests, and ONNX exports out of ``~/.cache``.
+
+    Under "auto" a bundle without ``model.onnx`` is exported to ONNX once (10-40 s for a real
+    backbone on 2 cores); tests build fresh random bundles, so every Predictor would export. Tests
+    of the ONNX backend ask for it explicitly (``backend="onnx"``), which this does not override.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PNEUMO_BACKEND", "torch")
+        patch.setenv("PNEUMO_CACHE", str(tmp_path_factory.mktemp("pneumo-cache")))
+        yield

@@ -68,6 +68,8 @@ def cached_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         unfreeze_stages=2,
         cache_views=1,
         batch_size=8,
+        lr=1e-2,  # a tiny dataset and two epochs: learn fast enough for the probabilities to spread
+        finetune_lr=1e-3,
         accelerator="cpu",
         devices="1",
         name="tiny",

@@ -27,11 +27,23 @@ ModelOption = Annotated[
 ]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap it per invocation)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     # Configure pneumo's own logger only: Lightning and others keep their handlers (no duplicate lines).
     logger = logging.getLogger("pneumo")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -238,6 +250,77 @@ def compare(
     except FileNotFoundError as err:
         _fail(str(err))
     typer.echo(table)
+
+
+# ------------------------------------------------------------------------------------ export, bench
+
+export_app = typer.Typer(help="Export a model bundle to other runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx_command(
+    model: ModelOption = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset version (default: 18).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="File to write; default: model.onnx in the bundle (user cache for the default).")
+    ] = None,
+) -> None:
+    """Write the bundle's model as ONNX (dynamic batch; outputs logits and features), checked against PyTorch."""
+    from pneumo.errors import PneumoError
+    from pneumo.export import DEFAULT_OPSET, export_onnx
+
+    try:
+        path = export_onnx(model, out=out, opset=opset or DEFAULT_OPSET)
+    except PneumoError as err:
+        _fail(err.message)
+    typer.echo(str(path))
+
+
+@app.command()
+def bench(
+    model: ModelOption = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of full-resolution images; default: synthesized 1500-2500 px JPEGs.")
+    ] = None,
+    gradcam: Annotated[bool, typer.Option("--gradcam", help="Also time one Grad-CAM map per image.")] = False,
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to compare.")] = "torch,onnx",
+    runs: Annotated[int, typer.Option(help="Passes over the images for the latency percentiles.")] = 3,
+    n_images: Annotated[int, typer.Option(help="Images: synthesized, or at most this many from --images.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the throughput figures.")] = 32,
+    batches: Annotated[int, typer.Option(help="Timed batches per throughput figure.")] = 3,
+    isolate: Annotated[bool, typer.Option(help="Run each backend in a fresh process (clean peak RSS).")] = True,
+    torch_threads: Annotated[int | None, typer.Option(help="Threads of the torch backend (default: torch's).")] = None,
+) -> None:
+    """Latency, throughput and peak memory of inference on this machine, per backend, side by side."""
+    from pneumo.bench import BenchSettings, format_table, run_bench
+    from pneumo.errors import PneumoError
+
+    chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+    if not chosen or any(b not in ("torch", "onnx") for b in chosen):
+        _fail(f"--backends takes torch and/or onnx, comma-separated; got {backends!r}.")
+    settings = BenchSettings(
+        bundle=model,
+        images=images,
+        max_images=n_images,
+        n_synthetic=n_images,
+        runs=runs,
+        batch_size=batch_size,
+        batches=batches,
+        gradcam=gradcam,
+        backends=chosen,
+        isolate=isolate,
+        torch_threads=torch_threads,
+    )
+    try:
+        result = run_bench(settings)
+    except PneumoError as err:
+        _fail(err.message)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(format_table(result))
 
 
 # -------------------------------------------------------------------------------------- app, serve
