@@ -53,7 +53,7 @@ def measure(arch: str, batch: int, repeats: int) -> dict[str, float | str]:
     if arch.startswith("efficientnet"):
         prefix, suffix = split_model(model, 2)
         freeze_backbone(model, 2)
-        with torch.inference_mode():
+        with torch.no_grad():
             cache = _per_image(lambda: prefix.eval()(x), batch, repeats)
             cached = prefix(x).clone()
 
