@@ -381,9 +381,5 @@ def serve(
     uvicorn.run(api, host=host, port=port)
 
 
-def run() -> None:  # pragma: no cover - console entry point alias
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

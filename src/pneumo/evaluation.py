@@ -3,7 +3,7 @@
 The images go through :class:`pneumo.inference.Predictor` exactly as a clinician's upload would
 (decode, preprocess, calibrated probability, the bundle's threshold), so the numbers describe the
 shipped behaviour. The out-of-distribution gate is not applied here: evaluation measures the
-classifier on every X-ray, and reports separately how many the gate would have refused.
+classifier on every X-ray of the labelled folder.
 """
 
 from __future__ import annotations
