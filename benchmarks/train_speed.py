@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pneumo.feature_cache import split_model
-from pneumo.models import REGISTRY, create_model, freeze_backbone
+from pneumo.modeling.feature_cache import split_model
+from pneumo.modeling.models import REGISTRY, create_model, freeze_backbone
 
 TRAIN_IMAGES = 4433
 

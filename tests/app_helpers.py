@@ -16,9 +16,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-from pneumo.bundle import BundleMeta, save_bundle
-from pneumo.models import create_model, get_spec
-from pneumo.preprocess import PreprocessConfig
+from pneumo.core.bundle import BundleMeta
+from pneumo.core.preprocess import PreprocessConfig
+from pneumo.modeling.models import create_model, get_spec
+from pneumo.modeling.weights import save_bundle
 
 
 def make_bundle(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pneumo.errors import DicomError, InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
+from pneumo.core.errors import DicomError, InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
 
 
 def xray_like(size: tuple[int, int] = (96, 96), seed: int = 0) -> Image.Image:

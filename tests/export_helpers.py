@@ -10,17 +10,19 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import synthetic_xray
 from typer.testing import CliRunner
 
-from pneumo.bundle import BundleMeta, save_bundle
 from pneumo.cli import app
-from pneumo.export import ONNX_FILE
-from pneumo.io import read_image
-from pneumo.models import create_model
-from pneumo.preprocess import PreprocessConfig, preprocess
+from pneumo.core.bundle import BundleMeta
+from pneumo.core.io import read_image
+from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.modeling.models import create_model
+from pneumo.modeling.weights import save_bundle
+from pneumo.serving.onnx_runtime import ONNX_FILE
 
 #: timm's smallest EfficientNet (~0.1 M parameters): the same block types as Lite0, exported in seconds.
 TINY_ARCH = "test_efficientnet"
@@ -34,9 +36,9 @@ def tiny_bundle(folder: Path, *, seed: int = 0, input_size: int = 64) -> Path:
     torch.manual_seed(seed)
     model: Any = create_model(TINY_ARCH, num_classes=2, pretrained=False).eval()
     config = PreprocessConfig(input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    batch = torch.stack([preprocess(read_image(blob).image, config) for blob in xray_jpegs(32)])
+    batch = torch.from_numpy(np.stack([preprocess(read_image(blob).image, config) for blob in xray_jpegs(32)]))
     head = model.get_classifier()
-    torch.nn.init.normal_(head.weight)  # independent of how pneumo.models initialises a new head
+    torch.nn.init.normal_(head.weight)  # independent of how pneumo.modeling.models initialises a new head
     with torch.no_grad():  # rescale and centre the head: logit gaps with mean 0 and standard deviation 3
         features = model.forward_head(model.forward_features(batch), pre_logits=True)
         gap = head(features) @ torch.tensor([-1.0, 1.0])

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pneumo.bundle import BundleMeta, save_bundle
-from pneumo.models import create_model, get_spec
-from pneumo.preprocess import PreprocessConfig
+from pneumo.core.bundle import BundleMeta
+from pneumo.core.preprocess import PreprocessConfig
+from pneumo.modeling.models import create_model, get_spec
+from pneumo.modeling.weights import save_bundle
 
 
 def tiny_model(arch: str = "efficientnet_lite0", num_classes: int = 2, seed: int = 0) -> nn.Module:

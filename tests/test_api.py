@@ -1,4 +1,4 @@
-"""Tests of pneumo.api (FastAPI TestClient): every endpoint, status code and error body; the serve command."""
+"""Tests of pneumo.serving.api (FastAPI TestClient): every endpoint, status code and error body; the serve command."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from pneumo.api import create_app
 from pneumo.cli import app as cli_app
-from pneumo.errors import NotAChestXrayError
-from pneumo.inference import Predictor
-from pneumo.io import DEFAULT_LIMITS, Limits
+from pneumo.core.errors import NotAChestXrayError
+from pneumo.core.io import DEFAULT_LIMITS, Limits
+from pneumo.serving.api import create_app
+from pneumo.serving.inference import Predictor
 
 MAX_BYTES = 300_000
 

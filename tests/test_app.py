@@ -13,12 +13,12 @@ from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
 import pneumo
-from pneumo import app_support
 from pneumo.cli import app as cli_app
-from pneumo.errors import PneumoError
-from pneumo.inference import Predictor
+from pneumo.core.errors import PneumoError
+from pneumo.serving import app_support, model_info
+from pneumo.serving.inference import Predictor
 
-PAGE = Path(pneumo.__file__).with_name("app.py")
+PAGE = Path(pneumo.__file__).parent / "serving" / "app.py"
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_unexpected_failure_is_a_friendly_message(page: AppTest, monkeypatch: py
 
 
 def test_heatmap_failure_keeps_the_answer(page: AppTest, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pneumo.explain import GradCamExplainer
+    from pneumo.serving.explain import GradCamExplainer
 
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("cam broke")
@@ -149,7 +149,7 @@ def test_metric_rows_flatten_nested_metrics() -> None:
 
 
 def test_public_model_info_hides_paths_and_ood_arrays() -> None:
-    info = app_support.public_model_info(
+    info = model_info.public_model_info(
         {"arch": "x", "bundle_dir": "/srv/secret", "ood": {"mean": [0.1] * 500, "threshold": 3.5}, "extra_key": 1}
     )
     assert info["ood"] == {"enabled": True, "threshold": 3.5}
@@ -157,7 +157,7 @@ def test_public_model_info_hides_paths_and_ood_arrays() -> None:
 
 
 def _prediction() -> Any:
-    from pneumo.inference import Prediction
+    from pneumo.serving.inference import Prediction
 
     return Prediction("PNEUMONIA", 0.81234, 0.5, {"NORMAL": 0.18766, "PNEUMONIA": 0.81234})
 

@@ -14,8 +14,8 @@ from export_helpers import (
 from PIL import Image
 from typer.testing import CliRunner
 
-from pneumo.bench import BenchSettings, format_table, model_flops, physical_floor, run_bench, synthesize_xrays
 from pneumo.cli import app
+from pneumo.serving.bench import BenchSettings, format_table, model_flops, physical_floor, run_bench, synthesize_xrays
 
 METRICS = (
     "throughput_ips",

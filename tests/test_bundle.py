@@ -1,4 +1,4 @@
-"""The model bundle (``pneumo.bundle``): save -> load round trip, metadata, typed errors."""
+"""The model bundle (``pneumo.core.bundle``): save -> load round trip, metadata, typed errors."""
 
 from __future__ import annotations
 
@@ -13,20 +13,19 @@ from conftest import synthetic_xray
 from model_helpers import tiny_bundle, tiny_model
 from safetensors.torch import load_file
 
-from pneumo.bundle import (
+from pneumo.core.bundle import (
     FORMAT_VERSION,
     META_FILE,
     WEIGHTS_FILE,
     BundleMeta,
-    load_bundle,
     read_meta,
     resolve_bundle,
-    save_bundle,
     write_meta,
 )
-from pneumo.errors import BundleError
-from pneumo.inference import Predictor
-from pneumo.preprocess import PreprocessConfig, preprocess
+from pneumo.core.errors import BundleError
+from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.modeling.weights import load_bundle, save_bundle
+from pneumo.serving.inference import Predictor
 
 
 def _png(name: str, pneumonia: bool) -> bytes:
@@ -58,7 +57,7 @@ def test_round_trip_gives_identical_weights_and_predictions(tmp_path: Path) -> N
     predictor = Predictor(folder, backend="torch")
     batch = predictor.prepare(predictor.decode(image))[None]
     with torch.inference_mode():
-        expected = model.eval()(batch).numpy()
+        expected = model.eval()(torch.from_numpy(batch)).numpy()
     assert np.array_equal(predictor.logits(batch), expected)
 
 
@@ -169,7 +168,7 @@ def test_three_class_bundle_round_trip(tmp_path: Path) -> None:
     assert result.probability == pytest.approx(result.probabilities["BACTERIA"] + result.probabilities["VIRUS"])
     image = synthetic_xray("three-direct", False, size=64)
     with torch.inference_mode():
-        direct = model(preprocess(image, predictor.preprocess_config)[None]).softmax(1)[0]
+        direct = model(torch.from_numpy(preprocess(image, predictor.preprocess_config)[None])).softmax(1)[0]
     assert predictor.predict_tensors(preprocess(image, predictor.preprocess_config)[None])[0] == pytest.approx(
         float(direct[1] + direct[2]), abs=1e-6
     )

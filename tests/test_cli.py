@@ -16,8 +16,8 @@ import pytest
 from conftest import write_tiny_dataset
 from typer.testing import CliRunner
 
-from pneumo.bundle import read_meta
 from pneumo.cli import app
+from pneumo.core.bundle import read_meta
 
 runner = CliRunner()
 
@@ -153,7 +153,7 @@ def test_train_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
 
 
 def test_train_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pneumo import training
+    from pneumo.modeling import training
 
     seen: list[Any] = []
     monkeypatch.setattr(training, "fit", lambda config: seen.append(config))
@@ -178,7 +178,7 @@ def test_train_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.M
 
 def _slice(source: Path, target: Path, per_class: int, skip_patients: set[str]) -> set[str]:
     """Symlink ``per_class`` files of each class (spread over the folder, whole new patients) into ``target``."""
-    from pneumo.data import patient_id
+    from pneumo.modeling.data import patient_id
 
     patients: set[str] = set()
     for class_dir in ("NORMAL", "PNEUMONIA"):

@@ -1,4 +1,4 @@
-"""Tests of pneumo.data: names -> patients, discovery, patient-level splits, augmentation, loaders."""
+"""Tests of pneumo.modeling.data: names -> patients, discovery, patient-level splits, augmentation, loaders."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumo import data
-from pneumo.data import (
+from pneumo.core.errors import DataError, InvalidImageError
+from pneumo.core.io import read_image
+from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.modeling import data
+from pneumo.modeling.data import (
     AugmentConfig,
     Sample,
     XrayDataModule,
@@ -25,9 +28,6 @@ from pneumo.data import (
     patient_split,
     train_val_samples,
 )
-from pneumo.errors import DataError, InvalidImageError
-from pneumo.io import read_image
-from pneumo.preprocess import PreprocessConfig, preprocess
 
 CFG = PreprocessConfig(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -204,7 +204,7 @@ def test_xray_dataset_matches_inference_preprocessing(tiny_dataset: Path) -> Non
     assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
     assert label == 1 and isinstance(label, int)
     expected = preprocess(read_image(samples[-1].path, draft_size=32).image, CFG)
-    assert torch.equal(tensor, expected)
+    assert torch.equal(tensor, torch.from_numpy(expected))  # the very function the Predictor calls
     assert torch.equal(tensor[0], tensor[2])
     # Normalized with the config's mean/std: (x - 0.5) / 0.25 spans [-2, 2] for x in [0, 1].
     assert -2.0 <= float(tensor.min()) < -1.0 and 0.0 < float(tensor.max()) <= 2.0

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_dataset
 
-from pneumo.bundle import read_meta
+from pneumo.core.bundle import read_meta
 
 
 def _pneumo() -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests of DICOM decoding (pneumo.io._read_dicom) on files written with pydicom."""
+"""Tests of DICOM decoding (pneumo.core.io._read_dicom) on files written with pydicom."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
-from pneumo.errors import DicomError
-from pneumo.inference import Predictor
-from pneumo.io import read_image
+from pneumo.core.errors import DicomError
+from pneumo.core.io import read_image
+from pneumo.serving.inference import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of pneumo.explain: Grad-CAM shape, range, sensitivity to the image, every registered arch."""
+"""Tests of pneumo.serving.explain: Grad-CAM shape, range, sensitivity to the image, every registered arch."""
 
 from __future__ import annotations
 
@@ -15,16 +15,12 @@ from conftest import synthetic_xray
 from PIL import Image
 from torch import nn
 
-from pneumo.bundle import BundleMeta
-from pneumo.explain import (
-    ExplainUnavailableError,
-    GradCamExplainer,
-    overlay_heatmap,
-    target_layer_name,
-)
-from pneumo.inference import Predictor
-from pneumo.models import create_model, get_spec, list_archs
-from pneumo.preprocess import PreprocessConfig, preprocess
+from pneumo.core.bundle import BundleMeta
+from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.modeling.models import create_model, get_spec, list_archs
+from pneumo.serving.explain import GradCamExplainer, target_layer_name
+from pneumo.serving.inference import Predictor
+from pneumo.serving.overlay import ExplainUnavailableError, overlay_heatmap
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,14 @@ from export_helpers import (
 )
 from onnx import TensorProto, helper
 
-from pneumo import export
-from pneumo.bundle import BundleMeta, load_bundle, read_meta, save_bundle
-from pneumo.errors import PneumoError
-from pneumo.export import (
+from pneumo.core.bundle import BundleMeta, read_meta
+from pneumo.core.environment import available_cores
+from pneumo.core.errors import PneumoError
+from pneumo.modeling import export
+from pneumo.modeling.weights import load_bundle, save_bundle
+from pneumo.serving import onnx_runtime
+from pneumo.serving.inference import Predictor
+from pneumo.serving.onnx_runtime import (
     ONNX_FILE,
     WEIGHTS_SHA_KEY,
     OnnxBackendError,
@@ -30,7 +34,6 @@ from pneumo.export import (
     select_onnx_runner,
     weights_sha256,
 )
-from pneumo.inference import Predictor
 
 
 @pytest.fixture
@@ -64,7 +67,7 @@ def test_onnx_and_torch_agree_on_32_images(exported: Path) -> None:
     assert p_torch.std() > 0.1  # spread over (0, 1): the comparison is not made at a single flat point
     np.testing.assert_allclose(p_onnx, p_torch, rtol=0, atol=1e-4)
     # the features feed the OOD gate: they must match too
-    batch = torch.stack([torch_predictor.prepare(torch_predictor.decode(b)) for b in blobs[:8]])
+    batch = np.stack([torch_predictor.prepare(torch_predictor.decode(b)) for b in blobs[:8]])
     (lt, ft), (lo, fo) = torch_predictor.forward(batch), onnx_predictor.forward(batch)
     assert fo.shape == ft.shape == (8, torch_predictor.model.num_features)  # type: ignore[union-attr]
     np.testing.assert_allclose(fo, ft, rtol=1e-4, atol=1e-4)
@@ -79,7 +82,7 @@ def test_round_trip_auto_uses_the_bundles_onnx_file(exported: Path, monkeypatch:
     assert predictor._onnx is not None and predictor._onnx.path == exported / ONNX_FILE
     assert isinstance(predictor.model, torch.nn.Module)  # Grad-CAM still has the torch model
     options = predictor._onnx.session.get_session_options()
-    assert options.intra_op_num_threads == export.available_cores()
+    assert options.intra_op_num_threads == available_cores()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     blob = xray_jpegs(2)[1]
     reference = Predictor(exported, backend="torch", check_ood=False).predict(blob)
@@ -116,7 +119,7 @@ def test_stale_onnx_file_is_ignored(exported: Path, tmp_path: Path, caplog: pyte
     with torch.no_grad():
         model.get_classifier().bias.add_(1.0)  # type: ignore[operator, union-attr]
     save_bundle(folder, model, meta)
-    with caplog.at_level(logging.WARNING, logger="pneumo.export"):
+    with caplog.at_level(logging.WARNING, logger="pneumo.serving.onnx_runtime"):
         assert find_onnx(folder) is None
     assert "not exported from this bundle's weights" in caplog.text
     assert find_onnx(exported) == exported / ONNX_FILE
@@ -167,7 +170,7 @@ def test_failed_export_falls_back_to_torch_under_auto_and_raises_under_onnx(
         raise OnnxBackendError("simulated exporter crash", code="onnx_export_failed")
 
     monkeypatch.setattr(export, "export_onnx", broken)
-    with caplog.at_level(logging.WARNING, logger="pneumo.export"):
+    with caplog.at_level(logging.WARNING, logger="pneumo.serving.onnx_runtime"):
         predictor = Predictor(folder, check_ood=False)
     assert predictor.backend == "torch"
     assert "falling back to PyTorch" in caplog.text
@@ -188,7 +191,7 @@ def test_foreign_onnx_file_is_refused_by_the_runner(tmp_path: Path) -> None:
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
     with pytest.raises(OnnxBackendError, match="expected") as info:
-        export.OnnxRunner(path)
+        onnx_runtime.OnnxRunner(path)
     assert info.value.code == "onnx_load_failed"
 
 
@@ -213,12 +216,12 @@ def test_default_bundle_export_goes_to_the_cache_not_into_the_package(
 
 def test_prune_cache_keeps_the_most_recently_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path))
-    folder = export.cache_dir()
+    folder = onnx_runtime.cache_dir()
     folder.mkdir(parents=True)
     for age, name in enumerate("abcde"):
         path = folder / f"{name}.onnx"
         path.write_bytes(b"x")
         os.utime(path, (1_000_000 - age * 10, 1_000_000 - age * 10))  # a is the newest, e the oldest
-    removed = export.prune_cache(keep=2)
+    removed = onnx_runtime.prune_cache(keep=2)
     assert sorted(p.name for p in removed) == ["c.onnx", "d.onnx", "e.onnx"]
     assert sorted(p.name for p in folder.iterdir()) == ["a.onnx", "b.onnx"]

@@ -1,4 +1,4 @@
-"""The frozen-prefix feature cache (``pneumo.feature_cache``): the split must compose to the model."""
+"""The frozen-prefix feature cache (``pneumo.modeling.feature_cache``): the split must compose to the model."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from conftest import write_tiny_dataset
 from model_helpers import tiny_model
 from torch import nn
 
-from pneumo.data import AugmentConfig, build_augment, discover
-from pneumo.errors import PneumoError
-from pneumo.feature_cache import CachedViews, build_views, split_model
-from pneumo.models import freeze_backbone
-from pneumo.preprocess import PreprocessConfig
+from pneumo.core.errors import PneumoError
+from pneumo.core.preprocess import PreprocessConfig
+from pneumo.modeling.data import AugmentConfig, build_augment, discover
+from pneumo.modeling.feature_cache import CachedViews, build_views, split_model
+from pneumo.modeling.models import freeze_backbone
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_build_views_plain_view_matches_prefix_and_is_cached(tmp_path: Path) -> 
     augment = build_augment(AugmentConfig(rotation_deg=20, hflip=0.5))
     views = build_views(prefix, samples, config, augment, 2, cache_dir=tmp_path / "cache", batch_size=4)
     assert views.dtype == torch.float16 and views.shape[:2] == (3, len(samples))
-    from pneumo.data import XrayDataset
+    from pneumo.modeling.data import XrayDataset
 
     plain = torch.stack([XrayDataset(samples, config)[i][0] for i in range(len(samples))])
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""The one inference path (``pneumo.inference.Predictor``) on a tiny random bundle."""
+"""The one inference path (``pneumo.serving.inference.Predictor``) on a tiny random bundle."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from conftest import synthetic_xray
 from model_helpers import tiny_bundle, tiny_model
 from torch import nn
 
-from pneumo.bundle import read_meta, write_meta
-from pneumo.errors import InvalidImageError, PneumoError
-from pneumo.inference import Prediction, Predictor, iter_image_files
+from pneumo.core.bundle import read_meta, write_meta
+from pneumo.core.errors import InvalidImageError, PneumoError
+from pneumo.serving.inference import Prediction, Predictor, iter_image_files
 
 
 def _png(name: str, pneumonia: bool = False) -> bytes:

@@ -1,4 +1,4 @@
-"""Validation of every class of bad input, and correct decoding of every odd-but-valid one (pneumo.io)."""
+"""Validation of every class of bad input, and correct decoding of every odd-but-valid one (pneumo.core.io)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from bad_inputs import (
 )
 from PIL import Image
 
-from pneumo.errors import InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
-from pneumo.io import DEFAULT_LIMITS, Limits, read_image, sniff_format
+from pneumo.core.errors import InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
+from pneumo.core.io import DEFAULT_LIMITS, Limits, read_image, sniff_format
 
 # pydicom warns about the malformed UID of one bad input; expected, and not what is tested.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
@@ -118,8 +118,8 @@ def test_decompression_bombs_keep_memory_flat() -> None:
         sys.path.insert(0, sys.argv[1])
         from PIL import Image
         from bad_inputs import png_with_size, set_jpeg_size, encode, xray_like
-        from pneumo.errors import InputTooLargeError
-        from pneumo.io import read_image
+        from pneumo.core.errors import InputTooLargeError
+        from pneumo.core.io import read_image
         Image.MAX_IMAGE_PIXELS = None
         bombs = [png_with_size(9000, 9000, real_pixels=True), png_with_size(100_000, 100_000),
                  set_jpeg_size(encode(xray_like(), "JPEG"), 65000, 65000)]

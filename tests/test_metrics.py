@@ -1,4 +1,4 @@
-"""Tests for pneumo.metrics: every number is checked against scikit-learn or a known answer."""
+"""Tests for pneumo.evaluation.metrics: every number is checked against scikit-learn or a known answer."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pneumo import metrics as M
-from pneumo.errors import PneumoError
+from pneumo.core.errors import PneumoError
+from pneumo.core.probability import temperature_softmax
+from pneumo.evaluation import metrics as M
+from pneumo.evaluation import plots as P
+from pneumo.evaluation import report as R
 
 
 def _scores(n: int, seed: int = 0, decimals: int | None = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +169,7 @@ def test_fit_temperature_accepts_binary_logit_vector() -> None:
     z, labels = _calibrated_logits(4000, 2, seed=5)
     t = M.fit_temperature((z[:, 1] - z[:, 0]) * 3.0, labels)
     assert t == pytest.approx(3.0, rel=0.10)
-    assert M.softmax_with_temperature(z * 3.0, t).sum(axis=1) == pytest.approx(np.ones(len(z)))
+    assert temperature_softmax(z * 3.0, t).sum(axis=1) == pytest.approx(np.ones(len(z)))
 
 
 def test_fit_temperature_rejects_bad_labels() -> None:
@@ -252,7 +255,7 @@ def test_evaluation_report_json_and_keys() -> None:
 
 def test_save_plots_writes_four_pngs(tmp_path: Path) -> None:
     y, p = _scores(150)
-    paths = M.save_plots(y, p, 0.5, tmp_path / "plots", prefix="test_")
+    paths = P.save_plots(y, p, 0.5, tmp_path / "plots", prefix="test_")
     assert set(paths) == {"roc", "pr", "confusion_matrix", "reliability"}
     for name, path in paths.items():
         assert path == tmp_path / "plots" / f"test_{name}.png"
@@ -260,7 +263,7 @@ def test_save_plots_writes_four_pngs(tmp_path: Path) -> None:
 
 
 def test_save_plots_single_class_does_not_crash(tmp_path: Path) -> None:
-    paths = M.save_plots(np.ones(10, dtype=int), np.linspace(0.3, 1.0, 10), 0.5, tmp_path)
+    paths = P.save_plots(np.ones(10, dtype=int), np.linspace(0.3, 1.0, 10), 0.5, tmp_path)
     assert all(path.stat().st_size > 0 for path in paths.values())
 
 
@@ -268,7 +271,7 @@ def test_markdown_report_contains_numbers_and_links() -> None:
     y, p = _scores(200)
     report = M.evaluation_report(y, p, 0.5, n_boot=100)
     report["plots"] = {"roc": Path("/somewhere/val_roc.png"), "reliability": "out/val_reliability.png"}
-    text = M.markdown_report(report, title="Test set")
+    text = R.markdown_report(report, title="Test set")
     assert text.startswith("# Test set")
     lo, hi = report["ci"]["roc_auc"]
     assert f"| ROC AUC | {report['roc_auc']:.3f} | {lo:.3f} - {hi:.3f} |" in text
@@ -279,7 +282,7 @@ def test_markdown_report_contains_numbers_and_links() -> None:
 
 
 def test_format_ci() -> None:
-    assert M.format_ci(0.95213, (0.9311, 0.97)) == "0.952 (0.931-0.970)"
-    assert M.format_ci(0.5, None) == "0.500"
-    assert M.format_ci(None, (0.1, 0.2)) == "n/a"
-    assert M.format_ci(0.5, [0.4, 0.6], digits=1) == "0.5 (0.4-0.6)"
+    assert R.format_ci(0.95213, (0.9311, 0.97)) == "0.952 (0.931-0.970)"
+    assert R.format_ci(0.5, None) == "0.500"
+    assert R.format_ci(None, (0.1, 0.2)) == "n/a"
+    assert R.format_ci(0.5, [0.4, 0.6], digits=1) == "0.5 (0.4-0.6)"

@@ -1,4 +1,4 @@
-"""The backbone registry, pretrained-weight resolution and freezing by stage (``pneumo.models``).
+"""The backbone registry, pretrained-weight resolution and freezing by stage (``pneumo.modeling.models``).
 
 Like timm's own tests, every registered architecture is looped over; inputs are tiny (64 px,
 batch 1) because VGG19 and Xception are heavy on a shared 2-core CPU.
@@ -12,8 +12,8 @@ import pytest
 import timm
 import torch
 
-from pneumo.errors import PneumoError, PretrainedWeightsUnavailableError
-from pneumo.models import (
+from pneumo.core.errors import PneumoError, PretrainedWeightsUnavailableError
+from pneumo.modeling.models import (
     REGISTRY,
     _package_weights,
     count_parameters,

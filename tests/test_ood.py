@@ -12,10 +12,11 @@ from bad_inputs import xray_like
 from conftest import synthetic_xray
 from PIL import Image
 
-from pneumo.bundle import read_meta
-from pneumo.errors import BundleError, InvalidImageError, NotAChestXrayError
-from pneumo.inference import Prediction, Predictor
-from pneumo.ood import OOD_FILE, OodGate, calibrate_bundle, fit_ood
+from pneumo.core.bundle import read_meta
+from pneumo.core.errors import BundleError, InvalidImageError, NotAChestXrayError
+from pneumo.modeling.calibration import calibrate_bundle
+from pneumo.serving.inference import Prediction, Predictor
+from pneumo.serving.ood import OOD_FILE, OodGate, fit_ood
 
 
 def _low_rank(n: int, seed: int, dim: int = 48, rank: int = 6) -> np.ndarray:
@@ -238,12 +239,17 @@ def test_cli_predict_writes_a_row_per_file_in_order_and_exits_non_zero(gated_bun
 
 
 def test_calibrate_command_uses_the_patient_split(tiny_dataset: Path, tmp_path: Path) -> None:
-    """``python -m pneumo.ood calibrate BUNDLE --data ROOT``: the one-command step the lead runs on a new bundle."""
-    from pneumo.data import train_val_samples
-    from pneumo.ood import main
+    """``pneumo ood calibrate BUNDLE --data ROOT``: the one-command step the lead runs on a new bundle."""
+    from typer.testing import CliRunner
+
+    from pneumo.cli import app
+    from pneumo.modeling.data import train_val_samples
 
     bundle = make_bundle(tmp_path / "bundle")
-    assert main(["calibrate", str(bundle), "--data", str(tiny_dataset), "--components", "4"]) == 0
+    args = ["ood", "calibrate", str(bundle), "--data", str(tiny_dataset), "--components", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_train"] > 0
     train, val, _ = train_val_samples(tiny_dataset)
     meta = read_meta(bundle)
     assert meta.ood is not None

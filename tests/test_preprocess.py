@@ -1,13 +1,12 @@
-"""The one preprocessing path (``pneumo.preprocess``): shape, dtype, normalization, no mutation."""
+"""The one preprocessing path (``pneumo.core.preprocess``, NumPy): shape, dtype, normalization, no mutation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from pneumo.preprocess import PreprocessConfig, normalize, preprocess, resize, to_unit_tensor
+from pneumo.core.preprocess import PreprocessConfig, normalize, preprocess, resize, to_unit_array
 
 IMAGENET = PreprocessConfig(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -21,7 +20,7 @@ def test_output_shape_and_dtype_for_any_input_shape() -> None:
     for size in ((48, 40), (32, 32), (7, 300)):
         out = preprocess(_gradient(*size), IMAGENET)
         assert out.shape == (3, 32, 32)
-        assert out.dtype == torch.float32
+        assert out.dtype == np.float32
 
 
 @pytest.mark.parametrize("value", [0, 128, 255])
@@ -30,12 +29,12 @@ def test_normalization_values_per_channel(value: int) -> None:
     out = preprocess(image, IMAGENET)
     for channel in range(3):
         expected = (value / 255.0 - IMAGENET.mean[channel]) / IMAGENET.std[channel]
-        assert torch.allclose(out[channel], torch.full((32, 32), expected), atol=1e-6)
+        np.testing.assert_allclose(out[channel], np.full((32, 32), expected), atol=1e-6)
 
 
 def test_grayscale_becomes_three_identical_channels() -> None:
     out = preprocess(_gradient(), PreprocessConfig(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
-    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[1], out[2])
     assert out.min() >= -1.0 and out.max() <= 1.0
     assert out.std() > 0.1  # the picture survived
 
@@ -43,7 +42,7 @@ def test_grayscale_becomes_three_identical_channels() -> None:
 def test_rgb_input_is_read_as_its_luminance() -> None:
     gray = _gradient()
     rgb = gray.convert("RGB")
-    assert torch.equal(preprocess(rgb, IMAGENET), preprocess(gray, IMAGENET))
+    assert np.array_equal(preprocess(rgb, IMAGENET), preprocess(gray, IMAGENET))
 
 
 def test_inputs_are_never_mutated() -> None:
@@ -53,27 +52,29 @@ def test_inputs_are_never_mutated() -> None:
     resize(image, 16)
     assert image.tobytes() == before and image.size == (48, 40) and image.mode == "L"
 
-    tensor = to_unit_tensor(image)
-    copy = tensor.clone()
-    out = normalize(tensor, IMAGENET)
-    assert torch.equal(tensor, copy)
-    assert out.data_ptr() != tensor.data_ptr()
+    pixels = to_unit_array(image)
+    copy = pixels.copy()
+    out = normalize(pixels, IMAGENET)
+    assert np.array_equal(pixels, copy)
+    assert not np.shares_memory(out, pixels)
 
 
-def test_to_unit_tensor_range_and_resize_size() -> None:
-    tensor = to_unit_tensor(Image.new("L", (5, 3), 255))
-    assert tensor.shape == (1, 3, 5) and torch.all(tensor == 1.0)
+def test_to_unit_array_range_and_resize_size() -> None:
+    pixels = to_unit_array(Image.new("L", (5, 3), 255))
+    assert pixels.shape == (1, 3, 5) and pixels.dtype == np.float32 and np.all(pixels == 1.0)
     assert resize(_gradient(), 20).size == (20, 20)
     same = Image.new("L", (20, 20), 9)
     assert resize(same, 20).tobytes() == same.tobytes()
 
 
 def test_normalize_batch_matches_single_images() -> None:
-    batch = torch.rand(4, 1, 8, 8)
+    batch = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
     out = normalize(batch, IMAGENET)
-    assert out.shape == (4, 3, 8, 8)
+    assert out.shape == (4, 3, 8, 8) and out.dtype == np.float32
     for i in range(4):
-        assert torch.allclose(out[i], normalize(batch[i], IMAGENET))
+        assert np.array_equal(out[i], normalize(batch[i], IMAGENET))
+    with pytest.raises(ValueError, match="shape"):
+        normalize(np.zeros((8, 8), np.float32), IMAGENET)
 
 
 def test_config_round_trip_and_validation() -> None:

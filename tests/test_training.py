@@ -1,4 +1,4 @@
-"""Training (``pneumo.training``): config, one tiny fit end to end, staged unfreezing, both data paths.
+"""Training (``pneumo.modeling.training``): config, one tiny fit end to end, staged unfreezing, both data paths.
 
 The fits use timm's ``test_efficientnet`` / ``test_resnet`` (100k parameters, 160 px) so they run
 in seconds on a shared CPU; "pretrained" weights are a saved random initialisation passed as
@@ -20,14 +20,14 @@ import pytest
 import torch
 from conftest import write_tiny_dataset
 
-from pneumo import training
-from pneumo.bundle import WEIGHTS_FILE, read_meta
-from pneumo.data import AugmentConfig
-from pneumo.errors import PneumoError
-from pneumo.inference import Predictor
-from pneumo.metrics import select_threshold
-from pneumo.models import create_model, stage_modules
-from pneumo.training import TrainConfig, fit
+from pneumo.core.bundle import WEIGHTS_FILE, read_meta
+from pneumo.core.errors import PneumoError
+from pneumo.evaluation.metrics import select_threshold
+from pneumo.modeling import training
+from pneumo.modeling.data import AugmentConfig
+from pneumo.modeling.models import create_model, stage_modules
+from pneumo.modeling.training import TrainConfig, fit
+from pneumo.serving.inference import Predictor
 
 
 def _save_start_weights(arch: str, path: Path) -> Path:

@@ -7,8 +7,8 @@ image would let the model be validated on patients it trained on. :func:`patient
 by patient, stratified by class, and :func:`train_val_samples` uses it whenever the official
 ``val/`` folder is too small to be useful (the Kaggle release ships only 16 images there).
 
-Images reach the model through :mod:`pneumo.io` and :mod:`pneumo.preprocess`, the same path as
-inference; augmentation is applied only to training samples, between ``to_unit_tensor`` and
+Images reach the model through :mod:`pneumo.core.io` and :mod:`pneumo.core.preprocess`, the same path as
+inference; augmentation is applied only to training samples, between ``to_unit_array`` and
 ``normalize``.
 """
 
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from pneumo import preprocess
-from pneumo.errors import DataError, InvalidImageError
-from pneumo.io import read_image
-from pneumo.preprocess import PreprocessConfig
+from pneumo.core import preprocess
+from pneumo.core.errors import DataError, InvalidImageError
+from pneumo.core.io import read_image
+from pneumo.core.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ LABEL_MODES: dict[str, tuple[str, ...]] = {
 }
 #: Class folders of the Kaggle layout.
 CLASS_DIRS = ("NORMAL", "PNEUMONIA")
-#: Files read as images (by extension; the content is checked later by :mod:`pneumo.io`).
+#: Files read as images (by extension; the content is checked later by :mod:`pneumo.core.io`).
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 SPLITS = ("train", "val", "test")
 BALANCE_MODES = ("weighted_loss", "sampler", "none")
@@ -357,10 +357,10 @@ class XrayDataset(Dataset[tuple[torch.Tensor, int]]):
             image = read_image(sample.path, draft_size=size).image
         except InvalidImageError as err:
             raise type(err)(f"{sample.path}: {err.message}", code=err.code) from err
-        tensor = preprocess.to_unit_tensor(preprocess.resize(image, size))
-        if self.augment is not None:
-            tensor = self.augment(tensor)
-        return preprocess.normalize(tensor, self.config), sample.label
+        pixels = preprocess.to_unit_array(preprocess.resize(image, size))
+        if self.augment is not None:  # torchvision augments tensors; normalize is the Predictor's (NumPy)
+            pixels = self.augment(torch.from_numpy(pixels)).numpy()
+        return torch.from_numpy(preprocess.normalize(pixels, self.config)), sample.label
 
 
 def _counts(samples: Sequence[Sample], n_classes: int) -> list[int]:

@@ -79,8 +79,8 @@ def predict(
 
     Exits with status 1 when any file failed, so scripts notice.
     """
-    from pneumo.errors import PneumoError
-    from pneumo.inference import Predictor, iter_image_files
+    from pneumo.core.errors import PneumoError
+    from pneumo.serving.inference import Predictor, iter_image_files
 
     try:
         predictor = Predictor(model, check_ood=not no_ood)
@@ -104,7 +104,7 @@ def predict(
 
 def prediction_rows(files: list[Path], results: list[Any]) -> list[dict[str, Any]]:
     """One JSON-able row per file: the prediction's fields, or ``file`` + ``error``."""
-    from pneumo.errors import PneumoError
+    from pneumo.core.errors import PneumoError
 
     rows: list[dict[str, Any]] = []
     for path, result in zip(files, results, strict=True):
@@ -181,8 +181,8 @@ def train(
     name: Annotated[str | None, typer.Option(help="Name recorded in the bundle.")] = None,
 ) -> None:
     """Train with transfer learning (frozen head phase, then fine-tuning) and write a model bundle."""
-    from pneumo.errors import PneumoError
-    from pneumo.training import TrainConfig, fit
+    from pneumo.core.errors import PneumoError
+    from pneumo.modeling.training import TrainConfig, fit
 
     try:
         cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
@@ -216,8 +216,8 @@ def evaluate(
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
 ) -> None:
     """Metrics with bootstrap 95% CIs, a Markdown report and ROC/PR/confusion/reliability plots."""
-    from pneumo.errors import PneumoError
-    from pneumo.evaluation import evaluate_folder
+    from pneumo.core.errors import PneumoError
+    from pneumo.evaluation.evaluate import evaluate_folder
 
     try:
         report = evaluate_folder(data, model, json_out=json_out, out_dir=out, n_boot=n_boot)
@@ -243,7 +243,7 @@ def compare(
     curves: Annotated[Path | None, typer.Option(help="Overlaid learning curves PNG.")] = None,
 ) -> None:
     """Put runs side by side: validation metrics with CIs, settings, training and inference time."""
-    from pneumo.reporting import compare_runs
+    from pneumo.evaluation.compare import compare_runs
 
     try:
         table = compare_runs(runs, out, curves)
@@ -267,14 +267,43 @@ def export_onnx_command(
     ] = None,
 ) -> None:
     """Write the bundle's model as ONNX (dynamic batch; outputs logits and features), checked against PyTorch."""
-    from pneumo.errors import PneumoError
-    from pneumo.export import DEFAULT_OPSET, export_onnx
+    from pneumo.core.errors import PneumoError
+    from pneumo.modeling.export import DEFAULT_OPSET, export_onnx
 
     try:
         path = export_onnx(model, out=out, opset=opset or DEFAULT_OPSET)
     except PneumoError as err:
         _fail(err.message)
     typer.echo(str(path))
+
+
+ood_app = typer.Typer(help="The not-a-chest-X-ray gate of a model bundle.", no_args_is_help=True)
+app.add_typer(ood_app, name="ood")
+
+
+@ood_app.command("calibrate")
+def ood_calibrate(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle folder to write the gate into.")],
+    data: Annotated[Path, typer.Option(help="Dataset root (with train/ or NORMAL/ PNEUMONIA/).")],
+    val_fraction: Annotated[float, typer.Option(help="Patients carved out for validation.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Seed of the patient split (use the training run's).")] = 0,
+    quantile: Annotated[float, typer.Option(help="Share of validation X-rays accepted (0.995: 0.5% refused).")] = 0.995,
+    components: Annotated[int, typer.Option(help="Principal directions of the feature model.")] = 64,
+) -> None:
+    """(Re)fit the gate on a dataset's patient-level train/validation split, with the bundle's own model."""
+    from pneumo.core.errors import PneumoError
+    from pneumo.modeling.calibration import calibrate_bundle
+    from pneumo.modeling.data import train_val_samples
+
+    try:
+        train, val, description = train_val_samples(data, val_fraction=val_fraction, seed=seed)
+        logging.getLogger(__name__).info("Split: %d train, %d val images (%s).", len(train), len(val), description)
+        ood = calibrate_bundle(
+            bundle, [s.path for s in train], [s.path for s in val], quantile=quantile, n_components=components
+        )
+    except PneumoError as err:
+        _fail(err.message)
+    typer.echo(json.dumps(ood, indent=2))
 
 
 @app.command()
@@ -294,8 +323,8 @@ def bench(
     torch_threads: Annotated[int | None, typer.Option(help="Threads of the torch backend (default: torch's).")] = None,
 ) -> None:
     """Latency, throughput and peak memory of inference on this machine, per backend, side by side."""
-    from pneumo.bench import BenchSettings, format_table, run_bench
-    from pneumo.errors import PneumoError
+    from pneumo.core.errors import PneumoError
+    from pneumo.serving.bench import BenchSettings, format_table, run_bench
 
     chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
     if not chosen or any(b not in ("torch", "onnx") for b in chosen):
@@ -335,15 +364,15 @@ def app_command(
     """Start the clinician's web page (Streamlit) at http://HOST:PORT."""
     from streamlit.web import cli as streamlit_cli
 
-    from pneumo.bundle import resolve_bundle
-    from pneumo.errors import PneumoError
-    from pneumo.io import DEFAULT_LIMITS
+    from pneumo.core.bundle import resolve_bundle
+    from pneumo.core.errors import PneumoError
+    from pneumo.core.io import DEFAULT_LIMITS
 
     try:
         bundle = resolve_bundle(model).resolve() if model is not None else None
     except PneumoError as err:
         _fail(err.message)
-    page = Path(__file__).with_name("app.py")
+    page = Path(__file__).parents[1] / "serving" / "app.py"
     args = ["run", str(page), "--server.port", str(port), "--server.address", host, "--server.headless", "true"]
     args += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     args += ["--client.showErrorDetails", "none"]  # a traceback never reaches the page, even on a bug
@@ -367,9 +396,9 @@ def serve(
 
     import uvicorn
 
-    from pneumo.api import create_app
-    from pneumo.errors import PneumoError
-    from pneumo.io import DEFAULT_LIMITS
+    from pneumo.core.errors import PneumoError
+    from pneumo.core.io import DEFAULT_LIMITS
+    from pneumo.serving.api import create_app
 
     if max_upload_mb <= 0 or max_batch_files < 1:
         _fail("--max-upload-mb must be positive and --max-batch-files at least 1.")
@@ -379,7 +408,3 @@ def serve(
     except PneumoError as err:
         _fail(err.message)
     uvicorn.run(api, host=host, port=port)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

@@ -26,9 +26,10 @@ from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pneumo.data import Sample, XrayDataset
-from pneumo.errors import PneumoError
-from pneumo.preprocess import PreprocessConfig
+from pneumo.core.errors import PneumoError
+from pneumo.core.preprocess import PreprocessConfig
+from pneumo.modeling.data import Sample, XrayDataset
+from pneumo.modeling.models import logits_and_features
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class _Pooled(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return logits_and_features(self.model, x)[1]
 
 
 class Suffix(nn.Module):
@@ -67,7 +68,7 @@ class Suffix(nn.Module):
 def split_model(model: nn.Module, trainable_stages: int) -> tuple[nn.Module, Suffix]:
     """Split ``model`` into a frozen prefix and a suffix holding its last ``trainable_stages`` stages.
 
-    Stages are those of :func:`pneumo.models.stage_modules`. Any timm model splits at the pooled
+    Stages are those of :func:`pneumo.modeling.models.stage_modules`. Any timm model splits at the pooled
     features (``trainable_stages=0``); EfficientNets split between any two blocks.
 
     Raises:

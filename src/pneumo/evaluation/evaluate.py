@@ -1,6 +1,6 @@
 """``pneumo evaluate``: a labelled folder through the one inference path, into an honest report.
 
-The images go through :class:`pneumo.inference.Predictor` exactly as a clinician's upload would
+The images go through :class:`pneumo.serving.inference.Predictor` exactly as a clinician's upload would
 (decode, preprocess, calibrated probability, the bundle's threshold), so the numbers describe the
 shipped behaviour. The out-of-distribution gate is not applied here: evaluation measures the
 classifier on every X-ray of the labelled folder.
@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from pneumo.data import discover
-from pneumo.errors import DataError, PneumoError
-from pneumo.metrics import evaluation_report, markdown_report, save_plots
+from pneumo.core.errors import DataError, PneumoError
+from pneumo.evaluation.metrics import evaluation_report
+from pneumo.evaluation.plots import save_plots
+from pneumo.evaluation.report import markdown_report
+from pneumo.modeling.data import discover
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def evaluate_folder(
             ``evaluation/``.
         n_boot: bootstrap resamples for the confidence intervals.
     """
-    from pneumo.inference import Predictor
+    from pneumo.serving.inference import Predictor
 
     root = Path(data)
     split = "test" if (root / "test").is_dir() else None

@@ -1,11 +1,11 @@
 """The clinician's page (Streamlit): upload chest X-rays, see the answer and where the model looked.
 
 Run it with ``pneumo app [--port 8501] [--model BUNDLE]``, or
-``streamlit run src/pneumo/app.py -- --model BUNDLE``; without ``--model`` the page reads
+``streamlit run src/pneumo/serving/app.py -- --model BUNDLE``; without ``--model`` the page reads
 ``$PNEUMO_MODEL``, then falls back to the bundle shipped with pneumo.
 
-The page is thin on purpose: it lays out widgets and calls :mod:`pneumo.app_support`, which
-calls the one :class:`~pneumo.inference.Predictor`. The model loads once per server
+The page is thin on purpose: it lays out widgets and calls :mod:`pneumo.serving.app_support`, which
+calls the one :class:`~pneumo.serving.inference.Predictor`. The model loads once per server
 (``st.cache_resource``); each session keeps its own answers (``st.session_state``) so moving
 the opacity slider redraws without re-running the model, and no upload outlives its session.
 """
@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-from pneumo import app_support as support
-from pneumo.errors import PneumoError
-from pneumo.explain import DEFAULT_OPACITY
+from pneumo.core.errors import PneumoError
+from pneumo.serving import app_support as support
+from pneumo.serving import model_info
+from pneumo.serving.overlay import DEFAULT_OPACITY
 
 if TYPE_CHECKING:
-    from pneumo.explain import GradCamExplainer
-    from pneumo.inference import Predictor
+    from pneumo.serving.explain import GradCamExplainer
+    from pneumo.serving.inference import Predictor
 
-log = logging.getLogger("pneumo.app")
+log = logging.getLogger("pneumo.serving.app")
 
 _SESSION_KEY = "pneumo_analyses"
 _MAX_KEPT = 64  # answers kept per session (images included), oldest dropped first
@@ -36,8 +37,8 @@ _MAX_KEPT = 64  # answers kept per session (images included), oldest dropped fir
 @st.cache_resource(show_spinner="Loading the model...")
 def load_models(bundle: str | None) -> tuple[Predictor, GradCamExplainer | None]:
     """The predictor and its Grad-CAM explainer, built once per server process and bundle."""
-    from pneumo.explain import GradCamExplainer
-    from pneumo.inference import Predictor
+    from pneumo.serving.explain import GradCamExplainer
+    from pneumo.serving.inference import Predictor
 
     predictor = Predictor(bundle)
     try:
@@ -60,10 +61,10 @@ def _analysis(predictor: Predictor, name: str, data: bytes) -> support.Analysis:
 
 
 def _sidebar(predictor: Predictor, explainer: GradCamExplainer | None) -> tuple[bool, float]:
-    info = support.public_model_info(predictor.describe())
+    info = model_info.public_model_info(predictor.describe())
     with st.sidebar:
         st.title("pneumo")
-        st.warning(f"**Intended use.** {support.INTENDED_USE}")
+        st.warning(f"**Intended use.** {model_info.INTENDED_USE}")
         st.subheader("Display")
         show = st.toggle("Show Grad-CAM heatmap", value=explainer is not None, key="show_heatmap")
         opacity = st.slider(

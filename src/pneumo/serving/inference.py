@@ -8,23 +8,30 @@ labels, temperature, threshold) comes from the model bundle.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from pneumo.bundle import BundleMeta, load_bundle, resolve_bundle
-from pneumo.errors import NotAChestXrayError, PneumoError
-from pneumo.io import DEFAULT_LIMITS, DecodedImage, Limits, read_image
-from pneumo.ood import OodGate
-from pneumo.preprocess import PreprocessConfig, preprocess
+from pneumo.core.bundle import BundleMeta, read_meta, resolve_bundle
+from pneumo.core.errors import NotAChestXrayError, PneumoError
+from pneumo.core.io import DEFAULT_LIMITS, DecodedImage, Limits, read_image
+from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.core.probability import positive_probability, temperature_softmax
+from pneumo.serving.onnx_runtime import select_onnx_runner
+from pneumo.serving.ood import OodGate
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 Source = str | Path | bytes
+#: A backend: preprocessed float32 batch (N, 3, S, S) -> (logits (N, C), pooled features (N, F)).
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -60,12 +67,12 @@ class Predictor:
 
     Args:
         bundle: folder of a model bundle; ``None`` uses the default bundle shipped in the package.
-        limits: input limits applied by :func:`pneumo.io.read_image`.
+        limits: input limits applied by :func:`pneumo.core.io.read_image`.
         device: torch device for the torch backend.
         backend: ``"auto"`` (ONNX Runtime when the bundle has, or can get, an ONNX export and
             onnxruntime imports; else PyTorch), ``"torch"`` or ``"onnx"`` (raises if impossible).
-            See :func:`pneumo.export.select_onnx_runner`. ``self.backend`` says which one runs;
-            ``self.model`` (torch) stays loaded either way, for Grad-CAM.
+            See :func:`pneumo.serving.onnx_runtime.select_onnx_runner`. ``self.backend`` says which one
+            runs; ``self.model`` (the torch network, for Grad-CAM) is loaded on first use only.
         check_ood: refuse images the bundle's out-of-distribution gate rejects (raise
             :class:`NotAChestXrayError`); when False the score is still reported but nothing is refused.
     """
@@ -80,22 +87,36 @@ class Predictor:
         check_ood: bool = True,
     ) -> None:
         self.bundle_dir = resolve_bundle(bundle)
-        self.meta: BundleMeta
-        self.meta, self.model = load_bundle(self.bundle_dir)
-        #: The "not a chest X-ray" gate, when the bundle has one (see pneumo.ood).
+        self.meta: BundleMeta = read_meta(self.bundle_dir)
+        #: The "not a chest X-ray" gate, when the bundle has one (see pneumo.serving.ood).
         self.ood_gate: OodGate | None = OodGate.load(self.bundle_dir, self.meta.ood) if self.meta.ood else None
         self.check_ood = check_ood
         if self.ood_gate is None and check_ood:
             log.warning(
                 "The bundle %s has no OOD gate: images that are not chest X-rays are not refused.", self.bundle_dir
             )
-        self.device = torch.device(device)
-        self.model.to(self.device)
+        self.device = device
         self.limits = limits
-        from pneumo.export import select_onnx_runner  # lazy: onnx/onnxruntime load only when used
-
+        self._model: nn.Module | None = None
+        self._model_lock = threading.Lock()
         self._onnx = select_onnx_runner(self.bundle_dir, backend, device=device)
         self.backend = "torch" if self._onnx is None else "onnx"
+        self._runner: Runner = self._onnx if self._onnx is not None else self._torch_runner()
+
+    @property
+    def model(self) -> nn.Module:
+        """The bundle's torch network on ``self.device`` (loaded on first use: Grad-CAM or the torch backend)."""
+        with self._model_lock:
+            if self._model is None:
+                from pneumo.modeling.weights import load_model  # lazy: the ONNX path needs no torch
+
+                self._model = load_model(self.bundle_dir, self.meta).to(self.device)
+            return self._model
+
+    def _torch_runner(self) -> Runner:
+        from pneumo.modeling.torch_backend import TorchRunner  # lazy: imports torch
+
+        return TorchRunner(self.model, self.device)
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -118,37 +139,28 @@ class Predictor:
         """Read and validate one input (JPEG draft decoding at the model's input size)."""
         return read_image(source, self.limits, draft_size=self.meta.preprocess.input_size)
 
-    def prepare(self, decoded: DecodedImage) -> torch.Tensor:
-        """A decoded image as the model's normalized (3, S, S) input."""
+    def prepare(self, decoded: DecodedImage) -> np.ndarray:
+        """A decoded image as the model's normalized float32 (3, S, S) input."""
         return preprocess(decoded.image, self.meta.preprocess)
 
-    @torch.inference_mode()
-    def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits (N, C) and pooled backbone features (N, F) for a preprocessed batch (N, 3, S, S).
 
         The features feed the out-of-distribution gate; computing both in one pass costs nothing extra.
         """
-        if self._onnx is not None:
-            return self._onnx(batch.detach().cpu().numpy())
-        model: Any = self.model  # a timm model: forward_features / forward_head / get_classifier
-        features = model.forward_head(model.forward_features(batch.to(self.device)), pre_logits=True)
-        logits = model.get_classifier()(features)
-        return logits.float().cpu().numpy(), features.float().cpu().numpy()
+        return self._runner(np.asarray(batch, dtype=np.float32))
 
-    def logits(self, batch: torch.Tensor) -> np.ndarray:
+    def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits (N, C) for a preprocessed batch (N, 3, S, S)."""
         return self.forward(batch)[0]
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
         """Temperature-scaled softmax probabilities (N, C)."""
-        scaled = logits / self.meta.temperature
-        scaled = scaled - scaled.max(axis=1, keepdims=True)
-        exp = np.exp(scaled)
-        return exp / exp.sum(axis=1, keepdims=True)
+        return temperature_softmax(logits, self.meta.temperature)
 
     def pneumonia_probability(self, probs: np.ndarray) -> np.ndarray:
         """P(pneumonia) per row: the sum over the bundle's positive labels."""
-        return probs[:, self.meta.positive_indices].sum(axis=1)
+        return positive_probability(probs, self.meta.positive_indices)
 
     def _answer(
         self, probs: np.ndarray, features: np.ndarray, decoded: DecodedImage | None, source: str | None
@@ -190,12 +202,12 @@ class Predictor:
         others still run.
         """
         results: list[Prediction | PneumoError | None] = [None] * len(sources)
-        pending: list[tuple[int, DecodedImage, torch.Tensor]] = []
+        pending: list[tuple[int, DecodedImage, np.ndarray]] = []
 
         def flush() -> None:
             if not pending:
                 return
-            logits, features = self.forward(torch.stack([tensor for _, _, tensor in pending]))
+            logits, features = self.forward(np.stack([array for _, _, array in pending]))
             for (index, decoded, _), row, feats in zip(pending, self.calibrated(logits), features):
                 try:
                     results[index] = self._answer(row, feats, decoded, _name_of(sources[index]))
@@ -214,7 +226,7 @@ class Predictor:
         flush()
         return [r for r in results if r is not None]
 
-    def predict_tensors(self, batch: torch.Tensor) -> np.ndarray:
+    def predict_tensors(self, batch: np.ndarray) -> np.ndarray:
         """P(pneumonia) for an already preprocessed batch (used by evaluation)."""
         return self.pneumonia_probability(self.calibrated(self.logits(batch)))
 

@@ -113,11 +113,11 @@ def synthesize_xrays(out_dir: Path, n: int, *, seed: int = 0) -> list[Path]:
 
 
 def _image_files(folder: Path, limit: int) -> list[Path]:
-    from pneumo.inference import iter_image_files
+    from pneumo.serving.inference import iter_image_files
 
     files = [p for p in iter_image_files([folder]) if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".dcm")]
     if not files:
-        from pneumo.errors import PneumoError
+        from pneumo.core.errors import PneumoError
 
         raise PneumoError(f"No images (.jpeg, .jpg, .png, .dcm) under {folder}.", code="no_images")
     return files[:limit]
@@ -136,7 +136,7 @@ def _peak_rss_mb() -> float:
 
 def bench_backend(backend: str, bundle: Path | None, files: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
     """Measure one backend in this process (see the module docstring for what and how)."""
-    from pneumo.inference import Predictor
+    from pneumo.serving.inference import Predictor
 
     default_threads = torch.get_num_threads()
     if backend == "torch" and settings.torch_threads:
@@ -150,7 +150,7 @@ def bench_backend(backend: str, bundle: Path | None, files: Sequence[Path], sett
 
 
 def _measure(predictor: Any, load_s: float, files: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
-    from pneumo.errors import PneumoError
+    from pneumo.core.errors import PneumoError
 
     blobs = [Path(f).read_bytes() for f in files]
     for blob in blobs[:2]:  # warm-up: first-call allocations, lazy initializations
@@ -177,7 +177,7 @@ def _measure(predictor: Any, load_s: float, files: Sequence[Path], settings: Ben
         stages["model"].append(time.perf_counter() - t2)
 
     batch_files = [blobs[i % len(blobs)] for i in range(settings.batch_size)]
-    batch = torch.stack([predictor.prepare(predictor.decode(b)) for b in batch_files])
+    batch = np.stack([predictor.prepare(predictor.decode(b)) for b in batch_files])
     predictor.forward(batch)
     t0 = time.perf_counter()
     for _ in range(settings.batches):
@@ -214,9 +214,9 @@ def _onnx_threads(predictor: Any) -> int | None:
 
 
 def _gradcam_ms(predictor: Any, blobs: Sequence[bytes]) -> float | None:
-    """p50 of one Grad-CAM map (decode excluded); None when pneumo.explain is not available."""
+    """p50 of one Grad-CAM map (decode excluded); None when pneumo.serving.explain is not available."""
     try:
-        from pneumo.explain import GradCamExplainer
+        from pneumo.serving.explain import GradCamExplainer
     except ImportError:
         return None
     explainer = GradCamExplainer(predictor)
@@ -238,7 +238,7 @@ def _bench_isolated(
     A plain subprocess rather than ``multiprocessing``: spawn re-imports the caller's
     ``__main__``, which fails under ``python -``, notebooks and some launchers.
     """
-    from pneumo.errors import PneumoError
+    from pneumo.core.errors import PneumoError
 
     with tempfile.TemporaryDirectory(prefix="pneumo-bench-child-") as tmp:
         out = Path(tmp) / "result.json"
@@ -249,7 +249,7 @@ def _bench_isolated(
             "settings": _settings_json(settings),
             "out": str(out),
         }
-        code = "from pneumo.bench import _child_main; _child_main()"
+        code = "from pneumo.serving.bench import _child_main; _child_main()"
         proc = subprocess.run(
             [sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True, check=False
         )
@@ -291,7 +291,7 @@ def _child_main() -> None:
 
 def machine_info() -> dict[str, Any]:
     """Cores, CPU model, clock (as the kernel reports it), load average: what the numbers depend on."""
-    from pneumo.export import available_cores
+    from pneumo.core.environment import available_cores
 
     model, mhz = platform.processor() or platform.machine(), None
     try:
@@ -332,7 +332,7 @@ def model_flops(bundle: Path | None = None) -> int:
     """FLOPs of one forward pass on one image (2 per multiply-add), counted by PyTorch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pneumo.bundle import load_bundle
+    from pneumo.modeling.weights import load_bundle
 
     meta, model = load_bundle(bundle)
     size = meta.preprocess.input_size
@@ -360,8 +360,8 @@ def physical_floor(flops: int, cores: int, mhz: float | None) -> dict[str, Any]:
 
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Run every backend of ``settings`` on the same inputs and return the JSON-able result."""
-    from pneumo.bundle import resolve_bundle
-    from pneumo.export import find_onnx, select_onnx_runner
+    from pneumo.core.bundle import resolve_bundle
+    from pneumo.serving.onnx_runtime import find_onnx, select_onnx_runner
 
     folder = resolve_bundle(settings.bundle)
     result: dict[str, Any] = {"bundle": str(folder), "settings": _settings_json(settings)}

@@ -1,6 +1,6 @@
 """What the Streamlit page and the HTTP API share, kept out of the page script so it can be tested.
 
-The page (:mod:`pneumo.app`) only lays out widgets; everything that decides what is shown
+The page (:mod:`pneumo.serving.app`) only lays out widgets; everything that decides what is shown
 (which bundle, the model summary, one upload's analysis, the results table) lives here and
 never imports Streamlit, so plain unit tests and the API can use it too.
 """
@@ -15,35 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pneumo.errors import PneumoError
+from pneumo.core.errors import PneumoError
 
 if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
 
-    from pneumo.explain import Explanation, GradCamExplainer
-    from pneumo.inference import Prediction, Predictor
+    from pneumo.serving.explain import Explanation, GradCamExplainer
+    from pneumo.serving.inference import Prediction, Predictor
 
 log = logging.getLogger(__name__)
-
-#: Shown in the app's sidebar and returned by ``GET /v1/model``.
-INTENDED_USE = (
-    "Decision support for frontal (anterior-posterior) chest X-rays of children aged 1 to 5, like the training data "
-    "(Guangzhou Women and Children's Medical Center). It is not a diagnosis: a qualified clinician reads "
-    "every image and decides. Not validated for adults, lateral views, CT or other body parts."
-)
 
 #: Environment variable naming the model bundle when no ``--model`` is given to the page.
 MODEL_ENV = "PNEUMO_MODEL"
 
 #: Message for failures that are pneumo's fault, not the file's (details go to the log only).
 INTERNAL_ERROR_MESSAGE = "Something went wrong on our side while analysing this file; the error was logged."
-
-#: Keys of the bundle metadata that are safe and useful to show (no server paths, no large arrays).
-_PUBLIC_KEYS = (
-    "name", "version", "arch", "timm_name", "labels", "positive_labels", "threshold", "threshold_rule",
-    "temperature", "preprocess", "metrics", "training", "versions", "created", "backend",
-)  # fmt: skip
 
 
 def bundle_from_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Path | None:
@@ -59,22 +46,6 @@ def bundle_from_args(argv: Sequence[str], environ: Mapping[str, str] | None = No
             return Path(arg.split("=", 1)[1])
     value = (os.environ if environ is None else environ).get(MODEL_ENV, "").strip()
     return Path(value) if value else None
-
-
-def public_model_info(description: Mapping[str, Any]) -> dict[str, Any]:
-    """``Predictor.describe()`` reduced to what a user or an integrator may see.
-
-    The OOD statistics are summarized (their mean vectors and covariances are large and say
-    nothing to a reader) and the server's bundle path is dropped.
-    """
-    info = {key: description[key] for key in _PUBLIC_KEYS if key in description}
-    ood = description.get("ood")
-    summary: dict[str, Any] = {"enabled": bool(ood)}
-    if isinstance(ood, Mapping):
-        summary.update({k: v for k, v in ood.items() if isinstance(v, str | int | float | bool)})
-    info["ood"] = summary
-    info["intended_use"] = INTENDED_USE
-    return info
 
 
 def metric_rows(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -195,10 +166,3 @@ def display_image(predictor: Predictor, data: bytes, max_side: int = 1024) -> Im
     image = predictor.decode(data).image.copy()
     image.thumbnail((max_side, max_side))
     return image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """``image`` encoded as PNG."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

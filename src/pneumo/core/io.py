@@ -4,7 +4,7 @@ Everything that reaches the model goes through :func:`read_image`, so the librar
 the app and the API refuse the same inputs with the same error codes. The output is always a
 Pillow image in mode ``"L"``: the training data are 8-bit grayscale JPEGs, so every other
 input (16-bit PNG, DICOM with any bit depth, RGB, palette, alpha) is mapped onto that range
-here, once, and :mod:`pneumo.preprocess` never has to care where an image came from.
+here, once, and :mod:`pneumo.core.preprocess` never has to care where an image came from.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pneumo.errors import DicomError, InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
+from pneumo.core.errors import DicomError, InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
 
 #: DICOM modalities accepted as a plain radiograph. CR and DX are the standard codes for
 #: computed and digital radiography; "DR" is not a DICOM term but several vendors write it

@@ -21,8 +21,8 @@ import torch
 from timm.models import group_modules
 from torch import nn
 
-from pneumo.errors import PneumoError, PretrainedWeightsUnavailableError
-from pneumo.preprocess import PreprocessConfig
+from pneumo.core.errors import PneumoError, PretrainedWeightsUnavailableError
+from pneumo.core.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -240,3 +240,26 @@ def set_frozen_bn_eval(model: nn.Module) -> None:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward contract of every pneumo network: ``x -> (logits, pooled backbone features)``.
+
+    timm splits a classifier into ``forward_features``, ``forward_head(pre_logits=True)`` and the
+    classifier; the pooled features feed the out-of-distribution gate, so the Predictor's torch
+    backend, the ONNX export, training and the feature cache all compute both in one pass here.
+    """
+    net: Any = model
+    features = net.forward_head(net.forward_features(x), pre_logits=True)
+    return net.get_classifier()(features), features
+
+
+class LogitsAndFeatures(nn.Module):
+    """A timm model wrapped as a module returning :func:`logits_and_features` (what ONNX export traces)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits_and_features(self.model, x)

@@ -19,7 +19,7 @@ small middleware here.)
 import base64
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -31,11 +31,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pneumo
-from pneumo.app_support import public_model_info
-from pneumo.errors import InputTooLargeError, PneumoError
-from pneumo.explain import DEFAULT_OPACITY, GradCamExplainer
-from pneumo.inference import Prediction, Predictor
-from pneumo.io import DEFAULT_LIMITS, Limits
+from pneumo.core.errors import InputTooLargeError, PneumoError
+from pneumo.core.io import DEFAULT_LIMITS, Limits
+from pneumo.serving.inference import Prediction, Predictor
+from pneumo.serving.model_info import png_bytes, public_model_info
+from pneumo.serving.overlay import DEFAULT_OPACITY, ExplainUnavailableError
+
+if TYPE_CHECKING:
+    from pneumo.serving.explain import GradCamExplainer
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,8 @@ def create_app(
     Raises:
         BundleError: the bundle is missing or broken.
     """
+    from pneumo.serving.explain import GradCamExplainer  # lazy: Grad-CAM needs torch
+
     predictor = predictor or Predictor(bundle, limits=limits)
     try:
         explainer: GradCamExplainer | None = GradCamExplainer(predictor)
@@ -250,11 +255,8 @@ async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes | PneumoErro
 
 
 def _heatmap(
-    explainer: GradCamExplainer | None, predictor: Predictor, data: bytes, label: str, opacity: float
+    explainer: "GradCamExplainer | None", predictor: Predictor, data: bytes, label: str, opacity: float
 ) -> Heatmap:
-    from pneumo.app_support import png_bytes
-    from pneumo.explain import ExplainUnavailableError
-
     if explainer is None:
         raise ExplainUnavailableError("Heatmaps are not available for this model.")
     explanation = explainer.explain(predictor.decode(data), label)

@@ -24,9 +24,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
-from pneumo.data import AugmentConfig, XrayDataModule, balanced_sampler, build_augment, dataset_summary, label_names
-from pneumo.errors import PneumoError
-from pneumo.models import count_parameters, create_model, freeze_backbone, get_spec, stage_modules
+from pneumo.core.errors import PneumoError
+from pneumo.modeling.data import (
+    AugmentConfig,
+    XrayDataModule,
+    balanced_sampler,
+    build_augment,
+    dataset_summary,
+    label_names,
+)
+from pneumo.modeling.models import (
+    count_parameters,
+    create_model,
+    freeze_backbone,
+    get_spec,
+    logits_and_features,
+    stage_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +229,7 @@ def fit(config: TrainConfig) -> Path | None:
 
     In a multi-process (DDP) run only global rank 0 writes the bundle (others return None).
     """
-    from pneumo.reporting import finish_run
+    from pneumo.modeling.calibration import finish_run
 
     _validate(config)
     L.seed_everything(config.seed, workers=True)
@@ -309,7 +323,7 @@ def _loaders(
         feature_fn = _image_features(model, dm, preprocess)
         return model, dm.train_dataloader(), dm.val_dataloader(), feature_fn
 
-    from pneumo.feature_cache import CachedViews, build_views, split_model
+    from pneumo.modeling.feature_cache import CachedViews, build_views, split_model
 
     prefix, suffix = split_model(model, split_depth)
     augment = build_augment(config.augment) if config.augment.enabled else None
@@ -341,16 +355,12 @@ def _loaders(
 def _image_features(model: nn.Module, dm: XrayDataModule, preprocess: Any) -> Any:
     @torch.inference_mode()
     def feature_fn(split: str) -> tuple[np.ndarray, np.ndarray]:
-        from pneumo.data import XrayDataset
+        from pneumo.modeling.data import XrayDataset
 
         samples = dm.train_samples if split == "train" else dm.val_samples
         loader = DataLoader(XrayDataset(samples, preprocess, label_mode=dm.label_mode), batch_size=64)
-        net: Any = model.eval()
-        logits, feats = [], []
-        for images, _ in loader:
-            f = net.forward_head(net.forward_features(images), pre_logits=True)
-            feats.append(f)
-            logits.append(net.get_classifier()(f))
+        model.eval()
+        logits, feats = zip(*(logits_and_features(model, images) for images, _ in loader), strict=True)
         return torch.cat(logits).numpy(), torch.cat(feats).numpy()
 
     return feature_fn

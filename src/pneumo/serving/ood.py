@@ -2,7 +2,7 @@
 
 A classifier trained on two classes of chest X-rays answers NORMAL or PNEUMONIA for *anything*,
 a selfie included, often with high confidence. The gate looks at the pooled backbone features
-that :meth:`pneumo.inference.Predictor.forward` already computes (1280 numbers for
+that :meth:`pneumo.serving.inference.Predictor.forward` already computes (1280 numbers for
 EfficientNet-Lite0) and asks how far they are from the features of the training X-rays.
 
 The distance is the Mahalanobis distance under a probabilistic-PCA model of the training
@@ -21,28 +21,24 @@ which the statistics never saw, so by construction about 0.5% of real X-rays are
 Images whose gray levels barely vary are refused as blank whatever their features: flat gray
 pictures sit close to the X-rays in feature space.
 
-Training calls :func:`fit_ood` on the features it already has; :func:`calibrate_bundle` does
-the same for an existing bundle, and from the command line (see docs/reliability.md)::
+Training calls :func:`fit_ood` on the features it already has;
+:func:`pneumo.modeling.calibration.calibrate_bundle` does the same for an existing bundle, and
+from the command line (see docs/reliability.md)::
 
-    python -m pneumo.ood calibrate path/to/bundle --data ../shared/data/chest_xray_224
+    pneumo ood calibrate path/to/bundle --data ../shared/data/chest_xray_224
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageStat
 
-from pneumo.errors import BundleError, PneumoError
-
-if TYPE_CHECKING:
-    from pneumo.inference import Predictor, Source
+from pneumo.core.errors import BundleError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +86,7 @@ class OodGate:
         if x.shape[1] != self.feature_dim:
             raise BundleError(
                 f"The OOD gate was fitted on {self.feature_dim}-d features but got {x.shape[1]}-d ones; "
-                "recalibrate it for this model (python -m pneumo.ood calibrate BUNDLE --data DATA)."
+                "recalibrate it for this model (pneumo ood calibrate BUNDLE --data DATA)."
             )
         centred = x - self.mean
         projected = centred @ self.components.T
@@ -164,7 +160,7 @@ class OodGate:
         if not path.is_file():
             raise BundleError(
                 f"bundle.json has an OOD gate but {path} is missing; copy the whole bundle folder or recalibrate "
-                "(python -m pneumo.ood calibrate BUNDLE --data DATA)."
+                "(pneumo ood calibrate BUNDLE --data DATA)."
             )
         try:
             arrays = load_file(str(path))
@@ -235,101 +231,3 @@ def fit_ood(
         "val_score_median": float(np.median(val_scores)),
     }
     return gate
-
-
-def extract_features(
-    predictor: Predictor, sources: Sequence[Source], batch_size: int = 32
-) -> tuple[np.ndarray, list[int]]:
-    """Pooled features of ``sources`` through ``predictor``'s own decode/preprocess/forward path.
-
-    Returns:
-        ``(features, kept)``: one row per input that decoded, and the indices of those inputs
-        (inputs that fail to decode are logged and skipped: the gate is fitted on what decodes).
-    """
-    import torch
-
-    rows: list[np.ndarray] = []
-    kept: list[int] = []
-    batch: list[torch.Tensor] = []
-    for index, source in enumerate(sources):
-        try:
-            batch.append(predictor.prepare(predictor.decode(source)))
-            kept.append(index)
-        except PneumoError as err:
-            log.warning("Skipping %s: %s", source, err.message)
-        if len(batch) == batch_size or (index == len(sources) - 1 and batch):
-            rows.append(predictor.forward(torch.stack(batch))[1])
-            batch = []
-            log.info("Features: %d / %d images", index + 1, len(sources))
-    if not rows:
-        raise ValueError("None of the inputs could be decoded; there is nothing to fit the OOD gate on.")
-    return np.concatenate(rows), kept
-
-
-def calibrate_bundle(
-    bundle_dir: str | Path,
-    train_files: Sequence[Source],
-    val_files: Sequence[Source],
-    *,
-    quantile: float = DEFAULT_QUANTILE,
-    n_components: int = DEFAULT_COMPONENTS,
-    batch_size: int = 32,
-) -> dict[str, Any]:
-    """Fit the gate with ``bundle_dir``'s own model and write it into the bundle (ood.safetensors + bundle.json).
-
-    Use the bundle's training images for ``train_files`` and its validation images (other
-    patients) for ``val_files``. Returns the new ``meta.ood`` entry.
-    """
-    from pneumo.bundle import read_meta, write_meta
-    from pneumo.inference import Predictor
-
-    predictor = Predictor(bundle_dir, check_ood=False)
-    features_train, _ = extract_features(predictor, train_files, batch_size)
-    features_val, _ = extract_features(predictor, val_files, batch_size)
-    gate = fit_ood(features_train, features_val, quantile=quantile, n_components=n_components)
-    meta = read_meta(predictor.bundle_dir)
-    meta.ood = gate.save(predictor.bundle_dir)
-    write_meta(predictor.bundle_dir, meta)
-    log.info(
-        "OOD gate written to %s: threshold %.3f refuses %.2f%% of %d validation X-rays.",
-        predictor.bundle_dir,
-        gate.threshold,
-        100 * gate.info["val_refusal_rate"],
-        len(features_val),
-    )
-    return meta.ood
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pneumo.ood calibrate BUNDLE --data ROOT``: (re)calibrate a bundle's gate."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pneumo.ood", description="The not-a-chest-X-ray gate of a model bundle."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    cal = sub.add_parser("calibrate", help="Fit the gate on a dataset's patient-level train/val split.")
-    cal.add_argument("bundle", type=Path, help="Model bundle folder to write the gate into.")
-    cal.add_argument("--data", type=Path, required=True, help="Dataset root (with train/ or NORMAL/ PNEUMONIA/).")
-    cal.add_argument("--val-fraction", type=float, default=0.15, help="Patients carved out for validation.")
-    cal.add_argument("--seed", type=int, default=0, help="Seed of the patient split (use the training run's).")
-    cal.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE)
-    cal.add_argument("--components", type=int, default=DEFAULT_COMPONENTS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-
-    from pneumo.data import train_val_samples
-
-    train, val, description = train_val_samples(args.data, val_fraction=args.val_fraction, seed=args.seed)
-    log.info("Split: %d train, %d validation images (%s).", len(train), len(val), description)
-    ood = calibrate_bundle(
-        args.bundle,
-        [s.path for s in train],
-        [s.path for s in val],
-        quantile=args.quantile,
-        n_components=args.components,
-    )
-    log.info("meta.ood = %s", ood)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,28 +1,25 @@
-"""ONNX export of a model bundle, and the ONNX Runtime backend of :class:`~pneumo.inference.Predictor`.
+"""The ONNX Runtime backend of :class:`~pneumo.serving.inference.Predictor`, and where ONNX files live.
 
 Why ONNX Runtime: on a clinic laptop without a GPU, the same EfficientNet-Lite0 graph runs several
 times faster under ONNX Runtime (fused convolutions, no Python dispatch per layer) than in eager
-PyTorch. The exported graph has one input ``input`` (N, 3, S, S) with a dynamic batch axis and two
-outputs, ``logits`` (N, C) and ``features`` (N, F), exactly what :meth:`Predictor.forward` returns
-(the pooled features feed the out-of-distribution gate), so the two backends are interchangeable.
+PyTorch. The exported graph (see :mod:`pneumo.modeling.export`) has one input ``input``
+(N, 3, S, S) with a dynamic batch axis and two outputs, ``logits`` (N, C) and ``features`` (N, F),
+exactly what :meth:`Predictor.forward` returns (the pooled features feed the out-of-distribution
+gate), so the two backends are interchangeable.
 
 Where the ONNX file lives: a bundle may hold ``model.onnx`` next to its weights
 (``pneumo export onnx --model BUNDLE``). The default bundle does *not* ship one: its weights are
 13.7 MB and the ONNX graph is as large again, over the package's 25 MB budget. Instead, the first
 :class:`Predictor` that wants ONNX exports the graph once into a per-user cache
 (``$PNEUMO_CACHE/onnx``, else ``$XDG_CACHE_HOME/pneumo/onnx``, else ``~/.cache/pneumo/onnx``),
-named by the SHA-256 of the weights, and every later start reuses it. Exporting the default
-bundle without ``--out`` writes to that cache too, never into the installed package.
+named by the SHA-256 of the weights, and every later start reuses it.
 
 Every exported file records the SHA-256 of the weights it was made from; a ``model.onnx`` whose
 weights have since changed (a bundle retrained in place) is ignored with a warning, so the ONNX
 backend can never answer with stale weights.
 
-The exporter is ``torch.onnx.export(..., dynamo=True)``: it specializes the TensorFlow-style
-"same" padding of the ``tf_`` EfficientNets to the bundle's fixed input size, giving a graph of
-plain Conv/Clip/Add nodes, where the legacy TorchScript exporter (deprecated since torch 2.9) keeps
-a dynamic Pad and ~400 shape-computation nodes that run ~1.5x slower. The legacy exporter is kept
-only as a fallback when the dynamo exporter fails on some exotic backbone.
+No torch here: running an existing export needs only onnxruntime; exporting (first use of a
+bundle without an export) imports the training stack lazily.
 """
 
 from __future__ import annotations
@@ -31,32 +28,22 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from pneumo.bundle import WEIGHTS_FILE, default_bundle_path, load_bundle, resolve_bundle
-from pneumo.errors import PneumoError
+from pneumo.core.bundle import WEIGHTS_FILE, resolve_bundle
+from pneumo.core.environment import available_cores
+from pneumo.core.errors import PneumoError
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
-#: Opset 18 is the oldest the dynamo exporter targets natively and is supported by every
-#: onnxruntime this project admits (>= 1.18); all backbones we ship need nothing newer.
-DEFAULT_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "features")
 BACKENDS = ("auto", "torch", "onnx")
 #: Metadata key (in the ONNX model's ``metadata_props``) holding the SHA-256 of the source weights.
 WEIGHTS_SHA_KEY = "pneumo_weights_sha256"
-#: Largest |P_onnx - P_torch| accepted by the check run right after every export.
-EXPORT_TOLERANCE = 1e-4
 #: Cached exports kept (most recently used first); older ones are deleted after each new export.
 CACHE_KEEP = 8
 
@@ -66,18 +53,6 @@ class OnnxBackendError(PneumoError):
 
     code = "onnx_unavailable"
     http_status = 500
-
-
-class _LogitsAndFeatures(nn.Module):
-    """A timm model as ``x -> (logits, pooled features)``, the contract of ``Predictor.forward``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model: Any = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return self.model.get_classifier()(features), features
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -152,148 +127,7 @@ def prune_cache(keep: int = CACHE_KEEP) -> list[Path]:
     return removed
 
 
-# ----------------------------------------------------------------------------------------- export
-
-
-def export_onnx(
-    bundle_dir: str | Path | None = None, out: str | Path | None = None, opset: int = DEFAULT_OPSET
-) -> Path:
-    """Export a bundle's model to ONNX (dynamic batch axis, outputs ``logits`` and ``features``).
-
-    The graph is checked against PyTorch on a random batch before it is written, and it is
-    written atomically (temporary file + rename), so concurrent processes never read half a file.
-
-    Args:
-        bundle_dir: the bundle; ``None`` is the default bundle shipped with pneumo.
-        out: destination file. Default: ``model.onnx`` inside the bundle, except for the shipped
-            default bundle, whose export goes to the user cache (see the module docstring).
-        opset: ONNX opset version.
-
-    Returns:
-        The path of the written file.
-
-    Raises:
-        OnnxBackendError: the export failed, or the exported graph disagrees with PyTorch.
-    """
-    folder = resolve_bundle(bundle_dir)
-    sha = weights_sha256(folder)
-    if out is not None:
-        target = Path(out)
-    elif folder.resolve() == default_bundle_path().resolve():
-        target = cached_onnx_path(folder, sha)
-        log.info("The shipped default bundle is exported to the user cache (%s), not into the package.", target)
-    else:
-        target = folder / ONNX_FILE
-    meta, model = load_bundle(folder)
-    wrapper = _LogitsAndFeatures(model).eval()
-    size = meta.preprocess.input_size
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=target.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        with _quiet_exporter_logs():
-            _torch_export(wrapper, example, tmp, opset)
-        _stamp(tmp, {WEIGHTS_SHA_KEY: sha, "pneumo_arch": meta.arch, "pneumo_input_size": str(size)})
-        _check_against_torch(tmp, wrapper, example, meta.temperature)
-        tmp.chmod(0o644)  # mkstemp makes it private; a bundle or cache file is meant to be read by others
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.info("Exported %s (opset %d) to %s", meta.arch, opset, target)
-    return target
-
-
-@contextlib.contextmanager
-def _quiet_exporter_logs() -> Iterator[None]:
-    """Hold back the exporter's per-pass INFO lines (~100 of them) under ``pneumo -v``; warnings still show."""
-    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _torch_export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    """Dynamo export (static spatial size, dynamic batch); the legacy exporter only if dynamo fails."""
-    names: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
-    try:
-        torch.onnx.export(
-            wrapper,
-            (example,),
-            str(path),
-            **names,
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            external_data=False,
-            verbose=False,
-        )
-        return
-    except Exception as err:  # the dynamo exporter raises many types; the fallback decides
-        log.warning("The dynamo ONNX exporter failed (%s: %s); trying the legacy exporter.", type(err).__name__, err)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # we know; it is the fallback
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(path),
-                **names,
-                opset_version=opset,
-                dynamo=False,
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-            )
-    except Exception as err:
-        raise OnnxBackendError(f"ONNX export failed: {type(err).__name__}: {err}", code="onnx_export_failed") from err
-
-
-def _stamp(path: Path, props: dict[str, str]) -> None:
-    """Record where the graph came from in the file's ``metadata_props``."""
-    import onnx
-
-    model = onnx.load(str(path))
-    kept = [p for p in model.metadata_props if p.key not in props]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in props.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
-
-
-def _check_against_torch(path: Path, wrapper: nn.Module, example: torch.Tensor, temperature: float) -> None:
-    """Refuse an export whose probabilities differ from PyTorch's by more than :data:`EXPORT_TOLERANCE`."""
-    with torch.inference_mode():
-        logits, _ = wrapper(example)
-    onnx_logits, _ = OnnxRunner(path)(example.numpy())
-    diff = float(np.abs(_softmax(onnx_logits / temperature) - _softmax(logits.numpy() / temperature)).max())
-    if not diff <= EXPORT_TOLERANCE:
-        raise OnnxBackendError(
-            f"The exported graph disagrees with PyTorch: probabilities differ by {diff:.2e} "
-            f"(tolerance {EXPORT_TOLERANCE:g}). Report the architecture; use backend='torch' meanwhile.",
-            code="onnx_export_failed",
-        )
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 # ---------------------------------------------------------------------------------------- runtime
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (respects taskset/cgroup affinity, unlike ``os.cpu_count``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class OnnxRunner:
@@ -371,7 +205,7 @@ def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device:
             return select_onnx_runner(bundle_dir, override, device=device)
     if backend == "torch":
         return None
-    if torch.device(device).type != "cpu":
+    if device.split(":")[0] != "cpu":
         if backend == "onnx":
             raise OnnxBackendError(
                 f"The ONNX backend runs on the CPU, but device={device!r} was asked for; "
@@ -390,6 +224,8 @@ def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device:
         path = find_onnx(bundle_dir)
         if path is None:
             log.info("No ONNX export of %s yet; exporting it once into %s.", bundle_dir, cache_dir())
+            from pneumo.modeling.export import export_onnx  # lazy: exporting needs torch
+
             path = export_onnx(bundle_dir, out=cached_onnx_path(bundle_dir))
             prune_cache()
         return OnnxRunner(path)

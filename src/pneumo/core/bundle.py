@@ -5,25 +5,22 @@ architecture, the preprocessing (input size, mean/std), the labels, the decision
 how it was chosen, the calibration temperature, the out-of-distribution statistics, what it was
 trained on and how well it did on validation data. Like torchxrayvision's weights, it describes
 itself, so the CLI, the app and the API cannot disagree with training about how to use it.
+
+This module reads and writes the metadata only (no torch): writing and loading the weights into a
+network lives in :mod:`pneumo.modeling.weights`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from pneumo.errors import BundleError
-from pneumo.preprocess import PreprocessConfig
+from pneumo.core.errors import BundleError
+from pneumo.core.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,34 +77,6 @@ class BundleMeta:
             raise BundleError(f"bundle.json is incomplete or malformed: {err}") from err
 
 
-def software_versions() -> dict[str, str]:
-    """Versions recorded in every bundle, so a result can be traced to the software that made it."""
-    import timm
-
-    import pneumo
-
-    return {
-        "pneumo": pneumo.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def save_bundle(out_dir: str | Path, model: nn.Module, meta: BundleMeta) -> Path:
-    """Write ``model``'s weights and ``meta`` into ``out_dir`` (created if needed); returns the folder."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not meta.created:
-        meta.created = datetime.now(UTC).isoformat(timespec="seconds")
-    meta.versions = {**software_versions(), **meta.versions}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"arch": meta.arch, "format": "pneumo-bundle"})
-    write_meta(out, meta)
-    log.info("Saved model bundle to %s", out)
-    return out
-
-
 def write_meta(bundle_dir: str | Path, meta: BundleMeta) -> None:
     """Rewrite ``bundle.json`` (e.g. after attaching OOD statistics), leaving the weights alone."""
     (Path(bundle_dir) / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
@@ -125,23 +94,6 @@ def read_meta(bundle_dir: str | Path) -> BundleMeta:
         return BundleMeta.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as err:
         raise BundleError(f"{path} is not valid JSON: {err}") from err
-
-
-def load_bundle(bundle_dir: str | Path | None = None) -> tuple[BundleMeta, nn.Module]:
-    """Load a bundle (the shipped default when ``bundle_dir`` is None) as metadata and an eval-mode model."""
-    from pneumo.models import create_model
-
-    folder = resolve_bundle(bundle_dir)
-    meta = read_meta(folder)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise BundleError(f"{folder} has no {WEIGHTS_FILE}.")
-    model = create_model(meta.arch, num_classes=len(meta.labels), pretrained=False)
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except RuntimeError as err:
-        raise BundleError(f"The weights in {weights} do not match {meta.arch}: {err}") from err
-    return meta, model.eval()
 
 
 def default_bundle_path() -> Path:

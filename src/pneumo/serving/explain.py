@@ -11,7 +11,8 @@ to lay the map over the image a clinician sees:
 - score: the log-odds of the answer shown (PNEUMONIA vs NORMAL, summed over the bundle's
   positive labels), so the map explains the decision, in binary and 3-class bundles alike.
 - image: the map is resized (squashed back, as preprocessing squashed the input) onto the
-  decoded grayscale image, shrunk to at most ``max_side`` pixels for display.
+  decoded grayscale image, shrunk to at most ``max_side`` pixels for display
+  (:mod:`pneumo.serving.overlay` draws it, without torch).
 
 The explainer works on a private structural copy of the predictor's model that shares its
 weight storage (no extra memory) with gradients switched off, and cuts the backward pass at
@@ -24,7 +25,6 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,70 +32,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pneumo.errors import PneumoError
-from pneumo.io import DecodedImage
+from pneumo.core.io import DecodedImage
+from pneumo.serving.overlay import DEFAULT_MAX_SIDE, ExplainUnavailableError, Explanation
 
 if TYPE_CHECKING:
-    from pneumo.inference import Predictor
+    from pneumo.serving.inference import Predictor
 
 log = logging.getLogger(__name__)
-
-#: Default share of the colour map in the overlay's hottest pixels.
-DEFAULT_OPACITY = 0.45
-#: Longest side of the image the heatmap is drawn on (a DICOM can be 3000 px; a screen shows ~600).
-DEFAULT_MAX_SIDE = 1024
-
-
-class ExplainUnavailableError(PneumoError):
-    """No Grad-CAM for this model (no spatial convolutional stage, or a backend without torch)."""
-
-    code = "explain_unavailable"
-    http_status = 501
-
-
-@dataclass
-class Explanation:
-    """A Grad-CAM map aligned with the image it explains.
-
-    Attributes:
-        heatmap: float32 array (H, W) in [0, 1], the size of ``image``; 1 = strongest evidence.
-        image: the grayscale image (display size) the heatmap is aligned with.
-        target_label: the answer whose evidence is shown (``PNEUMONIA`` or ``NORMAL``).
-        layer: name of the module the map was taken from.
-    """
-
-    heatmap: np.ndarray
-    image: Image.Image
-    target_label: str
-    layer: str
-
-    def overlay(self, opacity: float = DEFAULT_OPACITY) -> Image.Image:
-        """The image in RGB with the heatmap laid over it (see :func:`overlay_heatmap`)."""
-        return overlay_heatmap(self.image, self.heatmap, opacity)
-
-
-def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, opacity: float = DEFAULT_OPACITY) -> Image.Image:
-    """Blend a ``jet``-coloured heatmap onto ``image``, weighting each pixel by its heat.
-
-    A pixel's colour share is ``opacity * heat``: regions without evidence keep the plain
-    radiograph (a uniform blue wash, as a plain alpha blend gives, hides the anatomy) and the
-    hottest regions get ``opacity`` of colour. ``opacity`` 0 returns the image unchanged.
-
-    Raises:
-        ValueError: the heatmap does not have the image's size, or ``opacity`` is outside [0, 1].
-    """
-    import matplotlib  # lazy: only drawing needs it
-
-    if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"opacity must be in [0, 1], got {opacity}.")
-    if heatmap.shape != (image.height, image.width):
-        raise ValueError(f"heatmap shape {heatmap.shape} does not match the image ({image.height}, {image.width}).")
-    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    heat = np.clip(heatmap.astype(np.float32), 0.0, 1.0)
-    colour = matplotlib.colormaps["jet"](heat)[..., :3].astype(np.float32)
-    weight = (opacity * heat)[..., None]
-    blended = base * (1.0 - weight) + colour * weight
-    return Image.fromarray(np.round(blended * 255.0).astype(np.uint8), mode="RGB")
 
 
 def target_layer_name(model: nn.Module, probe_size: int = 64) -> str:
@@ -162,7 +105,7 @@ class _DecisionTarget:
     ``log sum exp(positive logits) - log sum exp(negative logits)`` is the log-odds of
     P(pneumonia) in binary and multi-class bundles alike; its negation explains NORMAL.
     With ``label`` None the answer is decided from the same logits and threshold as
-    :class:`~pneumo.inference.Predictor`, and remembered in ``label``.
+    :class:`~pneumo.serving.inference.Predictor`, and remembered in ``label``.
     """
 
     def __init__(self, positive: list[int], n_labels: int, temperature: float, threshold: float, label: str | None):
@@ -181,7 +124,7 @@ class _DecisionTarget:
 
 
 class GradCamExplainer:
-    """Grad-CAM for the model of a :class:`~pneumo.inference.Predictor`.
+    """Grad-CAM for the model of a :class:`~pneumo.serving.inference.Predictor`.
 
     Thread-safe: maps are computed one at a time (the ``grad-cam`` hooks live on a shared
     layer), while predictions on the predictor's own model carry on in parallel.
@@ -231,7 +174,7 @@ class GradCamExplainer:
         decoded = image if isinstance(image, DecodedImage) else DecodedImage(image.convert("L"), "image", image.size)
         display = decoded.image.copy()
         display.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        batch = self.predictor.prepare(decoded)[None]
+        batch = torch.from_numpy(self.predictor.prepare(decoded)[None])
         meta = self.predictor.meta
         target = _DecisionTarget(
             meta.positive_indices, len(meta.labels), meta.temperature, meta.threshold, target_label

@@ -1,4 +1,4 @@
-"""Metrics, bootstrap confidence intervals, threshold choice, calibration and plots.
+"""Metrics, bootstrap confidence intervals, threshold choice and calibration.
 
 Training (threshold and temperature on the validation split), ``pneumo evaluate`` and ``pneumo compare``
 all go through this module, so every number they report has one definition. Conventions: ``y_true`` is 1
@@ -6,21 +6,21 @@ for PNEUMONIA (the positive class) and 0 for NORMAL, ``prob`` is P(pneumonia), a
 PNEUMONIA when ``prob >= threshold``. Values that are undefined on the data at hand (ROC AUC with one
 class, precision with no positive calls) are ``None``, never NaN, so reports stay valid JSON.
 
-Pure numpy / scipy / scikit-learn (matplotlib only inside :func:`save_plots`): no torch needed.
+Pure numpy / scipy / scikit-learn: no torch needed. Plots live in :mod:`pneumo.evaluation.plots`, the
+Markdown report in :mod:`pneumo.evaluation.report`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax
 from scipy.stats import rankdata
 from sklearn.metrics import (
     average_precision_score,
@@ -31,7 +31,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pneumo.errors import PneumoError
+from pneumo.core.errors import PneumoError
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +42,12 @@ REPORT_CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv
 #: Every metric :func:`bootstrap_ci` can resample (all vectorized over resamples).
 BOOTSTRAP_METRICS = (*REPORT_CI_METRICS, "brier", "ece")
 
-_HEADLINE = (
-    ("accuracy", "Accuracy"),
-    ("sensitivity", "Sensitivity (recall)"),
-    ("specificity", "Specificity"),
-    ("precision", "Precision (PPV)"),
-    ("npv", "NPV"),
-    ("f1", "F1"),
-    ("roc_auc", "ROC AUC"),
-    ("pr_auc", "PR AUC (average precision)"),
-    ("ece", "ECE (15 bins)"),
-    ("brier", "Brier score"),
-)
 # Bootstrap resamples are processed in chunks of about this many (resample x image) cells to bound memory.
 _CHUNK_CELLS = 2_000_000
 
 
 class MetricsInputError(PneumoError, ValueError):
-    """Labels, probabilities or options handed to ``pneumo.metrics`` are not usable."""
+    """Labels, probabilities or options handed to ``pneumo.evaluation.metrics`` are not usable."""
 
     code = "invalid_metrics_input"
 
@@ -226,13 +214,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float,
     if min(abs(temperature - lo), abs(temperature - hi)) < 1e-3 * temperature:
         logger.warning("fitted temperature %.4g is at the search bound %s (separable data?)", temperature, bounds)
     return temperature
-
-
-def softmax_with_temperature(logits: np.ndarray, temperature: float) -> NDArray[np.float64]:
-    """Calibrated class probabilities ``softmax(logits / T)`` over the last axis."""
-    if not temperature > 0:
-        raise MetricsInputError(f"temperature must be > 0, got {temperature}")
-    return np.asarray(softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1), dtype=np.float64)
 
 
 def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
@@ -404,132 +385,3 @@ def evaluation_report(
         else "none"
     )
     return report
-
-
-# ---------------------------------------------------------------- plots and Markdown
-
-
-def save_plots(
-    y_true: np.ndarray, prob: np.ndarray, threshold: float, out_dir: Path, prefix: str = ""
-) -> dict[str, Path]:
-    """Write ROC, precision-recall, confusion-matrix and reliability plots as PNG files.
-
-    Uses ``matplotlib.figure.Figure`` directly (Agg rendering, no pyplot), so it is thread-safe, needs no
-    display and leaves no global state behind.
-
-    Returns:
-        ``{"roc", "pr", "confusion_matrix", "reliability"}`` -> path of ``out_dir / f"{prefix}{name}.png"``.
-    """
-    from matplotlib.figure import Figure  # lazy: only plotting needs matplotlib
-
-    y, p = _check_binary(y_true, prob)
-    m = compute_metrics(y, p, threshold)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    drawers = {"roc": _plot_roc, "pr": _plot_pr, "confusion_matrix": _plot_confusion, "reliability": _plot_reliability}
-    paths: dict[str, Path] = {}
-    for name, draw in drawers.items():
-        fig = Figure(figsize=(5, 5), layout="constrained")
-        ax = fig.add_subplot()
-        draw(ax, y, p, m)
-        paths[name] = out_dir / f"{prefix}{name}.png"
-        fig.savefig(paths[name], dpi=100)
-    return paths
-
-
-def _undefined(ax: Any, title: str) -> None:
-    ax.set_title(title)
-    ax.text(0.5, 0.5, "undefined: only one class present", ha="center", va="center", transform=ax.transAxes)
-
-
-def _plot_roc(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
-    if m["roc_auc"] is None:
-        _undefined(ax, "ROC curve")
-        return
-    fpr, tpr, _ = roc_curve(y, p)
-    ax.plot(fpr, tpr, label=f"ROC (AUC = {m['roc_auc']:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
-    ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="red", label=f"threshold {m['threshold']:.3f}")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC curve", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
-
-
-def _plot_pr(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
-    if m["pr_auc"] is None:
-        _undefined(ax, "Precision-recall curve")
-        return
-    precision, recall, _ = precision_recall_curve(y, p)
-    ax.step(recall, precision, where="post", label=f"PR (AP = {m['pr_auc']:.3f})")
-    ax.axhline(m["n_positive"] / m["n_images"], ls="--", lw=1, color="grey", label="prevalence")
-    if m["precision"] is not None:
-        ax.plot(m["sensitivity"], m["precision"], "o", color="red", label=f"threshold {m['threshold']:.3f}")
-    ax.set(
-        xlabel="recall (sensitivity)",
-        ylabel="precision",
-        title="Precision-recall curve",
-        xlim=(0, 1.01),
-        ylim=(0, 1.01),
-    )
-    ax.legend(loc="lower left")
-
-
-def _plot_confusion(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
-    cm = np.asarray(m["confusion_matrix"])
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), count in np.ndenumerate(cm):
-        color = "white" if count > cm.max() / 2 else "black"
-        ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=14)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES)
-    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (threshold {m['threshold']:.3f})")
-
-
-def _plot_reliability(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
-    counts, sum_p, sum_y = _reliability_bins(y, p, 15)
-    seen = counts > 0
-    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfect calibration")
-    ax.plot(sum_p[seen] / counts[seen], sum_y[seen] / counts[seen], "o-", label="model")
-    ax.set(xlabel="mean predicted P(pneumonia)", ylabel="observed fraction PNEUMONIA", xlim=(0, 1), ylim=(0, 1))
-    ax.set_title(f"Reliability diagram (ECE = {m['ece']:.3f})")
-    ax.legend(loc="upper left")
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def format_ci(value: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
-    """``"0.952 (0.931-0.970)"``; ``"n/a"`` for an undefined value, the bare value when there is no CI."""
-    if value is None:
-        return "n/a"
-    if ci is None:
-        return _fmt(value, digits)
-    return f"{value:.{digits}f} ({ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
-
-
-def markdown_report(report: Mapping[str, Any], title: str = "Evaluation") -> str:
-    """A Markdown page for humans from :func:`evaluation_report`'s dict (optionally with ``"plots"``:
-    name -> path, linked by file name so the page works next to its PNGs)."""
-    ci: Mapping[str, Any] = report.get("ci") or {}
-    level = float(report.get("ci_level", 0.95))
-    lines = [f"# {title}", ""]
-    lines.append(
-        f"{report['n_images']} images ({report['n_positive']} PNEUMONIA, {report['n_negative']} NORMAL). "
-        f"An image is called PNEUMONIA when P(pneumonia) >= {report['threshold']:.4f}"
-        + (f" (chosen by: {report['threshold_rule']})." if report.get("threshold_rule") else ".")
-    )
-    lines += ["", f"| metric | value | {level:.0%} CI |", "| --- | ---: | :---: |"]
-    for key, label in _HEADLINE:
-        if key in report:
-            bounds = ci.get(key)
-            interval = "" if bounds is None else f"{bounds[0]:.3f} - {bounds[1]:.3f}"
-            lines.append(f"| {label} | {_fmt(report[key])} | {interval} |")
-    if report.get("ci_method") and report["ci_method"] != "none":
-        lines += ["", f"Confidence intervals: {report['ci_method']}."]
-    (tn, fp), (fn, tp) = report["confusion_matrix"]
-    lines += ["", "## Confusion matrix", "", "| true \\ predicted | NORMAL | PNEUMONIA |", "| --- | ---: | ---: |"]
-    lines += [f"| NORMAL | {tn} | {fp} |", f"| PNEUMONIA | {fn} | {tp} |"]
-    plots: Mapping[str, Any] = report.get("plots") or {}
-    if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{name.replace('_', ' ')}]({Path(path).name})" for name, path in plots.items()]
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""Training curves and run comparison: what `pneumo compare` and the end of each run draw."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pneumo.evaluation.report import format_ci
+
+
+def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch series from Lightning's CSV log: name -> [(epoch, value)]."""
+    series: dict[str, dict[int, float]] = {}
+    if not path.is_file():
+        return {}
+    for row in csv.DictReader(path.open()):
+        epoch = row.get("epoch")
+        if epoch in (None, ""):
+            continue
+        for key, value in row.items():
+            if key not in ("epoch", "step") and value not in (None, ""):
+                series.setdefault(key, {})[int(float(epoch))] = float(value)
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def save_curves(metrics_csv: Path, out: Path, runs: Sequence[tuple[str, Path]] | None = None) -> Path:
+    """Loss and validation-AUC curves of one run, or of several runs overlaid (``runs``: label, csv)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), dpi=110)
+    FigureCanvasAgg(figure)
+    loss_ax, auc_ax = figure.subplots(1, 2)
+    for label, path in runs or [("", metrics_csv)]:
+        series = read_metrics_csv(path)
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            if key in series:
+                x, y = zip(*series[key], strict=True)
+                loss_ax.plot(x, y, style, label=f"{label} {key}".strip())
+        if "val_auc" in series:
+            x, y = zip(*series["val_auc"], strict=True)
+            auc_ax.plot(x, y, "-o", markersize=3, label=label or "val_auc")
+    loss_ax.set(title="Loss", xlabel="epoch")
+    auc_ax.set(title="Validation ROC AUC", xlabel="epoch")
+    for ax in (loss_ax, auc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    return out
+
+
+_COLUMNS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None = None) -> str:
+    """A Markdown table of runs side by side (validation metrics with CIs, settings, times) + overlaid curves."""
+    rows = []
+    for run in map(Path, run_dirs):
+        record_path = run / "run.json"
+        if not record_path.is_file():
+            raise FileNotFoundError(f"{run} has no run.json; pass folders written by `pneumo train --out`.")
+        rows.append((run, json.loads(record_path.read_text())))
+    header = ["run", "arch", "phases", "optimizer", "augment", *_COLUMNS, "threshold", "params", "train time",
+              "inference ms/img"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run, rec in rows:
+        cfg, val, tr = rec["training"]["config"], rec["validation"], rec["training"]
+        phases = f"{cfg['frozen_epochs']} frozen + {cfg['finetune_epochs']} x last {cfg['unfreeze_stages']} stages"
+        if cfg["finetune_epochs"] == 0:
+            phases = f"{cfg['frozen_epochs']} frozen (head only)"
+        cells = [run.name, cfg["arch"], phases, cfg["optimizer"], "yes" if cfg["augment"]["enabled"] else "no"]
+        cells += [format_ci(val.get(m), val.get("ci", {}).get(m)) for m in _COLUMNS]
+        minutes = (tr["cache_seconds"] + tr["fit_seconds"]) / 60
+        cells += [f"{val['threshold']:.3f}", f"{tr['parameters'] / 1e6:.1f} M", f"{minutes:.1f} min",
+                  _fmt_ms(rec.get("inference_ms"))]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(table)
+    if curves_png is not None:
+        save_curves(Path(), curves_png, [(run.name, run / "logs" / "metrics.csv") for run, _ in rows])
+    return table
+
+
+def _fmt_ms(value: Any) -> str:
+    return f"{value:.0f}" if isinstance(value, int | float) else "n/a"

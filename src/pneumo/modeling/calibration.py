@@ -1,0 +1,164 @@
+"""Finishing a model: temperature, decision threshold and OOD gate fitted on validation data, then the bundle.
+
+:func:`finish_run` ends every training run (``pneumo train --out RUN`` gets ``bundle/``,
+``validation/`` with the report and plots, ``curves.png`` and ``run.json``, which
+:func:`pneumo.evaluation.compare.compare_runs` reads). :func:`calibrate_bundle` (re)fits the
+out-of-distribution gate of an existing bundle through the bundle's own inference path
+(``pneumo ood calibrate``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from pneumo.core.bundle import BundleMeta, read_meta, write_meta
+from pneumo.core.environment import hardware_info
+from pneumo.core.errors import PneumoError
+from pneumo.core.probability import positive_probability, temperature_softmax
+from pneumo.evaluation.compare import save_curves
+from pneumo.evaluation.metrics import evaluation_report, fit_temperature, select_threshold
+from pneumo.evaluation.plots import save_plots
+from pneumo.evaluation.report import format_ci, markdown_report
+from pneumo.modeling.weights import save_bundle
+from pneumo.serving.inference import Predictor, Source
+from pneumo.serving.ood import DEFAULT_COMPONENTS, DEFAULT_QUANTILE, fit_ood
+
+log = logging.getLogger(__name__)
+
+FeatureFn = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+
+def finish_run(
+    model: nn.Module, spec: Any, config: Any, dm: Any, feature_fn: FeatureFn, record: dict[str, Any]
+) -> Path:
+    """Calibrate on validation data, choose the threshold, fit the OOD gate and write the bundle.
+
+    The order matters: temperature first (it changes probabilities), then the threshold on the
+    calibrated probabilities, so the bundle's threshold applies to what the Predictor outputs.
+    """
+    out = Path(config.out)
+    labels = list(dm.label_names)
+    positive = [i for i, name in enumerate(labels) if name != "NORMAL"]
+    val_logits, val_feats = feature_fn("val")
+    y_class = np.array([s.label for s in dm.val_samples])
+    y_true = np.isin(y_class, positive).astype(int)
+    temperature = fit_temperature(val_logits, y_class)
+    prob = positive_probability(temperature_softmax(val_logits, temperature), positive)
+    threshold = select_threshold(y_true, prob, config.threshold_rule, config.target_sensitivity)
+    rule = config.threshold_rule + (
+        f" (target {config.target_sensitivity})" if config.threshold_rule == "sensitivity" else ""
+    )
+    report = evaluation_report(y_true, prob, threshold)
+    val_dir = out / "validation"
+    report["plots"] = {k: p.name for k, p in save_plots(y_true, prob, threshold, val_dir).items()}
+    (val_dir / "report.md").write_text(markdown_report(report, f"Validation of {config.name or config.arch}"))
+    (val_dir / "predictions.csv").write_text(
+        "file,label,probability\n" + "".join(f"{s.path},{y},{p:.6f}\n" for s, y, p in zip(dm.val_samples, y_true, prob))
+    )
+
+    meta = BundleMeta(
+        arch=config.arch,
+        timm_name=spec.timm_name,
+        labels=labels,
+        positive_labels=[labels[i] for i in positive],
+        preprocess=spec.preprocess,
+        threshold=float(threshold),
+        threshold_rule=f"{rule} on the validation split ({dm.split_description}), after temperature scaling",
+        temperature=float(temperature),
+        name=config.name or f"pneumo-{config.arch}",
+        version=_version_from_time(),
+        training={**record, "hardware": hardware_info()},
+        metrics={"validation": {k: v for k, v in report.items() if k != "plots"}},
+    )
+    bundle_dir = save_bundle(out / "bundle", model, meta)
+    _fit_ood(bundle_dir, feature_fn, val_feats)
+    save_curves(out / "logs" / "metrics.csv", out / "curves.png")
+    summary = {
+        "name": meta.name,
+        "arch": config.arch,
+        "bundle": str(bundle_dir),
+        "validation": meta.metrics["validation"],
+        "training": record,
+    }
+    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    log.info("Validation: %s", format_ci(report["roc_auc"], report["ci"].get("roc_auc")))
+    return bundle_dir
+
+
+def _fit_ood(bundle_dir: Path, feature_fn: FeatureFn, val_feats: np.ndarray) -> None:
+    """Fit the out-of-distribution gate on the run's own features (train fit, val threshold)."""
+    _, train_feats = feature_fn("train")
+    gate = fit_ood(train_feats, val_feats)
+    meta = read_meta(bundle_dir)
+    meta.ood = gate.save(bundle_dir)
+    write_meta(bundle_dir, meta)
+
+
+def _version_from_time() -> str:
+    return datetime.now(UTC).strftime("%Y.%m.%d.%H%M")
+
+
+def extract_features(
+    predictor: Predictor, sources: Sequence[Source], batch_size: int = 32
+) -> tuple[np.ndarray, list[int]]:
+    """Pooled features of ``sources`` through ``predictor``'s own decode/preprocess/forward path.
+
+    Returns:
+        ``(features, kept)``: one row per input that decoded, and the indices of those inputs
+        (inputs that fail to decode are logged and skipped: the gate is fitted on what decodes).
+    """
+    rows: list[np.ndarray] = []
+    kept: list[int] = []
+    batch: list[np.ndarray] = []
+    for index, source in enumerate(sources):
+        try:
+            batch.append(predictor.prepare(predictor.decode(source)))
+            kept.append(index)
+        except PneumoError as err:
+            log.warning("Skipping %s: %s", source, err.message)
+        if len(batch) == batch_size or (index == len(sources) - 1 and batch):
+            rows.append(predictor.forward(np.stack(batch))[1])
+            batch = []
+            log.info("Features: %d / %d images", index + 1, len(sources))
+    if not rows:
+        raise ValueError("None of the inputs could be decoded; there is nothing to fit the OOD gate on.")
+    return np.concatenate(rows), kept
+
+
+def calibrate_bundle(
+    bundle_dir: str | Path,
+    train_files: Sequence[Source],
+    val_files: Sequence[Source],
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+    n_components: int = DEFAULT_COMPONENTS,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Fit the gate with ``bundle_dir``'s own model and write it into the bundle (ood.safetensors + bundle.json).
+
+    Use the bundle's training images for ``train_files`` and its validation images (other
+    patients) for ``val_files``. Returns the new ``meta.ood`` entry.
+    """
+    predictor = Predictor(bundle_dir, check_ood=False)
+    features_train, _ = extract_features(predictor, train_files, batch_size)
+    features_val, _ = extract_features(predictor, val_files, batch_size)
+    gate = fit_ood(features_train, features_val, quantile=quantile, n_components=n_components)
+    meta = read_meta(predictor.bundle_dir)
+    meta.ood = gate.save(predictor.bundle_dir)
+    write_meta(predictor.bundle_dir, meta)
+    log.info(
+        "OOD gate written to %s: threshold %.3f refuses %.2f%% of %d validation X-rays.",
+        predictor.bundle_dir,
+        gate.threshold,
+        100 * gate.info["val_refusal_rate"],
+        len(features_val),
+    )
+    return meta.ood

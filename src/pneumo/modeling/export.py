@@ -1,0 +1,179 @@
+"""ONNX export of a model bundle (run by :mod:`pneumo.serving.onnx_runtime`, which says where files live).
+
+The exporter is ``torch.onnx.export(..., dynamo=True)``: it specializes the TensorFlow-style
+"same" padding of the ``tf_`` EfficientNets to the bundle's fixed input size, giving a graph of
+plain Conv/Clip/Add nodes, where the legacy TorchScript exporter (deprecated since torch 2.9) keeps
+a dynamic Pad and ~400 shape-computation nodes that run ~1.5x slower. The legacy exporter is kept
+only as a fallback when the dynamo exporter fails on some exotic backbone.
+
+Exporting the shipped default bundle without ``out`` writes to the user cache, never into the
+installed package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumo.core.bundle import default_bundle_path, resolve_bundle
+from pneumo.core.probability import temperature_softmax
+from pneumo.modeling.models import LogitsAndFeatures
+from pneumo.modeling.weights import load_bundle
+from pneumo.serving.onnx_runtime import (
+    INPUT_NAME,
+    ONNX_FILE,
+    OUTPUT_NAMES,
+    WEIGHTS_SHA_KEY,
+    OnnxBackendError,
+    OnnxRunner,
+    cached_onnx_path,
+    weights_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+#: Opset 18 is the oldest the dynamo exporter targets natively and is supported by every
+#: onnxruntime this project admits (>= 1.18); all backbones we ship need nothing newer.
+DEFAULT_OPSET = 18
+#: Largest |P_onnx - P_torch| accepted by the check run right after every export.
+EXPORT_TOLERANCE = 1e-4
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def export_onnx(
+    bundle_dir: str | Path | None = None, out: str | Path | None = None, opset: int = DEFAULT_OPSET
+) -> Path:
+    """Export a bundle's model to ONNX (dynamic batch axis, outputs ``logits`` and ``features``).
+
+    The graph is checked against PyTorch on a random batch before it is written, and it is
+    written atomically (temporary file + rename), so concurrent processes never read half a file.
+
+    Args:
+        bundle_dir: the bundle; ``None`` is the default bundle shipped with pneumo.
+        out: destination file. Default: ``model.onnx`` inside the bundle, except for the shipped
+            default bundle, whose export goes to the user cache (see the module docstring).
+        opset: ONNX opset version.
+
+    Returns:
+        The path of the written file.
+
+    Raises:
+        OnnxBackendError: the export failed, or the exported graph disagrees with PyTorch.
+    """
+    folder = resolve_bundle(bundle_dir)
+    sha = weights_sha256(folder)
+    if out is not None:
+        target = Path(out)
+    elif folder.resolve() == default_bundle_path().resolve():
+        target = cached_onnx_path(folder, sha)
+        log.info("The shipped default bundle is exported to the user cache (%s), not into the package.", target)
+    else:
+        target = folder / ONNX_FILE
+    meta, model = load_bundle(folder)
+    wrapper = LogitsAndFeatures(model).eval()
+    size = meta.preprocess.input_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=target.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        with _quiet_exporter_logs():
+            _torch_export(wrapper, example, tmp, opset)
+        _stamp(tmp, {WEIGHTS_SHA_KEY: sha, "pneumo_arch": meta.arch, "pneumo_input_size": str(size)})
+        _check_against_torch(tmp, wrapper, example, meta.temperature)
+        tmp.chmod(0o644)  # mkstemp makes it private; a bundle or cache file is meant to be read by others
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("Exported %s (opset %d) to %s", meta.arch, opset, target)
+    return target
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """Hold back the exporter's per-pass INFO lines (~100 of them) under ``pneumo -v``; warnings still show."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _torch_export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """Dynamo export (static spatial size, dynamic batch); the legacy exporter only if dynamo fails."""
+    names: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+    try:
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            **names,
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            external_data=False,
+            verbose=False,
+        )
+        return
+    except Exception as err:  # the dynamo exporter raises many types; the fallback decides
+        log.warning("The dynamo ONNX exporter failed (%s: %s); trying the legacy exporter.", type(err).__name__, err)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # we know; it is the fallback
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(path),
+                **names,
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            )
+    except Exception as err:
+        raise OnnxBackendError(f"ONNX export failed: {type(err).__name__}: {err}", code="onnx_export_failed") from err
+
+
+def _stamp(path: Path, props: dict[str, str]) -> None:
+    """Record where the graph came from in the file's ``metadata_props``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def _check_against_torch(path: Path, wrapper: nn.Module, example: torch.Tensor, temperature: float) -> None:
+    """Refuse an export whose probabilities differ from PyTorch's by more than :data:`EXPORT_TOLERANCE`."""
+    with torch.inference_mode():
+        logits, _ = wrapper(example)
+    onnx_logits, _ = OnnxRunner(path)(example.numpy())
+    diff = float(
+        np.abs(temperature_softmax(onnx_logits, temperature) - temperature_softmax(logits.numpy(), temperature)).max()
+    )
+    if not diff <= EXPORT_TOLERANCE:
+        raise OnnxBackendError(
+            f"The exported graph disagrees with PyTorch: probabilities differ by {diff:.2e} "
+            f"(tolerance {EXPORT_TOLERANCE:g}). Report the architecture; use backend='torch' meanwhile.",
+            code="onnx_export_failed",
+        )
