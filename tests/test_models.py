@@ -21,7 +21,6 @@ from pneumo.modeling.models import (
     freeze_backbone,
     get_spec,
     list_archs,
-    set_frozen_bn_eval,
     stage_modules,
 )
 
@@ -203,15 +202,3 @@ def test_freeze_backbone_all_stages_and_refreeze() -> None:
     assert count_parameters(model, trainable_only=True) == count_parameters(model)
     freeze_backbone(model, 0)  # freezing again must also re-freeze what was trainable
     assert _trainable_modules(model) == set(stage_modules(model)[-1])
-
-
-def test_frozen_batchnorm_goes_to_eval_and_keeps_its_statistics() -> None:
-    model = create_model("test_efficientnet", pretrained=False)
-    freeze_backbone(model, 1)
-    model.train()
-    set_frozen_bn_eval(model)
-    before = model.bn1.running_mean.clone()
-    assert not model.bn1.training  # stem BN: frozen
-    assert model.bn2.training  # head-side BN of the last stage: trainable
-    model(torch.randn(2, 3, 64, 64))
-    assert torch.equal(model.bn1.running_mean, before)

@@ -40,6 +40,16 @@ def _module_of(key: str) -> str:
     return key.rsplit(".", 1)[0]
 
 
+def _batchnorm_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of every BatchNorm layer (scale, shift and running statistics)."""
+    return {
+        f"{name}.{key}"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for key in module.state_dict()
+    }
+
+
 def _keys_in(groups: list[list[str]], state: dict[str, torch.Tensor]) -> list[str]:
     names = {name for group in groups for name in group}
     return [k for k in state if _module_of(k) in names and not k.endswith("num_batches_tracked")]
@@ -76,12 +86,13 @@ def cached_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     )
     snapshots: list[dict[str, torch.Tensor]] = []
 
-    class Recording(training.StagedUnfreeze):
+    class Recording(training.StagedFinetuning):
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            snapshots.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+            model = pl_module.net.model  # the cached-feature suffix holds the whole model
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "StagedUnfreeze", Recording)
+        patch.setattr(training, "StagedFinetuning", Recording)
         bundle = fit(config)
     assert bundle is not None
     start = create_model("test_efficientnet", weights=weights).state_dict()
@@ -158,10 +169,16 @@ def test_staged_unfreezing_trains_exactly_the_unfrozen_stages(cached_run: Run) -
         assert torch.equal(after_head_phase[key], cached_run.start[key]), f"phase 1 changed {key}"
     assert any(not torch.equal(after_head_phase[k], after_finetune[k]) for k in head)
 
-    # Phase 2: every unfrozen weight moved; the frozen prefix is still bit-identical.
-    params = {name for name, _ in create_model("test_efficientnet", pretrained=False).named_parameters()}
+    # Phase 2: every unfrozen weight moved, except BatchNorm's (train_bn=False: neither its scale and
+    # shift nor its statistics train); the frozen prefix is still bit-identical.
+    model = create_model("test_efficientnet", pretrained=False)
+    params = {name for name, _ in model.named_parameters()}
+    norms = _batchnorm_keys(model)
     moved = [k for k in unfrozen if k in params and not torch.equal(after_finetune[k], cached_run.start[k])]
-    assert moved == [k for k in unfrozen if k in params]
+    assert moved == [k for k in unfrozen if k in params and k not in norms]
+    assert [k for k in unfrozen if k in norms] and all(
+        torch.equal(after_finetune[k], cached_run.start[k]) for k in unfrozen if k in norms
+    )
     for key in frozen_prefix:
         assert torch.equal(after_finetune[key], cached_run.start[key]), f"phase 2 changed frozen {key}"
 
@@ -197,7 +214,9 @@ def test_training_without_the_cache_unfreezes_any_timm_model(tmp_path: Path) -> 
     stages = stage_modules(create_model("test_resnet", pretrained=False))
     frozen, last = _keys_in(stages[:-2], start), _keys_in(stages[-2:-1], start)
     assert all(torch.equal(saved[k], start[k]) for k in frozen), "frozen stages (or their BatchNorm stats) moved"
-    assert all(not torch.equal(saved[k], start[k]) for k in last if k.endswith("weight"))
+    norms = _batchnorm_keys(create_model("test_resnet", pretrained=False))
+    assert all(not torch.equal(saved[k], start[k]) for k in last if k.endswith("weight") and k not in norms)
+    assert all(torch.equal(saved[k], start[k]) for k in last if k in norms), "train_bn=False: BatchNorm stays put"
     Predictor(bundle, backend="torch", check_ood=False)  # loads
 
 

@@ -37,16 +37,17 @@ FeatureFn = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
 def finish_run(
-    model: nn.Module, spec: Any, config: Any, dm: Any, feature_fn: FeatureFn, record: dict[str, Any]
+    model: nn.Module, meta: BundleMeta, config: Any, dm: Any, feature_fn: FeatureFn, record: dict[str, Any]
 ) -> Path:
     """Calibrate on validation data, choose the threshold, fit the OOD gate and write the bundle.
 
+    ``meta`` arrives with what training knew (architecture, labels, preprocessing, name) and
+    leaves with the calibration, the threshold, the metrics and the training record.
     The order matters: temperature first (it changes probabilities), then the threshold on the
     calibrated probabilities, so the bundle's threshold applies to what the Predictor outputs.
     """
     out = Path(config.out)
-    labels = list(dm.label_names)
-    positive = [i for i, name in enumerate(labels) if name != "NORMAL"]
+    positive = meta.positive_indices
     val_logits, val_feats = feature_fn("val")
     y_class = np.array([s.label for s in dm.val_samples])
     y_true = np.isin(y_class, positive).astype(int)
@@ -64,20 +65,12 @@ def finish_run(
         "file,label,probability\n" + "".join(f"{s.path},{y},{p:.6f}\n" for s, y, p in zip(dm.val_samples, y_true, prob))
     )
 
-    meta = BundleMeta(
-        arch=config.arch,
-        timm_name=spec.timm_name,
-        labels=labels,
-        positive_labels=[labels[i] for i in positive],
-        preprocess=spec.preprocess,
-        threshold=float(threshold),
-        threshold_rule=f"{rule} on the validation split ({dm.split_description}), after temperature scaling",
-        temperature=float(temperature),
-        name=config.name or f"pneumo-{config.arch}",
-        version=_version_from_time(),
-        training={**record, "hardware": hardware_info()},
-        metrics={"validation": {k: v for k, v in report.items() if k != "plots"}},
-    )
+    meta.threshold = float(threshold)
+    meta.threshold_rule = f"{rule} on the validation split ({dm.split_description}), after temperature scaling"
+    meta.temperature = float(temperature)
+    meta.version = _version_from_time()
+    meta.training = {**record, "hardware": hardware_info()}
+    meta.metrics = {"validation": {k: v for k, v in report.items() if k != "plots"}}
     bundle_dir = save_bundle(out / "bundle", model, meta)
     _fit_ood(bundle_dir, feature_fn, val_feats)
     save_curves(out / "logs" / "metrics.csv", out / "curves.png")

@@ -16,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from timm.models.efficientnet import EfficientNet
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pneumo.core.errors import PneumoError
 from pneumo.core.preprocess import PreprocessConfig
-from pneumo.modeling.data import Sample, XrayDataset
+from pneumo.modeling.data import Sample, XrayDataModule, XrayDataset, balanced_sampler, build_augment
 from pneumo.modeling.models import logits_and_features
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ def split_model(model: nn.Module, trainable_stages: int) -> tuple[nn.Module, Suf
         return prefix, Suffix(model, first)
     raise PneumoError(
         f"The feature cache can fine-tune {trainable_stages} stages of EfficientNet models only, not of "
-        f"{type(model).__name__}; train it without the cache (--no-feature-cache) or with --unfreeze-stages 0.",
+        f"{type(model).__name__}; train it without the cache (--feature-cache false) or with --unfreeze-stages 0.",
         code="feature_cache_unsupported",
     )
 
@@ -156,3 +159,85 @@ def build_views(
         if progress is not None:
             progress(f"cached view {view + 1}/{1 + n_augmented} of {len(samples)} images")
     return torch.stack(views)
+
+
+class CachedViewsDataModule(L.LightningDataModule):
+    """The images' DataModule seen through a frozen prefix: Lightning trains the suffix on cached views.
+
+    ``setup`` sets the images up (discovery, patient split), then runs the prefix once over every
+    training image plain and ``n_augmented`` times augmented, and over every validation image
+    plain (:func:`build_views`); the loaders serve those tensors. Everything else (samples,
+    labels, class weights, split) is the images' DataModule's.
+
+    Args:
+        images: the run's image DataModule (its augmentation makes the augmented views).
+        prefix: the frozen part of the model (:func:`split_model`).
+        n_augmented: augmented views cached per training image (0 when augmentation is off).
+        key_parts: what the cached prefix outputs depend on besides the samples (architecture, weights, ...).
+        cache_dir: keep views on disk here and reuse them across runs.
+        progress: called with progress messages.
+    """
+
+    def __init__(
+        self,
+        images: XrayDataModule,
+        prefix: nn.Module,
+        n_augmented: int,
+        key_parts: dict[str, Any],
+        *,
+        cache_dir: Path | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.images, self.prefix, self.n_augmented = images, prefix, n_augmented
+        self.key_parts, self.cache_dir, self.progress = key_parts, cache_dir, progress
+        self.train_views: torch.Tensor | None = None
+        self.val_views: torch.Tensor | None = None
+        self.build_seconds = 0.0
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        return self.images.class_weights
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_views is not None:
+            return
+        started = time.perf_counter()
+        images = self.images
+        images.setup("fit")
+        augment = build_augment(images.augment_config) if images.augment_config.enabled else None
+        common: dict[str, Any] = {"seed": images.seed, "batch_size": images.batch_size, "cache_dir": self.cache_dir,
+                                  "progress": self.progress, "key_parts": self.key_parts,
+                                  "label_mode": images.label_mode}  # fmt: skip
+        n_augmented = self.n_augmented if augment is not None else 0
+        config = images.preprocess_config
+        self.train_views = build_views(self.prefix, images.train_samples, config, augment, n_augmented, **common)
+        self.val_views = build_views(self.prefix, images.val_samples, config, None, 0, **common)
+        self.build_seconds = time.perf_counter() - started
+
+    def _views(self, split: str) -> tuple[torch.Tensor, list[int]]:
+        if self.train_views is None or self.val_views is None:
+            raise PneumoError("Call setup() before asking for cached views.", code="not_set_up")
+        if split == "train":
+            return self.train_views, [s.label for s in self.images.train_samples]
+        return self.val_views, [s.label for s in self.images.val_samples]
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        views, labels = self._views("train")
+        images = self.images
+        sampler = balanced_sampler(images.train_samples, images.seed) if images.balance == "sampler" else None
+        dataset = CachedViews(views, labels, random_view=True)
+        return DataLoader(dataset, batch_size=images.batch_size, shuffle=sampler is None, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        views, labels = self._views("val")
+        return DataLoader(CachedViews(views, labels, random_view=False), batch_size=self.images.batch_size * 2)
+
+    @torch.inference_mode()
+    def logits_and_features(self, suffix: Suffix, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and pooled features of the plain view of ``split``'s images through the trained ``suffix``."""
+        views, _ = self._views(split)
+        suffix.eval()
+        features = torch.cat([suffix.features(chunk.float()) for chunk in views[0].split(64)])
+        classifier: Any = suffix.model.get_classifier()
+        return classifier(features).numpy(), features.numpy()

@@ -216,28 +216,28 @@ def stage_modules(model: nn.Module) -> list[list[str]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def freeze_backbone(model: nn.Module, trainable_stages: int = 0) -> None:
-    """Freeze everything but the head and the last ``trainable_stages`` stages before it.
+def stage_split(model: nn.Module, trainable_stages: int) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """The model's modules as (always frozen, unfrozen in phase 2, head), by :func:`stage_modules`.
 
-    Frozen BatchNorm layers are also put in eval mode by :func:`set_frozen_bn_eval` during
-    training, so their running statistics keep their ImageNet values.
+    ``trainable_stages`` counts backbone stages before the head (capped at all of them). The three
+    lists hold the leaf modules with parameters, what Lightning's ``BaseFinetuning`` freezes and unfreezes.
     """
     stages = stage_modules(model)
-    trainable = {name for group in stages[len(stages) - 1 - trainable_stages :] for name in group}
-    if trainable_stages >= len(stages) - 1:
-        trainable = {name for group in stages for name in group}
-    for name, param in model.named_parameters():
-        module_name = name.rsplit(".", 1)[0]
-        param.requires_grad = any(module_name == t or module_name.startswith(t + ".") for t in trainable)
+    first = len(stages) - 1 - min(max(trainable_stages, 0), len(stages) - 1)
+
+    def modules(groups: list[list[str]]) -> list[nn.Module]:
+        return [model.get_submodule(name) for group in groups for name in group]
+
+    return modules(stages[:first]), modules(stages[first:-1]), modules(stages[-1:])
 
 
-def set_frozen_bn_eval(model: nn.Module) -> None:
-    """Put BatchNorm layers whose parameters are all frozen into eval mode (call after ``model.train()``)."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
+def freeze_backbone(model: nn.Module, trainable_stages: int = 0) -> None:
+    """Freeze everything but the head and the last ``trainable_stages`` stages before it (no Lightning needed)."""
+    frozen, unfrozen, head = stage_split(model, trainable_stages)
+    for modules, trainable in ((frozen, False), (unfrozen, True), (head, True)):
+        for module in modules:
+            for param in module.parameters(recurse=False):
+                param.requires_grad = trainable
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,9 +1,12 @@
 """Transfer-learning training (Lightning): the study's recipe, ending in a model bundle.
 
 Phase 1 trains the new head on a frozen ImageNet backbone; phase 2 unfreezes the last
-``unfreeze_stages`` stages at a lower learning rate (:class:`StagedUnfreeze`). The best epoch
-by validation ROC AUC is kept; its temperature, decision threshold and OOD statistics are fitted
-on the validation split (carved by patient), and everything is written as a bundle.
+``unfreeze_stages`` stages at a lower learning rate (:class:`~pneumo.modeling.finetuning.StagedFinetuning`,
+Lightning's ``BaseFinetuning``). Lightning gets the data as a DataModule: the images
+(:class:`~pneumo.modeling.data.XrayDataModule`) or, on a CPU, their cached frozen-prefix outputs
+(:class:`~pneumo.modeling.feature_cache.CachedViewsDataModule`). The best epoch by validation ROC AUC
+is kept; its temperature, decision threshold and OOD statistics are fitted on the validation split
+(carved by patient), and everything is written as a bundle.
 """
 
 from __future__ import annotations
@@ -18,28 +21,24 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
+from pneumo.core.bundle import BundleMeta
 from pneumo.core.errors import PneumoError
-from pneumo.modeling.data import (
-    AugmentConfig,
-    XrayDataModule,
-    balanced_sampler,
-    build_augment,
-    dataset_summary,
-    label_names,
-)
+from pneumo.modeling.data import AugmentConfig, XrayDataModule, XrayDataset, dataset_summary, label_names
+from pneumo.modeling.feature_cache import CachedViewsDataModule, split_model
+from pneumo.modeling.finetuning import EarlyStoppingAfter, StagedFinetuning
 from pneumo.modeling.models import (
     count_parameters,
     create_model,
-    freeze_backbone,
     get_spec,
     logits_and_features,
     stage_modules,
+    stage_split,
 )
 
 log = logging.getLogger(__name__)
@@ -117,67 +116,37 @@ class TrainConfig:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
 
-class StagedUnfreeze(Callback):
-    """At epoch ``at_epoch``, make the last ``stages`` backbone stages trainable (phase 2).
+class XrayClassifier(L.LightningModule):
+    """The training system: it is handed the network to run (a whole model or a cached-feature suffix).
 
-    Their parameters sit in the optimizer from the start, in a group with the fine-tuning
-    learning rate; while frozen they have no gradient, so Adam leaves them untouched.
+    Args:
+        net: what ``forward`` runs.
+        head: the modules trained from the first epoch (the optimizer starts with them only;
+            :class:`StagedFinetuning` adds the unfrozen stages later).
+        config: the run's settings (optimizer, learning rates, schedule, label smoothing).
+        n_classes: outputs of the head.
+        positive: indices of the labels that mean pneumonia (``BundleMeta.positive_indices``).
     """
 
-    def __init__(self, model: nn.Module, at_epoch: int, stages: int) -> None:
-        self.model, self.at_epoch, self.stages = model, at_epoch, stages
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.at_epoch and self.stages > 0:
-            freeze_backbone(self.model, self.stages)
-            log.info("Epoch %d: unfroze the last %d stages", self.at_epoch, self.stages)
-
-
-class _EarlyStoppingAfter(EarlyStopping):
-    """Early stopping that only starts counting once fine-tuning has begun."""
-
-    def __init__(self, start_epoch: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.start_epoch = start_epoch
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch >= self.start_epoch:
-            super().on_validation_end(trainer, pl_module)
-
-
-class XrayClassifier(L.LightningModule):
-    """The training system: it is handed the network to run (a whole model or a cached-feature suffix)."""
-
     def __init__(
-        self,
-        net: nn.Module,
-        head: list[nn.Parameter],
-        body: list[nn.Parameter],
-        config: TrainConfig,
-        n_classes: int,
-        positive: list[int],
-        class_weights: torch.Tensor | None = None,
+        self, net: nn.Module, head: list[nn.Module], config: TrainConfig, n_classes: int, positive: list[int]
     ) -> None:
         super().__init__()
         self.net, self.config, self.positive = net.to(memory_format=torch.channels_last), config, positive
-        self._groups = [{"params": head, "lr": config.lr}, {"params": body, "lr": config.finetune_lr}]
-        self.loss = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
+        self._head_params = [p for module in head for p in module.parameters()]
+        self.loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.val_auc = BinaryAUROC()
         self.val_acc = MulticlassAccuracy(num_classes=n_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        # The class weights come from the DataModule's training split, known once Lightning set it up.
+        weights = getattr(getattr(self.trainer, "datamodule", None), "class_weights", None)
+        self.loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=self.config.label_smoothing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # channels_last halves the cost of depthwise convolutions on CPU (measured)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
-
-    def on_train_epoch_start(self) -> None:
-        # Every BatchNorm stays in inference mode, also once its stage is unfrozen: its scale and
-        # shift train, its running statistics stay ImageNet's. Keras' fine-tuning guide advises this
-        # for small datasets (batch statistics of 32 X-rays are noisy), and Lightning restores
-        # module modes after each validation, so setting it here holds for the whole run.
-        for module in self.net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -203,7 +172,7 @@ class XrayClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.config
-        optimizer = OPTIMIZERS[cfg.optimizer](self._groups, weight_decay=cfg.weight_decay)
+        optimizer = OPTIMIZERS[cfg.optimizer](self._head_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.scheduler == "cosine":
             scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
             return {"optimizer": optimizer, "lr_scheduler": scheduler}
@@ -234,38 +203,42 @@ def fit(config: TrainConfig) -> Path | None:
     _validate(config)
     L.seed_everything(config.seed, workers=True)
     spec = get_spec(config.arch)
-    n_classes = len(label_names(config.label_mode))
-    model = create_model(config.arch, n_classes, pretrained=config.pretrained, weights=config.weights)
-    stages = stage_modules(model)
+    labels = list(label_names(config.label_mode))
+    meta = BundleMeta(
+        arch=config.arch,
+        timm_name=spec.timm_name,
+        labels=labels,
+        positive_labels=[name for name in labels if name != "NORMAL"],
+        preprocess=spec.preprocess,
+        name=config.name or f"pneumo-{config.arch}",
+    )
+    model = create_model(config.arch, len(labels), pretrained=config.pretrained, weights=config.weights)
     # The cache splits at the same depth whether or not phase 2 runs, so a head-only run reuses
     # the cached features of a fine-tuning run (and vice versa).
-    split_depth = min(config.unfreeze_stages, len(stages) - 1)
-    unfreeze = split_depth if config.finetune_epochs > 0 else 0
-    freeze_backbone(model, 0)  # phase 1: head only
-    head = [p for p in model.parameters() if p.requires_grad]
-    freeze_backbone(model, unfreeze)
-    body = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
-    freeze_backbone(model, 0)
-
-    dm = XrayDataModule(
+    split_depth = min(config.unfreeze_stages, len(stage_modules(model)) - 1)
+    frozen, unfrozen, head = stage_split(model, config.unfreeze_stages if config.finetune_epochs > 0 else 0)
+    images = XrayDataModule(
         config.data, spec.preprocess, config.label_mode, config.batch_size, config.num_workers,
         config.val_fraction, config.seed, config.augment, config.balance,
     )  # fmt: skip
-    dm.setup("fit")
-    positive = [i for i, name in enumerate(label_names(config.label_mode)) if name != "NORMAL"]
-    started = time.perf_counter()
-    net, train_loader, val_loader, feature_fn = _loaders(model, dm, config, spec.preprocess, split_depth)
-    cache_seconds = time.perf_counter() - started
+    net: nn.Module = model
+    dm: L.LightningDataModule = images
+    if config.feature_cache:
+        prefix, net = split_model(model, split_depth)
+        key = {"arch": config.arch, "weights": config.weights, "pretrained": config.pretrained,
+               "unfreeze": split_depth, "size": spec.preprocess.input_size}  # fmt: skip
+        cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        dm = CachedViewsDataModule(images, prefix, config.cache_views, key, cache_dir=cache_dir, progress=log.info)
 
-    system = XrayClassifier(net, head, body, config, n_classes, positive, dm.class_weights)
+    system = XrayClassifier(net, head, config, len(labels), meta.positive_indices)
     out = Path(config.out)
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints", monitor="val_auc", mode="max", save_weights_only=True, filename="best"
     )
     callbacks: list[Callback] = [
         checkpoint,
-        StagedUnfreeze(model, config.frozen_epochs, unfreeze),
-        _EarlyStoppingAfter(config.frozen_epochs, monitor="val_auc", mode="max", patience=config.patience),
+        StagedFinetuning(frozen, unfrozen, at_epoch=config.frozen_epochs, lr=config.finetune_lr),
+        EarlyStoppingAfter(config.frozen_epochs, monitor="val_auc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
     ]
     precision: Any = config.precision  # Lightning types it as a Literal; the CLI passes a plain string
@@ -282,7 +255,9 @@ def fit(config: TrainConfig) -> Path | None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(system, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    started = time.perf_counter()
+    trainer.fit(system, datamodule=dm)
+    cache_seconds = getattr(dm, "build_seconds", 0.0)
     fit_seconds = time.perf_counter() - started - cache_seconds
     if not trainer.is_global_zero:
         return None
@@ -292,17 +267,22 @@ def fit(config: TrainConfig) -> Path | None:
     model.cpu().eval()
     record = {
         "config": config.to_dict(),
-        "split": dm.split_description,
-        "train_data": dataset_summary(dm.train_samples, config.label_mode),
-        "val_data": dataset_summary(dm.val_samples, config.label_mode),
+        "split": images.split_description,
+        "train_data": dataset_summary(images.train_samples, config.label_mode),
+        "val_data": dataset_summary(images.val_samples, config.label_mode),
         "epochs_run": trainer.current_epoch,  # after fit: the number of completed epochs (early stop included)
         "best_epoch": _best_epoch(out),
-        "trainable_parameters_phase2": sum(p.numel() for p in head + body),
+        "trainable_parameters_phase2": sum(p.numel() for m in head + unfrozen for p in m.parameters()),
         "parameters": count_parameters(model),
         "cache_seconds": round(cache_seconds, 1),
         "fit_seconds": round(fit_seconds, 1),
     }
-    return finish_run(model, spec, config, dm, feature_fn, record)
+    if isinstance(dm, CachedViewsDataModule):
+        suffix: Any = net
+        feature_fn = lambda split: dm.logits_and_features(suffix, split)  # noqa: E731
+    else:
+        feature_fn = _image_features(model, images)
+    return finish_run(model, meta, config, images, feature_fn, record)
 
 
 def _best_epoch(out: Path) -> int | None:
@@ -315,50 +295,11 @@ def _best_epoch(out: Path) -> int | None:
     return int(max(rows, key=lambda r: float(r["val_auc"]))["epoch"]) if rows else None
 
 
-def _loaders(
-    model: nn.Module, dm: XrayDataModule, config: TrainConfig, preprocess: Any, split_depth: int
-) -> tuple[nn.Module, DataLoader[Any], DataLoader[Any], Any]:
-    """The network Lightning trains, its loaders, and a function giving (logits, features) for samples."""
-    if not config.feature_cache:
-        feature_fn = _image_features(model, dm, preprocess)
-        return model, dm.train_dataloader(), dm.val_dataloader(), feature_fn
-
-    from pneumo.modeling.feature_cache import CachedViews, build_views, split_model
-
-    prefix, suffix = split_model(model, split_depth)
-    augment = build_augment(config.augment) if config.augment.enabled else None
-    n_aug = config.cache_views if augment is not None else 0
-    key = {"arch": config.arch, "weights": config.weights, "pretrained": config.pretrained, "unfreeze": split_depth,
-           "size": preprocess.input_size}  # fmt: skip
-    cache_dir = Path(config.cache_dir) if config.cache_dir else None
-    common: dict[str, Any] = {"seed": config.seed, "batch_size": config.batch_size, "cache_dir": cache_dir,
-                              "progress": log.info, "key_parts": key, "label_mode": config.label_mode}  # fmt: skip
-    train_views = build_views(prefix, dm.train_samples, preprocess, augment, n_aug, **common)
-    val_views = build_views(prefix, dm.val_samples, preprocess, None, 0, **common)
-    train_labels = [s.label for s in dm.train_samples]
-    train = CachedViews(train_views, train_labels, random_view=True)
-    val = CachedViews(val_views, [s.label for s in dm.val_samples], random_view=False)
-    sampler = balanced_sampler(dm.train_samples, config.seed) if config.balance == "sampler" else None
-    train_loader = DataLoader(train, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler)
-    val_loader = DataLoader(val, batch_size=config.batch_size * 2)
-
-    @torch.inference_mode()
-    def cached_features(split: str) -> tuple[np.ndarray, np.ndarray]:
-        views = train_views[0] if split == "train" else val_views[0]
-        suffix.eval()
-        feats = torch.cat([suffix.features(chunk.float()) for chunk in views.split(64)])
-        return model.get_classifier()(feats).numpy(), feats.numpy()  # type: ignore[operator]
-
-    return suffix, train_loader, val_loader, cached_features
-
-
-def _image_features(model: nn.Module, dm: XrayDataModule, preprocess: Any) -> Any:
+def _image_features(model: nn.Module, dm: XrayDataModule) -> Any:
     @torch.inference_mode()
     def feature_fn(split: str) -> tuple[np.ndarray, np.ndarray]:
-        from pneumo.modeling.data import XrayDataset
-
         samples = dm.train_samples if split == "train" else dm.val_samples
-        loader = DataLoader(XrayDataset(samples, preprocess, label_mode=dm.label_mode), batch_size=64)
+        loader = DataLoader(XrayDataset(samples, dm.preprocess_config, label_mode=dm.label_mode), batch_size=64)
         model.eval()
         logits, feats = zip(*(logits_and_features(model, images) for images, _ in loader), strict=True)
         return torch.cat(logits).numpy(), torch.cat(feats).numpy()
