@@ -173,6 +173,42 @@ def test_train_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.M
     assert config.data == str(tmp_path) and config.weights == str(tmp_path / "w.pth")
 
 
+def test_every_config_field_has_a_train_flag() -> None:
+    """The flags are generated from TrainConfig: a new field (nested ones included) cannot miss its flag."""
+    import dataclasses
+
+    import typer.main
+
+    from pneumo.modeling.config import AugmentConfig, TrainConfig
+
+    command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    flags = {opt for param in command.params for opt in param.opts}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "augment":
+            for sub in dataclasses.fields(AugmentConfig):
+                assert f"--augment-{sub.name.replace('_', '-')}" in flags, sub.name
+        else:
+            assert f"--{field.name.replace('_', '-')}" in flags, field.name
+    assert {"--config", "--epochs", "--augment", "--weight-decay", "--finetune-epochs"} <= flags
+
+
+def test_nested_and_formerly_missing_flags_reach_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pneumo.modeling import training
+
+    seen: list[Any] = []
+    monkeypatch.setattr(training, "fit", lambda config: seen.append(config))
+    result = invoke(
+        "train", "--data", tmp_path, "--weight-decay", "0.001", "--finetune-epochs", "0",
+        "--augment-rotation-deg", "5", "--augment-hflip", "0.25", "--cache-dir", tmp_path / "cache",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert config.weight_decay == 0.001 and config.finetune_epochs == 0
+    assert config.augment.rotation_deg == 5.0 and config.augment.hflip == 0.25
+    assert config.augment.zoom == 0.15  # untouched nested fields keep TrainConfig's defaults
+    assert config.cache_dir == str(tmp_path / "cache")
+
+
 # ------------------------------------------------------------------------------- real data (slow)
 
 

@@ -14,8 +14,8 @@ from pneumo.core.errors import DataError, InvalidImageError
 from pneumo.core.io import read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
 from pneumo.modeling import data
+from pneumo.modeling.config import AugmentConfig
 from pneumo.modeling.data import (
-    AugmentConfig,
     Sample,
     XrayDataModule,
     XrayDataset,

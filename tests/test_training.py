@@ -24,9 +24,9 @@ from pneumo.core.bundle import WEIGHTS_FILE, read_meta
 from pneumo.core.errors import PneumoError
 from pneumo.evaluation.metrics import select_threshold
 from pneumo.modeling import training
-from pneumo.modeling.data import AugmentConfig
+from pneumo.modeling.config import AugmentConfig, TrainConfig
 from pneumo.modeling.models import create_model, stage_modules
-from pneumo.modeling.training import TrainConfig, fit
+from pneumo.modeling.training import fit
 from pneumo.serving.inference import Predictor
 
 

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
+from pneumo.cli import train as train_command
+
 app = typer.Typer(
     name="pneumo",
     help="Pneumonia detection on pediatric chest X-rays (decision support, not a diagnosis).",
@@ -135,73 +137,7 @@ def _write_rows(rows: list[dict[str, Any]], json_out: Path | None, csv_out: Path
 # ------------------------------------------------------------------------------------------- train
 
 
-def _parse_bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("true", "yes", "1", "on"):
-        return True
-    if lowered in ("false", "no", "0", "off"):
-        return False
-    raise typer.BadParameter(f"expected true or false, got {value!r}")
-
-
-@app.command()
-def train(
-    data: Annotated[Path | None, typer.Option(help="Dataset root (Kaggle layout, or NORMAL/ + PNEUMONIA/).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder; the bundle goes to OUT/bundle.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file of TrainConfig settings; options override it.")] = None,
-    arch: Annotated[str | None, typer.Option(help="efficientnet_lite0|1|2, vgg19, xception or any timm name.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Total epochs (frozen + fine-tuning).")] = None,
-    frozen_epochs: Annotated[int | None, typer.Option(help="Phase 1: epochs on a frozen backbone.")] = None,
-    unfreeze_stages: Annotated[int | None, typer.Option(help="Phase 2: backbone stages unfrozen.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam, adamax or adamw.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate of the head.")] = None,
-    finetune_lr: Annotated[float | None, typer.Option(help="Learning rate of unfrozen stages.")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="cosine, plateau or none.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience (epochs).")] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    label_mode: Annotated[str | None, typer.Option(help="binary or 3class.")] = None,
-    label_smoothing: Annotated[float | None, typer.Option()] = None,
-    balance: Annotated[str | None, typer.Option(help="weighted_loss, sampler or none.")] = None,
-    augment: Annotated[str | None, typer.Option(help="true/false: training augmentation.")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="true/false: start from ImageNet weights.")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Local file of ImageNet weights for the backbone.")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Share of patients carved out for validation.")] = None,
-    threshold_rule: Annotated[str | None, typer.Option(help="youden, sensitivity or f1 (on validation).")] = None,
-    target_sensitivity: Annotated[float | None, typer.Option()] = None,
-    feature_cache: Annotated[str | None, typer.Option(help="true/false: cache frozen stages (CPU).")] = None,
-    cache_views: Annotated[int | None, typer.Option(help="Augmented views cached per image.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Reuse cached features across runs here.")] = None,
-    num_workers: Annotated[int | None, typer.Option()] = None,
-    accelerator: Annotated[str | None, typer.Option(help="Lightning accelerator: auto, cpu, gpu.")] = None,
-    devices: Annotated[str | None, typer.Option(help="Lightning devices, e.g. auto, 1, 2, 0,1.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
-    num_nodes: Annotated[int | None, typer.Option()] = None,
-    precision: Annotated[str | None, typer.Option(help="Lightning precision, e.g. 32-true, bf16-mixed.")] = None,
-    name: Annotated[str | None, typer.Option(help="Name recorded in the bundle.")] = None,
-) -> None:
-    """Train with transfer learning (frozen head phase, then fine-tuning) and write a model bundle."""
-    from pneumo.core.errors import PneumoError
-    from pneumo.modeling.training import TrainConfig, fit
-
-    try:
-        cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
-        given = {k: v for k, v in locals().items() if k not in ("config", "cfg", "epochs") and v is not None}
-        for key in ("augment", "pretrained", "feature_cache"):
-            if key in given:
-                given[key] = _parse_bool(given[key])
-        if "augment" in given:
-            cfg.augment.enabled = given.pop("augment")
-        for key, value in given.items():
-            setattr(cfg, key, str(value) if isinstance(value, Path) else value)
-        if epochs is not None:
-            cfg.frozen_epochs = min(cfg.frozen_epochs, epochs)
-            cfg.finetune_epochs = epochs - cfg.frozen_epochs
-        bundle_dir = fit(cfg)
-    except PneumoError as err:
-        _fail(err.message)
-    if bundle_dir is not None:
-        typer.echo(f"bundle written to {bundle_dir}")
+train_command.register(app, lambda message: _fail(message))
 
 
 # ---------------------------------------------------------------------------------------- evaluate

@@ -18,7 +18,7 @@ import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from pneumo.core import preprocess
 from pneumo.core.errors import DataError, InvalidImageError
 from pneumo.core.io import read_image
 from pneumo.core.preprocess import PreprocessConfig
+from pneumo.modeling.config import AugmentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -244,31 +245,6 @@ def train_val_samples(
     description = f"carved {val_fraction * 100:g}% by patient from {split or root.name} (seed {seed}){reason}"
     logger.info("Validation split: %s.", description)
     return train, val, description
-
-
-@dataclass
-class AugmentConfig:
-    """Training-time augmentation, after the seed's Keras ImageDataGenerator settings.
-
-    ``zoom`` and ``shift`` are fractions (scale in ``[1 - zoom, 1 + zoom]``, translation up to
-    ``shift`` of the side); ``hflip`` is a probability; ``brightness``/``contrast`` are the
-    ColorJitter factors. ``enabled=False`` turns all of it off.
-    """
-
-    rotation_deg: float = 10.0
-    zoom: float = 0.1
-    shift: float = 0.08
-    hflip: float = 0.5
-    brightness: float = 0.15
-    contrast: float = 0.15
-    enabled: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
-        return cls(**data)
 
 
 class _Augment:

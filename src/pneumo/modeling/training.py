@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -29,7 +27,8 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 from pneumo.core.bundle import BundleMeta
 from pneumo.core.errors import PneumoError
-from pneumo.modeling.data import AugmentConfig, XrayDataModule, XrayDataset, dataset_summary, label_names
+from pneumo.modeling.config import TrainConfig
+from pneumo.modeling.data import XrayDataModule, XrayDataset, dataset_summary, label_names
 from pneumo.modeling.feature_cache import CachedViewsDataModule, split_model
 from pneumo.modeling.finetuning import EarlyStoppingAfter, StagedFinetuning
 from pneumo.modeling.models import (
@@ -44,76 +43,6 @@ from pneumo.modeling.models import (
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax, "adamw": torch.optim.AdamW}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved in the bundle and loadable from YAML."""
-
-    data: str = ""
-    out: str = "runs/run"
-    arch: str = "efficientnet_lite0"
-    pretrained: bool = True
-    weights: str | None = None
-    label_mode: str = "binary"
-    frozen_epochs: int = 2
-    finetune_epochs: int = 4
-    unfreeze_stages: int = 2
-    batch_size: int = 32
-    optimizer: str = "adam"
-    # Pooled EfficientNet-Lite0 features have sum |x| ~ 270, so one Adam step of lr moves a logit by
-    # up to ~270 * lr: 3e-4 converges within the frozen phase without oscillating.
-    lr: float = 3e-4
-    finetune_lr: float = 1e-4
-    weight_decay: float = 1e-5
-    scheduler: str = "cosine"
-    patience: int = 2
-    label_smoothing: float = 0.1
-    balance: str = "weighted_loss"
-    # Plausible for AP chest films: small rotations, zoom and shifts, exposure changes; no flips
-    # (a mirrored chest puts the heart on the wrong side, which the test population never shows).
-    augment: AugmentConfig = field(
-        default_factory=lambda: AugmentConfig(rotation_deg=10, zoom=0.15, shift=0.1, hflip=0.0, brightness=0.2,
-                                              contrast=0.2)
-    )  # fmt: skip
-    val_fraction: float = 0.15
-    seed: int = 0
-    threshold_rule: str = "youden"
-    target_sensitivity: float = 0.95
-    feature_cache: bool = True
-    cache_views: int = 1
-    cache_dir: str | None = None
-    num_workers: int = 0
-    accelerator: str = "auto"
-    devices: str = "auto"
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    name: str = ""
-
-    @property
-    def epochs(self) -> int:
-        return self.frozen_epochs + self.finetune_epochs
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise PneumoError(
-                f"Unknown training settings {sorted(unknown)}; known: {sorted(known)}.", code="bad_config"
-            )
-        data = dict(data)
-        if isinstance(data.get("augment"), dict):
-            data["augment"] = AugmentConfig.from_dict(data["augment"])
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
 
 class XrayClassifier(L.LightningModule):
