@@ -143,6 +143,18 @@ def test_results_csv_has_one_row_per_upload() -> None:
     assert rows[1]["error_code"] == "corrupt_image" and rows[1]["label"] == ""
 
 
+def test_importing_the_page_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streamlit runs the page as ``__main__``; an import (a test, a tool) must not start the page."""
+    import importlib
+    import sys
+
+    calls: list[Any] = []
+    monkeypatch.setattr(app_support, "bundle_from_args", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.delitem(sys.modules, "pneumo.serving.app", raising=False)
+    page_module = importlib.import_module("pneumo.serving.app")
+    assert calls == [] and callable(page_module.main)
+
+
 def test_metric_rows_flatten_nested_metrics() -> None:
     rows = app_support.metric_rows({"val": {"roc_auc": 0.9512, "auc_ci": [0.91, 0.97]}, "n": 120, "note": ["x"]})
     assert rows == [("val.roc_auc", "0.951"), ("val.auc_ci", "0.910 - 0.970"), ("n", "120")]

@@ -174,4 +174,5 @@ def main() -> None:
             st.error(f"**{analysis.name}**: {support.INTERNAL_ERROR_MESSAGE}")
 
 
-main()
+if __name__ == "__main__":  # streamlit runs the page as __main__; importing it runs nothing
+    main()
