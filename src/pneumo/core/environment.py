@@ -45,7 +45,7 @@ def available_cores() -> int:
 def hardware_info() -> dict[str, Any]:
     """CPU model, usable cores, and the GPU when torch is already loaded and sees one."""
     info: dict[str, Any] = {
-        "cpu": _cpu_model() or platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model() or platform.processor() or platform.machine(),
         "cores": available_cores(),
         "machine": platform.machine(),
     }

@@ -25,6 +25,8 @@ from pneumo.core.errors import DicomError, InputTooLargeError, InvalidImageError
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
 
 #: DICOM header fields a clinician checks, shown by the app and returned by the API.
+#: File name extensions of the images pneumo looks for in folders (content is still checked by magic bytes).
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 DICOM_FIELDS = ("Modality", "ViewPosition", "PatientAge", "PatientSex", "BodyPartExamined", "StudyDate")
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pneumo.core import preprocess
 from pneumo.core.errors import DataError, InvalidImageError
-from pneumo.core.io import read_image
+from pneumo.core.io import IMAGE_EXTENSIONS, read_image
 from pneumo.core.preprocess import PreprocessConfig
 from pneumo.modeling.config import AugmentConfig
 
@@ -43,7 +43,6 @@ LABEL_MODES: dict[str, tuple[str, ...]] = {
 #: Class folders of the Kaggle layout.
 CLASS_DIRS = ("NORMAL", "PNEUMONIA")
 #: Files read as images (by extension; the content is checked later by :mod:`pneumo.core.io`).
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 SPLITS = ("train", "val", "test")
 BALANCE_MODES = ("weighted_loss", "sampler", "none")
 

@@ -46,6 +46,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pneumo.core.environment import hardware_info, software_versions
+from pneumo.core.io import IMAGE_EXTENSIONS
+
 #: FLOPs per cycle per core assumed for the peak: 2 FMA units x 8 fp32 lanes (AVX2) x 2 FLOPs.
 FLOPS_PER_CYCLE = 32
 
@@ -115,11 +118,11 @@ def synthesize_xrays(out_dir: Path, n: int, *, seed: int = 0) -> list[Path]:
 def _image_files(folder: Path, limit: int) -> list[Path]:
     from pneumo.serving.inference import iter_image_files
 
-    files = [p for p in iter_image_files([folder]) if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".dcm")]
+    files = [p for p in iter_image_files([folder]) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         from pneumo.core.errors import PneumoError
 
-        raise PneumoError(f"No images (.jpeg, .jpg, .png, .dcm) under {folder}.", code="no_images")
+        raise PneumoError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}.", code="no_images")
     return files[:limit]
 
 
@@ -290,40 +293,26 @@ def _child_main() -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    """Cores, CPU model, clock (as the kernel reports it), load average: what the numbers depend on."""
-    from pneumo.core.environment import available_cores
-
-    model, mhz = platform.processor() or platform.machine(), None
+    """The hardware (:func:`~pneumo.core.environment.hardware_info`) plus what the numbers depend on right now."""
+    mhz = None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "cpu MHz" and mhz is None:
-                mhz = float(value)
-    except OSError:  # not Linux
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("cpu MHz"))
+        mhz = float(line.partition(":")[2])
+    except (OSError, StopIteration, ValueError):  # not Linux, or no clock reported
         pass
     return {
-        "cores": available_cores(),
-        "cpu_model": model,
+        **hardware_info(),
         "cpu_mhz": mhz,
         "platform": platform.platform(),
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
-def software_versions() -> dict[str, str]:
+def bench_versions() -> dict[str, str]:
     """Versions of everything on the inference path, and whether Pillow decodes with libjpeg-turbo."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from PIL import features
 
-    versions = {"python": platform.python_version()}
-    for package in ("pneumo", "torch", "onnxruntime", "onnx", "onnxscript", "timm", "numpy", "pillow"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "absent"
+    versions = software_versions(("torch", "onnxruntime", "onnx", "onnxscript", "timm", "numpy", "pillow"))
     versions["libjpeg_turbo"] = str(bool(features.check_feature("libjpeg_turbo")))
     return versions
 
@@ -383,7 +372,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             run = _bench_isolated if settings.isolate else bench_backend
             result[backend] = run(backend, folder, files, settings)
     result["machine"] = machine_info()
-    result["versions"] = software_versions()
+    result["versions"] = bench_versions()
     result["floor"] = physical_floor(model_flops(folder), result["machine"]["cores"], result["machine"]["cpu_mhz"])
     if "torch" in result and "onnx" in result:
         result["speedup_onnx_vs_torch"] = {
