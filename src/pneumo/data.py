@@ -248,11 +248,20 @@ def train_val_samples(
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation, after the seed's Keras ImageDataGenerator settings.
+    """Training-time augmentation, after the seed's Keras ImageDataGenerator settings, plus framing.
 
     ``zoom`` and ``shift`` are fractions (scale in ``[1 - zoom, 1 + zoom]``, translation up to
     ``shift`` of the side); ``hflip`` is a probability; ``brightness``/``contrast`` are the
     ColorJitter factors. ``enabled=False`` turns all of it off.
+
+    The framing fields break the shortcut "a tightly framed film is pneumonia" (see
+    :mod:`pneumo.robustness`): ``crop_scale`` > 0 takes a random crop of at least that share of
+    the area, with an aspect ratio up to ``aspect`` (or its inverse), and squashes it back to the
+    input size, as the dataset squashed its films; ``pad`` > 0 adds black margins of up to that
+    fraction of each side, half of the time. The photometric fields imitate other machines:
+    ``gamma`` (exponent in ``[1 - gamma, 1 + gamma]``), ``blur`` (max Gaussian sigma, pixels),
+    ``noise`` (max Gaussian std, unit intensities) and ``text`` (probability of burned-in text).
+    All default to off, so older configurations mean what they meant.
     """
 
     rotation_deg: float = 10.0
@@ -261,6 +270,13 @@ class AugmentConfig:
     hflip: float = 0.5
     brightness: float = 0.15
     contrast: float = 0.15
+    crop_scale: float = 0.0
+    aspect: float = 1.0
+    pad: float = 0.0
+    gamma: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    text: float = 0.0
     enabled: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,16 +303,87 @@ class _Augment:
         return f"_Augment({self.transform!r})"
 
 
-def build_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A random transform for (1, H, W) tensors in [0, 1] that returns a new tensor.
+class _RandomGamma:
+    """``x ** g`` with ``g`` uniform in ``[1 - amount, 1 + amount]`` (torchvision has no random gamma)."""
+
+    def __init__(self, amount: float) -> None:
+        self.amount = amount
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        g = 1.0 + (2.0 * float(torch.rand(())) - 1.0) * self.amount
+        return tensor.clamp(0.0, 1.0) ** g
+
+    def __repr__(self) -> str:
+        return f"_RandomGamma({self.amount})"
+
+
+class _RandomNoise:
+    """Additive Gaussian noise of a random std up to ``sigma``, clipped to [0, 1]."""
+
+    def __init__(self, sigma: float) -> None:
+        self.sigma = sigma
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        std = float(torch.rand(())) * self.sigma
+        return (tensor + torch.randn_like(tensor) * std).clamp(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"_RandomNoise({self.sigma})"
+
+
+class _RandomText:
+    """Burned-in text (side markers, dates) in a random corner with probability ``p``.
+
+    Drawn with Pillow on the 8-bit image because torchvision draws no text; the words and
+    placement come from torch's generator, so a seeded run is reproducible.
+    """
+
+    _WORDS = ("R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT", "2016-11-02", "09:15", "DX", "CHEST")
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        if float(torch.rand(())) >= self.p:
+            return tensor
+        from PIL import Image, ImageDraw, ImageFont
+
+        _, h, w = tensor.shape
+        image = Image.fromarray((tensor[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")
+        draw = ImageDraw.Draw(image)
+        n_words = 1 + int(torch.randint(3, ()))
+        words = " ".join(self._WORDS[int(torch.randint(len(self._WORDS), ()))] for _ in range(n_words))
+        font = ImageFont.load_default(size=max(8, round(h * (0.035 + 0.04 * float(torch.rand(()))))))
+        left, top, right, bottom = draw.textbbox((0, 0), words, font=font)
+        margin = round(0.03 * min(w, h))
+        x = margin if float(torch.rand(())) < 0.5 else max(margin, w - (right - left) - margin)
+        y = margin if float(torch.rand(())) < 0.5 else max(margin, h - (bottom - top) - margin)
+        draw.text((x, y), words, fill=200 + int(torch.randint(56, ())), font=font)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+
+    def __repr__(self) -> str:
+        return f"_RandomText({self.p})"
+
+
+def build_augment(cfg: AugmentConfig, size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A random transform for (1, H, W) tensors in [0, 1] that returns a new tensor of the same size.
 
     Geometric changes fill with black, the background of a radiograph. When ``cfg.enabled`` is
-    false (or every strength is zero) the transform returns a copy of its input.
+    false (or every strength is zero) the transform returns a copy of its input. ``size`` is the
+    output side for the framing steps (the input's side when ``None``).
     """
     from torchvision.transforms import v2
 
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
     if cfg.enabled:
+        if cfg.pad > 0:
+            steps.append(v2.RandomApply([v2.RandomZoomOut(fill=0.0, side_range=(1.0, 1.0 + 2 * cfg.pad))], p=0.5))
+        if cfg.crop_scale > 0 or cfg.pad > 0:
+            if size is None:
+                raise DataError("build_augment needs the input size for crop/pad augmentation.", code="bad_config")
+            scale = (cfg.crop_scale, 1.0) if cfg.crop_scale > 0 else (1.0, 1.0)
+            ratio = (1.0 / cfg.aspect, cfg.aspect) if cfg.aspect > 1 else (1.0, 1.0)
+            steps.append(v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True))
         if cfg.rotation_deg or cfg.zoom or cfg.shift:
             steps.append(
                 v2.RandomAffine(
@@ -311,6 +398,14 @@ def build_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor]:
             steps.append(v2.RandomHorizontalFlip(p=cfg.hflip))
         if cfg.brightness or cfg.contrast:
             steps.append(v2.ColorJitter(brightness=cfg.brightness or None, contrast=cfg.contrast or None))
+        if cfg.gamma > 0:
+            steps.append(_RandomGamma(cfg.gamma))
+        if cfg.blur > 0:
+            steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, cfg.blur))], p=0.3))
+        if cfg.noise > 0:
+            steps.append(v2.RandomApply([_RandomNoise(cfg.noise)], p=0.3))
+        if cfg.text > 0:
+            steps.append(_RandomText(cfg.text))
     return _Augment(v2.Compose(steps) if steps else None)
 
 
@@ -462,7 +557,7 @@ class XrayDataModule(L.LightningDataModule):
             n_classes = len(self.label_names)
             if self.balance == "weighted_loss":
                 self.class_weights = class_weights(self.train_samples, n_classes)
-            augment = build_augment(self.augment_config)
+            augment = build_augment(self.augment_config, self.preprocess_config.input_size)
             self.train_dataset = XrayDataset(self.train_samples, self.preprocess_config, augment, self.label_mode)
             self.val_dataset = XrayDataset(self.val_samples, self.preprocess_config, None, self.label_mode)
         if stage in (None, "test") and self.test_dataset is None and (self.root / "test").is_dir():

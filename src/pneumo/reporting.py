@@ -86,9 +86,37 @@ def finish_run(
         "validation": meta.metrics["validation"],
         "training": record,
     }
+    if getattr(config, "robustness", False):
+        summary["robustness"] = _robustness(bundle_dir, dm.val_samples, val_dir)
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     log.info("Validation: %s", format_ci(report["roc_auc"], report["ci"].get("roc_auc")))
     return bundle_dir
+
+
+def _robustness(bundle_dir: Path, samples: Sequence[Any], val_dir: Path) -> dict[str, Any]:
+    """Score the finished bundle on the robustness validation through the Predictor; keep the summary.
+
+    The full report (per shift, with CIs and every probability) goes to ``validation/robustness.json``;
+    the per-shift metrics and the summary also go into the bundle's metrics, so the model card and
+    ``pneumo compare`` read them from one place.
+    """
+    from pneumo import robustness
+    from pneumo.bundle import read_meta, write_meta
+    from pneumo.inference import Predictor
+
+    predictor = Predictor(bundle_dir, check_ood=False)
+    images = robustness.load_images(samples, predictor.preprocess_config.input_size)
+    y_true = np.array([int(s.label != 0) for s in samples])
+    probs = robustness.shifted_probabilities(robustness.predictor_prob_fn(predictor), images)
+    report = robustness.robustness_report(y_true, probs, predictor.threshold)
+    (val_dir / "robustness.json").write_text(
+        json.dumps({**report, "probabilities": {k: v.round(6).tolist() for k, v in probs.items()}}) + "\n"
+    )
+    (val_dir / "robustness.md").write_text(robustness.markdown_table(report))
+    meta = read_meta(bundle_dir)
+    meta.metrics["robustness"] = {"summary": report["summary"], "shifts": report["shifts"]}
+    write_meta(bundle_dir, meta)
+    return {"summary": report["summary"], "shifts": report["shifts"]}
 
 
 def _fit_ood(bundle_dir: Path, feature_fn: FeatureFn, val_feats: np.ndarray) -> None:
@@ -168,6 +196,12 @@ def save_curves(metrics_csv: Path, out: Path, runs: Sequence[tuple[str, Path]] |
 
 
 _COLUMNS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+#: Robustness columns of ``pneumo compare``: (header, summary metric, statistic).
+_ROBUST_COLUMNS = (
+    ("robust BA (mean)", "balanced_accuracy", "mean"),
+    ("worst spec.", "specificity", "worst"),
+    ("worst AUC", "roc_auc", "worst"),
+)
 
 
 def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None = None) -> str:
@@ -178,8 +212,8 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
         if not record_path.is_file():
             raise FileNotFoundError(f"{run} has no run.json; pass folders written by `pneumo train --out`.")
         rows.append((run, json.loads(record_path.read_text())))
-    header = ["run", "arch", "phases", "optimizer", "augment", *_COLUMNS, "threshold", "params", "train time",
-              "inference ms/img"]  # fmt: skip
+    header = ["run", "arch", "phases", "optimizer", "augment", *_COLUMNS, *(c[0] for c in _ROBUST_COLUMNS),
+              "threshold", "params", "train time"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, rec in rows:
         cfg, val, tr = rec["training"]["config"], rec["validation"], rec["training"]
@@ -188,9 +222,14 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
             phases = f"{cfg['frozen_epochs']} frozen (head only)"
         cells = [run.name, cfg["arch"], phases, cfg["optimizer"], "yes" if cfg["augment"]["enabled"] else "no"]
         cells += [format_ci(val.get(m), val.get("ci", {}).get(m)) for m in _COLUMNS]
+        robust = rec.get("robustness", {}).get("summary", {})
+        for _, metric, stat in _ROBUST_COLUMNS:
+            entry = robust.get(metric, {})
+            value = entry.get(stat)
+            worst = f" ({entry['worst_shift']})" if stat == "worst" and "worst_shift" in entry else ""
+            cells.append(f"{value:.3f}{worst}" if isinstance(value, int | float) else "n/a")
         minutes = (tr["cache_seconds"] + tr["fit_seconds"]) / 60
-        cells += [f"{val['threshold']:.3f}", f"{tr['parameters'] / 1e6:.1f} M", f"{minutes:.1f} min",
-                  _fmt_ms(rec.get("inference_ms"))]  # fmt: skip
+        cells += [f"{val['threshold']:.3f}", f"{tr['parameters'] / 1e6:.1f} M", f"{minutes:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +237,3 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
     if curves_png is not None:
         save_curves(Path(), curves_png, [(run.name, run / "logs" / "metrics.csv") for run, _ in rows])
     return table
-
-
-def _fmt_ms(value: Any) -> str:
-    return f"{value:.0f}" if isinstance(value, int | float) else "n/a"

@@ -67,6 +67,11 @@ class TrainConfig:
     seed: int = 0
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.95
+    # Mixup (Zhang et al., 2018) on the network's input, which is the cached activations on a CPU:
+    # the mixing coefficient is drawn from Beta(mixup, mixup); 0 turns it off.
+    mixup: float = 0.0
+    # Score the finished bundle on the robustness validation (pneumo.robustness), into run.json.
+    robustness: bool = True
     feature_cache: bool = True
     cache_views: int = 1
     cache_dir: str | None = None
@@ -167,7 +172,13 @@ class XrayClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.loss(self(x), y)
+        if self.config.mixup > 0:
+            lam = float(np.random.default_rng().beta(self.config.mixup, self.config.mixup))
+            perm = torch.randperm(len(y), device=y.device)
+            logits = self(lam * x + (1.0 - lam) * x[perm])
+            loss = lam * self.loss(logits, y) + (1.0 - lam) * self.loss(logits, y[perm])
+        else:
+            loss = self.loss(self(x), y)
         # sync_dist: under DDP the epoch mean covers every rank's batches, not rank 0's alone (one reduce per epoch).
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
@@ -208,6 +219,8 @@ def _validate(config: TrainConfig) -> None:
         raise PneumoError("Train for at least one epoch (frozen_epochs + finetune_epochs >= 1).", code="bad_config")
     if not config.data:
         raise PneumoError("No training data: pass --data DATA_ROOT.", code="bad_config")
+    if config.mixup < 0:
+        raise PneumoError(f"mixup must be >= 0 (the Beta parameter; 0 = off), got {config.mixup}.", code="bad_config")
 
 
 def fit(config: TrainConfig) -> Path | None:
@@ -312,7 +325,7 @@ def _loaders(
     from pneumo.feature_cache import CachedViews, build_views, split_model
 
     prefix, suffix = split_model(model, split_depth)
-    augment = build_augment(config.augment) if config.augment.enabled else None
+    augment = build_augment(config.augment, preprocess.input_size) if config.augment.enabled else None
     n_aug = config.cache_views if augment is not None else 0
     key = {"arch": config.arch, "weights": config.weights, "pretrained": config.pretrained, "unfreeze": split_depth,
            "size": preprocess.input_size}  # fmt: skip
