@@ -110,7 +110,10 @@ def _robustness(bundle_dir: Path, samples: Sequence[Any], val_dir: Path) -> dict
     probs = robustness.shifted_probabilities(robustness.predictor_prob_fn(predictor), images)
     report = robustness.robustness_report(y_true, probs, predictor.threshold)
     (val_dir / "robustness.json").write_text(
-        json.dumps({**report, "probabilities": {k: v.round(6).tolist() for k, v in probs.items()}}) + "\n"
+        json.dumps(
+            {**report, "labels": y_true.tolist(), "probabilities": {k: v.round(6).tolist() for k, v in probs.items()}}
+        )
+        + "\n"
     )
     (val_dir / "robustness.md").write_text(robustness.markdown_table(report))
     meta = read_meta(bundle_dir)
