@@ -220,7 +220,8 @@ def pooled_threshold_table(
     """How threshold rules behave: each rule chosen on the clean images and on all shifts pooled.
 
     For each (rule, target sensitivity) and each source (``clean`` / ``pooled``), the threshold and
-    the worst-case sensitivity, specificity and balanced accuracy it gives over the shifts.
+    the worst-case sensitivity, specificity and balanced accuracy it gives over the shifts, and the
+    mean balanced accuracy over the shifts (clean excluded), the score the selection rule uses.
     """
     from pneumo.metrics import select_threshold
 
@@ -241,6 +242,9 @@ def pooled_threshold_table(
                     "worst_sensitivity": min(m["sensitivity"] for m in per.values()),
                     "worst_specificity": min(m["specificity"] for m in per.values()),
                     "worst_balanced_accuracy": min(_balanced_accuracy(m) or 0.0 for m in per.values()),
+                    "mean_balanced_accuracy": float(
+                        np.mean([_balanced_accuracy(m) or 0.0 for k, m in per.items() if k != "clean"])
+                    ),
                 }
             )
     return rows
