@@ -243,13 +243,14 @@ def robustness(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report JSON here.")] = None,
     val_fraction: Annotated[float, typer.Option(help="As in training: share carved out by patient.")] = 0.15,
     seed: Annotated[int, typer.Option(help="As in training: seed of the patient split.")] = 0,
+    tta: Annotated[list[str] | None, typer.Option(help="Test-time views to average with the image (shift names).")] = None,
 ) -> None:
     """Score a bundle on the robustness validation: its validation split under framing and acquisition shifts."""
     from pneumo.errors import PneumoError
     from pneumo.robustness import evaluate_bundle, markdown_table
 
     try:
-        report = evaluate_bundle(model, data, val_fraction=val_fraction, seed=seed)
+        report = evaluate_bundle(model, data, val_fraction=val_fraction, seed=seed, tta=tta or ())
     except PneumoError as err:
         _fail(err.message)
     if json_out is not None:

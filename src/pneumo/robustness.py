@@ -150,6 +150,20 @@ def predictor_prob_fn(predictor: Any) -> ProbFn:
     return prob_fn
 
 
+def with_tta(prob_fn: ProbFn, views: Sequence[str]) -> ProbFn:
+    """Test-time augmentation: the mean P(pneumonia) over the image and its ``views`` (names of :data:`SHIFTS`).
+
+    The views are deterministic (seeded by the view name only), so the same image always gets
+    the same answer.
+    """
+
+    def tta_prob_fn(images: list[Image.Image]) -> np.ndarray:
+        outs = [prob_fn(images)] + [prob_fn([shift_image(im, view, "tta") for im in images]) for view in views]
+        return np.mean(outs, axis=0)
+
+    return tta_prob_fn
+
+
 def shifted_probabilities(
     prob_fn: ProbFn,
     images: Sequence[tuple[str, Image.Image]],
@@ -278,6 +292,7 @@ def evaluate_bundle(
     seed: int = 0,
     shifts: Sequence[str] = tuple(SHIFTS),
     n_boot: int = 500,
+    tta: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The robustness validation of a bundle on the patient-level validation split of ``data``.
 
@@ -291,8 +306,10 @@ def evaluate_bundle(
     predictor = Predictor(bundle, check_ood=False)
     images = load_images(val, predictor.preprocess_config.input_size)
     y_true = np.array([s.label for s in val])
-    probs = shifted_probabilities(predictor_prob_fn(predictor), images, shifts)
+    prob_fn = predictor_prob_fn(predictor)
+    probs = shifted_probabilities(with_tta(prob_fn, tta) if tta else prob_fn, images, shifts)
     report = robustness_report(y_true, probs, predictor.threshold, n_boot=n_boot)
+    report["tta"] = list(tta)
     report["split"] = description
     report["model"] = {"name": predictor.meta.name, "version": predictor.meta.version, "backend": predictor.backend}
     report["probabilities"] = {k: [round(float(x), 6) for x in v] for k, v in probs.items()}
