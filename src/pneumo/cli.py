@@ -243,7 +243,7 @@ def robustness(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report JSON here.")] = None,
     val_fraction: Annotated[float, typer.Option(help="As in training: share carved out by patient.")] = 0.15,
     seed: Annotated[int, typer.Option(help="As in training: seed of the patient split.")] = 0,
-    tta: Annotated[list[str] | None, typer.Option(help="Test-time views to average with the image (shift names).")] = None,
+    tta: Annotated[list[str] | None, typer.Option(help="Test-time views averaged with the image.")] = None,
 ) -> None:
     """Score a bundle on the robustness validation: its validation split under framing and acquisition shifts."""
     from pneumo.errors import PneumoError
