@@ -129,6 +129,18 @@ def test_fit_writes_a_complete_run(cached_run: Run) -> None:
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "validation" / "report.md").is_file()
 
+    # The robustness validation: every shift scored on the validation images, in run.json and the bundle.
+    from pneumo.evaluation.robustness import SHIFTS
+
+    robust = run["robustness"]
+    assert set(robust["shifts"]) == set(SHIFTS)
+    assert all(m["n_images"] == validation["n_images"] for m in robust["shifts"].values())
+    assert robust["shifts"]["clean"]["roc_auc"] == pytest.approx(validation["roc_auc"], abs=1e-6)
+    assert set(robust["summary"]) >= {"roc_auc", "specificity", "balanced_accuracy"}
+    assert meta["metrics"]["robustness"]["summary"] == robust["summary"]
+    full = json.loads((out / "validation" / "robustness.json").read_text())
+    assert len(full["probabilities"]["crop_top_bottom_12"]) == validation["n_images"]
+
 
 def _validation_predictions(out: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     rows = list(csv.DictReader((out / "validation" / "predictions.csv").open()))
@@ -265,6 +277,7 @@ def test_config_unknown_key_is_a_pneumo_error(tmp_path: Path) -> None:
         ({"scheduler": "step"}, "scheduler"),
         ({"frozen_epochs": 0, "finetune_epochs": 0}, "at least one epoch"),
         ({"data": ""}, "--data"),
+        ({"mixup": -0.2}, "mixup"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(change: dict[str, Any], words: str) -> None:
@@ -272,3 +285,18 @@ def test_bad_settings_are_refused_before_any_work(change: dict[str, Any], words:
     with pytest.raises(PneumoError, match=words) as info:
         fit(config)
     assert info.value.code == "bad_config"
+
+
+def test_mixup_mixes_inputs_and_both_labels() -> None:
+    """With mixup the loss is the lam-weighted loss of both label sets on the mixed input."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    config = TrainConfig(data="x", mixup=0.4, label_smoothing=0.0)
+    system = training.XrayClassifier(net, [net], config, 2, [1])
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+    plain = TrainConfig(data="x", mixup=0.0, label_smoothing=0.0)
+    unmixed = training.XrayClassifier(net, [net], plain, 2, [1])
+    system.log = unmixed.log = lambda *a, **k: None  # type: ignore[method-assign]
+    mixed_losses = {round(float(system.training_step((x, y), 0)), 6) for _ in range(5)}
+    assert len(mixed_losses) > 1  # a new mixing coefficient and pairing every step
+    assert float(unmixed.training_step((x, y), 0)) == pytest.approx(float(torch.nn.functional.cross_entropy(net(x), y)))

@@ -169,6 +169,37 @@ def evaluate(
         typer.echo(f"{report['n_failed']} files could not be read; see failures in the JSON", err=True)
 
 
+# -------------------------------------------------------------------------------------- robustness
+
+
+@app.command()
+def robustness(
+    data: Annotated[Path, typer.Argument(help="The training data root the bundle was trained on (Kaggle layout).")],
+    model: ModelOption = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report JSON here.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="As in training: share carved out by patient.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="As in training: seed of the patient split.")] = 0,
+    tta: Annotated[list[str] | None, typer.Option(help="Test-time views averaged with the image.")] = None,
+) -> None:
+    """Score a bundle on the robustness validation: its validation split under framing and acquisition shifts."""
+    from pneumo.errors import PneumoError
+    from pneumo.evaluation.robustness import evaluate_bundle, markdown_table
+
+    try:
+        report = evaluate_bundle(model, data, val_fraction=val_fraction, seed=seed, tta=tta or ())
+    except PneumoError as err:
+        _fail(err.message)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(markdown_table(report))
+    for metric, s in report["summary"].items():
+        typer.echo(
+            f"{metric:18s} clean {s['clean']:.3f}  worst {s['worst']:.3f} ({s['worst_shift']})  "
+            f"mean drop {s['mean_drop']:.3f}"
+        )
+
+
 # ----------------------------------------------------------------------------------------- compare
 
 

@@ -6,7 +6,6 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pneumo.evaluation.report import format_ci
 
@@ -55,6 +54,12 @@ def save_curves(metrics_csv: Path, out: Path, runs: Sequence[tuple[str, Path]] |
 
 
 _COLUMNS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+#: Robustness columns of ``pneumo compare``: (header, summary metric, statistic).
+_ROBUST_COLUMNS = (
+    ("robust BA (mean)", "balanced_accuracy", "mean"),
+    ("worst spec.", "specificity", "worst"),
+    ("worst AUC", "roc_auc", "worst"),
+)
 
 
 def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None = None) -> str:
@@ -65,8 +70,8 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
         if not record_path.is_file():
             raise FileNotFoundError(f"{run} has no run.json; pass folders written by `pneumo train --out`.")
         rows.append((run, json.loads(record_path.read_text())))
-    header = ["run", "arch", "phases", "optimizer", "augment", *_COLUMNS, "threshold", "params", "train time",
-              "inference ms/img"]  # fmt: skip
+    header = ["run", "arch", "phases", "optimizer", "augment", *_COLUMNS, *(c[0] for c in _ROBUST_COLUMNS),
+              "threshold", "params", "train time"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, rec in rows:
         cfg, val, tr = rec["training"]["config"], rec["validation"], rec["training"]
@@ -75,9 +80,14 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
             phases = f"{cfg['frozen_epochs']} frozen (head only)"
         cells = [run.name, cfg["arch"], phases, cfg["optimizer"], "yes" if cfg["augment"]["enabled"] else "no"]
         cells += [format_ci(val.get(m), val.get("ci", {}).get(m)) for m in _COLUMNS]
+        robust = rec.get("robustness", {}).get("summary", {})
+        for _, metric, stat in _ROBUST_COLUMNS:
+            entry = robust.get(metric, {})
+            value = entry.get(stat)
+            worst = f" ({entry['worst_shift']})" if stat == "worst" and "worst_shift" in entry else ""
+            cells.append(f"{value:.3f}{worst}" if isinstance(value, int | float) else "n/a")
         minutes = (tr["cache_seconds"] + tr["fit_seconds"]) / 60
-        cells += [f"{val['threshold']:.3f}", f"{tr['parameters'] / 1e6:.1f} M", f"{minutes:.1f} min",
-                  _fmt_ms(rec.get("inference_ms"))]  # fmt: skip
+        cells += [f"{val['threshold']:.3f}", f"{tr['parameters'] / 1e6:.1f} M", f"{minutes:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +95,3 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
     if curves_png is not None:
         save_curves(Path(), curves_png, [(run.name, run / "logs" / "metrics.csv") for run, _ in rows])
     return table
-
-
-def _fmt_ms(value: Any) -> str:
-    return f"{value:.0f}" if isinstance(value, int | float) else "n/a"

@@ -81,9 +81,34 @@ def finish_run(
         "validation": meta.metrics["validation"],
         "training": record,
     }
+    if getattr(config, "robustness", False):
+        summary["robustness"] = _robustness(bundle_dir, dm.val_samples, positive, val_dir)
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     log.info("Validation: %s", format_ci(report["roc_auc"], report["ci"].get("roc_auc")))
     return bundle_dir
+
+
+def _robustness(bundle_dir: Path, samples: Sequence[Any], positive: list[int], val_dir: Path) -> dict[str, Any]:
+    """Score the finished bundle on the robustness validation through the Predictor; keep the summary.
+
+    The full report (per shift, with CIs and every probability) goes to ``validation/robustness.json``;
+    the per-shift metrics and the summary also go into the bundle's metrics, so the model card and
+    ``pneumo compare`` read them from one place.
+    """
+    from pneumo.evaluation import robustness
+
+    predictor = Predictor(bundle_dir, check_ood=False)
+    images = robustness.load_images(samples, predictor.preprocess_config.input_size)
+    y_true = np.isin([s.label for s in samples], positive).astype(int)
+    probs = robustness.shifted_probabilities(robustness.predictor_prob_fn(predictor), images)
+    report = robustness.robustness_report(y_true, probs, predictor.threshold)
+    full = {**report, "labels": y_true.tolist(), "probabilities": {k: v.round(6).tolist() for k, v in probs.items()}}
+    (val_dir / "robustness.json").write_text(json.dumps(full) + "\n")
+    (val_dir / "robustness.md").write_text(robustness.markdown_table(report))
+    meta = read_meta(bundle_dir)
+    meta.metrics["robustness"] = {"summary": report["summary"], "shifts": report["shifts"]}
+    write_meta(bundle_dir, meta)
+    return {"summary": report["summary"], "shifts": report["shifts"]}
 
 
 def _fit_ood(bundle_dir: Path, feature_fn: FeatureFn, val_feats: np.ndarray) -> None:

@@ -17,11 +17,20 @@ from pneumo.core.errors import PneumoError
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation, after the seed's Keras ImageDataGenerator settings.
+    """Training-time augmentation, after the seed's Keras ImageDataGenerator settings, plus framing.
 
     ``zoom`` and ``shift`` are fractions (scale in ``[1 - zoom, 1 + zoom]``, translation up to
     ``shift`` of the side); ``hflip`` is a probability; ``brightness``/``contrast`` are the
     ColorJitter factors. ``enabled=False`` turns all of it off.
+
+    The framing fields break the shortcut "a tightly framed film is pneumonia" (see
+    :mod:`pneumo.evaluation.robustness`): ``crop_scale`` > 0 takes a random crop of at least that share of
+    the area, with an aspect ratio up to ``aspect`` (or its inverse), and squashes it back to the
+    input size, as the dataset squashed its films; ``pad`` > 0 adds black margins of up to that
+    fraction of each side, half of the time. The photometric fields imitate other machines:
+    ``gamma`` (exponent in ``[1 - gamma, 1 + gamma]``), ``blur`` (max Gaussian sigma, pixels),
+    ``noise`` (max Gaussian std, unit intensities) and ``text`` (probability of burned-in text).
+    All default to off, so older configurations mean what they meant.
     """
 
     rotation_deg: float = 10.0
@@ -30,6 +39,13 @@ class AugmentConfig:
     hflip: float = 0.5
     brightness: float = 0.15
     contrast: float = 0.15
+    crop_scale: float = 0.0
+    aspect: float = 1.0
+    pad: float = 0.0
+    gamma: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    text: float = 0.0
     enabled: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +90,11 @@ class TrainConfig:
     seed: int = 0
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.95
+    # Mixup (Zhang et al., 2018) on the network's input, which is the cached activations on a CPU:
+    # the mixing coefficient is drawn from Beta(mixup, mixup); 0 turns it off.
+    mixup: float = 0.0
+    # Score the finished bundle on the robustness validation (pneumo.evaluation.robustness), into run.json.
+    robustness: bool = True
     feature_cache: bool = True
     cache_views: int = 1
     cache_dir: str | None = None

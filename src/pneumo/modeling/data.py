@@ -31,6 +31,7 @@ from pneumo.core import preprocess
 from pneumo.core.errors import DataError, InvalidImageError
 from pneumo.core.io import IMAGE_EXTENSIONS, read_image
 from pneumo.core.preprocess import PreprocessConfig
+from pneumo.modeling.augment import build_augment
 from pneumo.modeling.config import AugmentConfig
 
 logger = logging.getLogger(__name__)
@@ -246,49 +247,6 @@ def train_val_samples(
     return train, val, description
 
 
-class _Augment:
-    """Random augmentation of a (1, H, W) tensor in [0, 1]; a class (not a lambda) so workers can pickle it."""
-
-    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        self.transform = transform
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        # Clone first: torchvision returns its input unchanged when no transform fires, and the
-        # caller must be free to keep (or cache) the tensor it passed in.
-        out = tensor.clone()
-        return self.transform(out) if self.transform is not None else out
-
-    def __repr__(self) -> str:
-        return f"_Augment({self.transform!r})"
-
-
-def build_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A random transform for (1, H, W) tensors in [0, 1] that returns a new tensor.
-
-    Geometric changes fill with black, the background of a radiograph. When ``cfg.enabled`` is
-    false (or every strength is zero) the transform returns a copy of its input.
-    """
-    from torchvision.transforms import v2
-
-    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
-    if cfg.enabled:
-        if cfg.rotation_deg or cfg.zoom or cfg.shift:
-            steps.append(
-                v2.RandomAffine(
-                    degrees=cfg.rotation_deg,
-                    translate=(cfg.shift, cfg.shift) if cfg.shift else None,
-                    scale=(1.0 - cfg.zoom, 1.0 + cfg.zoom) if cfg.zoom else None,
-                    interpolation=v2.InterpolationMode.BILINEAR,
-                    fill=0.0,
-                )
-            )
-        if cfg.hflip > 0:
-            steps.append(v2.RandomHorizontalFlip(p=cfg.hflip))
-        if cfg.brightness or cfg.contrast:
-            steps.append(v2.ColorJitter(brightness=cfg.brightness or None, contrast=cfg.contrast or None))
-    return _Augment(v2.Compose(steps) if steps else None)
-
-
 class XrayDataset(Dataset[tuple[torch.Tensor, int]]):
     """Samples decoded and preprocessed exactly as at inference, with optional augmentation.
 
@@ -437,7 +395,7 @@ class XrayDataModule(L.LightningDataModule):
             n_classes = len(self.label_names)
             if self.balance == "weighted_loss":
                 self.class_weights = class_weights(self.train_samples, n_classes)
-            augment = build_augment(self.augment_config)
+            augment = build_augment(self.augment_config, self.preprocess_config.input_size)
             self.train_dataset = XrayDataset(self.train_samples, self.preprocess_config, augment, self.label_mode)
             self.val_dataset = XrayDataset(self.val_samples, self.preprocess_config, None, self.label_mode)
         if stage in (None, "test") and self.test_dataset is None and (self.root / "test").is_dir():

@@ -108,8 +108,8 @@ class CachedViews(Dataset[tuple[torch.Tensor, int]]):
 
 def _cache_key(parts: dict[str, Any], samples: Sequence[Sample]) -> str:
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for sample in samples:
-        digest.update(f"{sample.path}:{sample.label}\n".encode())
+    for sample in samples:  # the views depend on the images only, so runs with other label modes share them
+        digest.update(f"{sample.path}\n".encode())
     return digest.hexdigest()[:20]
 
 
@@ -205,7 +205,11 @@ class CachedViewsDataModule(L.LightningDataModule):
         started = time.perf_counter()
         images = self.images
         images.setup("fit")
-        augment = build_augment(images.augment_config) if images.augment_config.enabled else None
+        augment = (
+            build_augment(images.augment_config, images.preprocess_config.input_size)
+            if images.augment_config.enabled
+            else None
+        )
         common: dict[str, Any] = {"seed": images.seed, "batch_size": images.batch_size, "cache_dir": self.cache_dir,
                                   "progress": self.progress, "key_parts": self.key_parts,
                                   "label_mode": images.label_mode}  # fmt: skip

@@ -79,7 +79,13 @@ class XrayClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.loss(self(x), y)
+        if self.config.mixup > 0:
+            lam = float(np.random.default_rng().beta(self.config.mixup, self.config.mixup))
+            perm = torch.randperm(len(y), device=y.device)
+            logits = self(lam * x + (1.0 - lam) * x[perm])
+            loss = lam * self.loss(logits, y) + (1.0 - lam) * self.loss(logits, y[perm])
+        else:
+            loss = self.loss(self(x), y)
         # sync_dist: under DDP the epoch mean covers every rank's batches, not rank 0's alone (one reduce per epoch).
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
@@ -120,6 +126,8 @@ def _validate(config: TrainConfig) -> None:
         raise PneumoError("Train for at least one epoch (frozen_epochs + finetune_epochs >= 1).", code="bad_config")
     if not config.data:
         raise PneumoError("No training data: pass --data DATA_ROOT.", code="bad_config")
+    if config.mixup < 0:
+        raise PneumoError(f"mixup must be >= 0 (the Beta parameter; 0 = off), got {config.mixup}.", code="bad_config")
 
 
 def fit(config: TrainConfig) -> Path | None:
