@@ -146,7 +146,12 @@ class Orthanc:
 
 # --- the instances the tests push ---
 
-PATIENT = {"PatientName": "Test^Child", "PatientID": "PNEUMO-TEST-0042", "PatientBirthDate": "20200101", "PatientSex": "F"}
+PATIENT = {
+    "PatientName": "Test^Child",
+    "PatientID": "PNEUMO-TEST-0042",
+    "PatientBirthDate": "20200101",
+    "PatientSex": "F",
+}
 
 
 def study_fields(study_uid: str | None = None) -> dict[str, Any]:
@@ -162,7 +167,7 @@ def study_fields(study_uid: str | None = None) -> dict[str, Any]:
     }
 
 
-def test_study(study: dict[str, Any], pixels: np.ndarray | None = None) -> dict[str, bytes]:
+def study_files(study: dict[str, Any], pixels: np.ndarray | None = None) -> dict[str, bytes]:
     """Named DICOM files of one study: chest films of every kind pneumo must read, and the ones it must refuse.
 
     Args:
@@ -172,13 +177,18 @@ def test_study(study: dict[str, Any], pixels: np.ndarray | None = None) -> dict[
     series = generate_uid()
 
     def film(
-        stored: np.ndarray, bits: int, number: int, modality: str = "DX", photometric: str = "MONOCHROME2", **fields: Any
+        stored: np.ndarray,
+        bits: int,
+        number: int,
+        modality: str = "DX",
+        photometric: str = "MONOCHROME2",
+        **fields: Any,
     ) -> bytes:
         return dicom_bytes(
             stored,
             bits_stored=bits,
             modality=modality,
-            photometric=photometric,
+            photometric=photometric or "MONOCHROME2",
             SeriesInstanceUID=fields.pop("SeriesInstanceUID", series),
             InstanceNumber=number,
             ViewPosition=fields.pop("ViewPosition", "AP"),
@@ -213,7 +223,7 @@ def test_study(study: dict[str, Any], pixels: np.ndarray | None = None) -> dict[
     return files
 
 
-#: What each file of :func:`test_study` must get: ``None`` a finding, else the error code in its report.
+#: What each file of :func:`study_files` must get: ``None`` a finding, else the error code in its report.
 EXPECTED_CODES: dict[str, str | None] = {
     "mono2_8bit": None,
     "mono2_12bit": None,

@@ -1,4 +1,4 @@
-"""The ``pneumo`` command line (typer): train, evaluate, predict, compare, export, app, serve, bench.
+"""The ``pneumo`` command line (typer): train, evaluate, predict, compare, export, app, serve, bench, dicom, dicomweb.
 
 Each command is a thin wrapper: it parses options, calls one library function and reports.
 Heavy imports happen inside the commands so ``pneumo --help`` stays fast.
@@ -379,6 +379,14 @@ def serve(
     except PneumoError as err:
         _fail(err.message)
     uvicorn.run(api, host=host, port=port)
+
+
+# ------------------------------------------------------------------------------- dicom, dicomweb
+
+from pneumo.dicom_cli import dicom_app, dicomweb  # noqa: E402  (the commands live in their own module)
+
+app.add_typer(dicom_app, name="dicom")
+app.command("dicomweb")(dicomweb)
 
 
 if __name__ == "__main__":  # pragma: no cover
