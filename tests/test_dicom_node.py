@@ -345,3 +345,59 @@ def test_dicomweb_command_needs_a_study_or_a_date() -> None:
     with pneumo_log_handlers_restored():
         result = CliRunner().invoke(app, ["dicomweb", "--url", "http://127.0.0.1:9/dicom-web"])
     assert result.exit_code == 2 and "--study" in result.output
+
+
+# ------------------------------------------------------------------- the shipped model, real films
+
+
+def _document_page() -> np.ndarray:
+    """A scanned text page: a radiograph's modality and header, but no chest in it."""
+    page = np.full((512, 512), 245, np.uint8)
+    rng = np.random.default_rng(3)
+    for row in range(30, 480, 22):
+        page[row : row + 8, 40 : int(rng.integers(200, 470))] = 25
+    return page
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_shipped_model_reports_real_films_and_refuses_a_non_xray(
+    pacs: Orthanc, shared_data: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    predictor = Predictor(None)  # the default bundle, with its not-a-chest-X-ray gate
+    study = study_fields()
+    series = generate_uid()
+    films = {
+        path.parent.name: np.asarray(Image.open(path).convert("L"))
+        for path in (
+            sorted((shared_data / "fullres_samples" / "NORMAL").glob("*.jpeg"))[0],
+            sorted((shared_data / "fullres_samples" / "PNEUMONIA").glob("*.jpeg"))[0],
+        )
+    }
+    films["document"] = _document_page()
+    files = {
+        name: dicom_bytes(
+            np.round(pixels.astype(np.float64) / 255 * 4095).astype(np.uint16),
+            bits_stored=12,
+            SeriesInstanceUID=series,
+            InstanceNumber=number,
+            **study,
+        )
+        for number, (name, pixels) in enumerate(films.items(), start=1)
+    }
+    with _node(pacs, predictor, tmp_path / "spool", heatmap=True):
+        pacs.route_to_pneumo([pacs.upload(data) for data in files.values()])
+        reports = pacs.wait_for(study["StudyInstanceUID"], "SR", 3)
+        overlays = pacs.wait_for(study["StudyInstanceUID"], "OT", 2)
+    by_source = {str(content_items(r)["Source"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID): r for r in reports}
+    for name, data in files.items():
+        report = by_source[str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)]
+        if name == "document":
+            assert _reason(report) == "not_a_chest_xray"
+        else:
+            assert _reason(report) is None, f"the real {name} film was refused"
+            assert _probability(report) == pytest.approx(predictor.predict(data).probability, abs=1e-5)
+            assert content_items(report)["Algorithm Version"].TextValue == predictor.meta.version
+    assert len(overlays) == 2
