@@ -27,6 +27,14 @@ ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 #: Where Debian's orthanc-dicomweb package puts the plugin.
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ORTHANC_AET = "ORTHANC"
+#: The auto-routing script of docs/dicom.md: every new CR/DX film goes to pneumo.
+ROUTE_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if tags["Modality"] == "CR" or tags["Modality"] == "DX" then
+    SendToModality(instanceId, "pneumo")
+  end
+end
+"""
 PNEUMO_AET = "PNEUMO"
 
 
@@ -48,8 +56,9 @@ def free_port() -> int:
 class Orthanc:
     """Orthanc on loopback; ``with Orthanc(folder, pneumo_port) as pacs: pacs.rest.get(...)``."""
 
-    def __init__(self, folder: Path, pneumo_port: int) -> None:
+    def __init__(self, folder: Path, pneumo_port: int, lua: str | None = None) -> None:
         self.folder = folder
+        self.lua = lua
         self.http_port, self.dicom_port = free_port(), free_port()
         self.pneumo_port = pneumo_port
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -57,7 +66,11 @@ class Orthanc:
         self.rest = httpx.Client(base_url=self.url, timeout=60)
 
     def config(self) -> dict[str, Any]:
+        lua = self.folder / "route.lua"
+        if self.lua is not None:
+            lua.write_text(self.lua)
         return {
+            "LuaScripts": [str(lua)] if self.lua is not None else [],
             "Name": "pneumo-test",
             "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "index"),

@@ -26,6 +26,7 @@ from orthanc_helpers import (
     ORTHANC_AET,
     PATIENT,
     PNEUMO_AET,
+    ROUTE_LUA,
     Orthanc,
     content_items,
     free_port,
@@ -307,6 +308,18 @@ def test_listen_command_runs_until_sigterm(pacs: Orthanc, bundle: Path, tmp_path
         _, rest = process.communicate(timeout=60)
     assert process.returncode == 0, rest
     assert json.loads((tmp_path / "audit.jsonl").read_text())["status"] == "result"
+
+
+@needs_orthanc
+def test_documented_lua_rule_routes_new_films_automatically(predictor: Predictor, tmp_path: Path) -> None:
+    with Orthanc(tmp_path, pneumo_port=free_port(), lua=ROUTE_LUA) as routing:
+        study = study_fields()
+        with _node(routing, predictor, tmp_path / "spool"):
+            routing.upload(dicom_bytes(xray_array(), InstanceNumber=1, SeriesInstanceUID=generate_uid(), **study))
+            reports = routing.wait_for(study["StudyInstanceUID"], "SR", 1, timeout=60)
+            time.sleep(1.0)  # had the report been routed back, a second one would come now
+            assert len(routing.instances_of(study["StudyInstanceUID"], "SR")) == 1
+    assert len(reports) == 1 and _reason(reports[0]) is None
 
 
 # ------------------------------------------------------------------------------------------ DICOMweb
