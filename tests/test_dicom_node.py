@@ -185,6 +185,16 @@ def test_own_reports_are_never_classified(predictor: Predictor) -> None:
     assert analyser.analyse(buffer.getvalue()).status == "ignored"
 
 
+def test_unreadable_spool_file_is_kept_aside_and_audited(predictor: Predictor, tmp_path: Path) -> None:
+    config = NodeConfig(Destination("NOBODY", "127.0.0.1", free_port()), tmp_path / "spool", audit_log=tmp_path / "a")
+    node = DicomNode(config, Analyser.from_predictor(predictor))
+    path = node.spool.put(b"not a DICOM file at all", "1.2.3.4")
+    assert node.process(path) is True
+    assert not path.exists() and (tmp_path / "spool" / "rejected" / "1.2.3.4.dcm").read_bytes().startswith(b"not a")
+    line = json.loads((tmp_path / "a").read_text())
+    assert (line["status"], line["error_code"], line["sent"]) == ("rejected", "unreadable_dataset", [])
+
+
 # ---------------------------------------------------------------------------- DIMSE, through Orthanc
 
 

@@ -168,7 +168,7 @@ def read_header(data: bytes) -> Dataset | Outcome:
     import pydicom
 
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         missing = [key for key in REQUIRED_IDENTIFIERS if not str(header.get(key, "") or "")]
     except Exception:  # any parse failure means the same: this is not a dataset pneumo can answer
         return Outcome("rejected", None, code="unreadable_dataset")

@@ -255,6 +255,8 @@ class DicomNode:
         except Exception:  # even building the "no result" report failed: keep the file aside, say so
             log.exception("Could not build a report for spool file %s; moved to failed/.", path.name)
             os.replace(path, self.spool.failed / path.name)
+            uid = path.stem if re.fullmatch(r"[0-9.]{1,64}", path.stem) else None
+            self.audit.write(Outcome("rejected", uid, code="internal_error").audit(self.analyser.model, "dimse"))
             return True
         if outcome.objects:
             try:
@@ -264,5 +266,8 @@ class DicomNode:
                 return False
         self.audit.write(outcome.audit(self.analyser.model, "dimse"))
         log.info("Answered a spooled instance: %s %s", outcome.status, outcome.code or outcome.label)
-        path.unlink(missing_ok=True)
+        if outcome.status == "rejected":  # e.g. a file dropped into the spool by hand: kept, never deleted
+            os.replace(path, self.spool.rejected / path.name)
+        else:
+            path.unlink(missing_ok=True)
         return True
