@@ -424,3 +424,9 @@ def test_shipped_model_reports_real_films_and_refuses_a_non_xray(
             assert _probability(report) == pytest.approx(predictor.predict(data).probability, abs=1e-5)
             assert content_items(report)["Algorithm Version"].TextValue == predictor.meta.version
     assert len(overlays) == 2
+
+
+def test_listen_command_refuses_a_malformed_destination() -> None:
+    with pneumo_log_handlers_restored():
+        result = CliRunner().invoke(app, ["dicom", "listen", "--destination", "ORTHANC:4242"])
+    assert result.exit_code == 2 and "AET@HOST:PORT" in result.output
