@@ -297,6 +297,7 @@ def test_accepted_instances_survive_a_restart(pacs: Orthanc, predictor: Predicto
     assert not list((spool / "incoming").glob("*.dcm"))
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: 10-20 s on a busy 2-core machine
 @needs_orthanc
 def test_listen_command_runs_until_sigterm(pacs: Orthanc, bundle: Path, tmp_path: Path) -> None:
     study = study_fields()
