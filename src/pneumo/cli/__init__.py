@@ -1,4 +1,4 @@
-"""The ``pneumo`` command line (typer): train, evaluate, predict, compare, export, app, serve, bench.
+"""The ``pneumo`` command line (typer): train, evaluate, predict, compare, export, app, serve, bench, dicom, dicomweb.
 
 Each command is a thin wrapper: it parses options, calls one library function and reports.
 Heavy imports happen inside the commands so ``pneumo --help`` stays fast.
@@ -375,3 +375,11 @@ def serve(
     except PneumoError as err:
         _fail(err.message)
     uvicorn.run(api, host=host, port=port)
+
+
+# ------------------------------------------------------------------------------- dicom, dicomweb
+
+from pneumo.cli.dicom import dicom_app, dicomweb  # noqa: E402  (the commands live in their own module)
+
+app.add_typer(dicom_app, name="dicom")
+app.command("dicomweb")(dicomweb)
