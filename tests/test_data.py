@@ -267,7 +267,6 @@ def test_datamodule_balance_options(tiny_dataset: Path) -> None:
         XrayDataModule(tiny_dataset, CFG, balance="oversample")
 
 
-@pytest.mark.slow
 def test_real_train_split_has_no_patient_leak(shared_data: Path) -> None:
     root = shared_data / "chest_xray_224"
     if not root.is_dir():
