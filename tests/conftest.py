@@ -79,9 +79,16 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return write_tiny_dataset(tmp_path / "chest_xray")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that asks for the real data is marked ``realdata`` by that very request (``-m "not realdata"``)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
+
+
 @pytest.fixture
 def shared_data() -> Path:
-    """``../shared/data`` (the real dataset); skips the test where it is absent."""
+    """``../shared/data`` (the real dataset); skips the test where it is absent. Marks the test ``realdata``."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
@@ -99,3 +106,30 @@ def _torch_backend_and_private_onnx_cache(tmp_path_factory: pytest.TempPathFacto
         patch.setenv("PNEUMO_BACKEND", "torch")
         patch.setenv("PNEUMO_CACHE", str(tmp_path_factory.mktemp("pneumo-cache")))
         yield
+
+
+def noise_image(seed: int, side: int = 96) -> Image.Image:
+    """Uniform gray-level noise: a picture that is plainly not a chest X-ray."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight bundle whose OOD gate is calibrated on synthetic X-rays (the real gate code)."""
+    from app_helpers import make_bundle
+
+    from pneumo.modeling.calibration import calibrate_bundle
+
+    root = tmp_path_factory.mktemp("gated")
+    bundle = make_bundle(root / "bundle")
+    sources = {}
+    for split, count, parity in (("train", 96, 0), ("val", 48, 1)):
+        folder = root / split
+        folder.mkdir()
+        for i in range(count):
+            prefix = "t" if split == "train" else "v"
+            path = folder / f"{prefix}{i}.png"
+            synthetic_xray(f"{prefix}{i}", i % 2 == parity).save(path)
+            sources.setdefault(split, []).append(path)
+    calibrate_bundle(bundle, sources["train"], sources["val"], quantile=0.99, n_components=8)
+    return bundle

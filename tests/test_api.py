@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from app_helpers import dicom_bytes, make_bundle, pneumo_log_handlers_restored, xray_array, xray_bytes
+from conftest import noise_image
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pneumo.cli import app as cli_app
-from pneumo.core.errors import NotAChestXrayError
 from pneumo.core.io import DEFAULT_LIMITS, Limits
 from pneumo.serving.api import create_app
 from pneumo.serving.inference import Predictor
@@ -126,15 +126,16 @@ def test_predict_with_heatmap(client: TestClient) -> None:
     [
         (b"just some text, not an image", 415, "unsupported_format"),
         (b"", 400, "empty_file"),
-        (xray_bytes("cut")[:300], 400, None),
+        (xray_bytes("cut")[:300], 400, "corrupt_image"),  # header only: no scan data at all
+        (xray_bytes("cut")[:-200], 400, "truncated_image"),
         (dicom_bytes(xray_array(), modality="CT"), 422, "unsupported_modality"),
         (dicom_bytes(xray_array(), with_pixels=False), 422, "dicom_no_pixel_data"),
     ],
 )
-def test_bad_inputs_get_4xx_json(client: TestClient, data: bytes, status: int, code: str | None) -> None:
+def test_bad_inputs_get_4xx_json(client: TestClient, data: bytes, status: int, code: str) -> None:
     response = client.post("/v1/predict", files=_upload("bad.bin", data))
     assert response.status_code == status, response.text
-    _assert_error(response, status, code or response.json()["error"]["code"])
+    _assert_error(response, status, code)
 
 
 def test_file_over_the_limit_gets_413(client: TestClient) -> None:
@@ -177,13 +178,16 @@ def test_malformed_requests(client: TestClient, method: str, path: str, kwargs: 
     _assert_error(getattr(client, method)(path, **kwargs), status, code)
 
 
-def test_not_a_chest_xray_is_422(client: TestClient, predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(source: Any, name: str | None = None) -> Any:
-        raise NotAChestXrayError("x.jpg does not look like a frontal chest X-ray.")
-
-    monkeypatch.setattr(predictor, "predict", refuse)
-    error = _assert_error(client.post("/v1/predict", files=_upload("x.jpg", xray_bytes())), 422, "not_a_chest_xray")
-    assert "chest X-ray" in error["message"]
+def test_not_a_chest_xray_is_422(gated_bundle: Path) -> None:
+    """A real non-X-ray (noise) through the real OOD gate of a calibrated bundle: refused with 422."""
+    buffer = io.BytesIO()
+    noise_image(5).save(buffer, format="PNG")
+    with TestClient(create_app(gated_bundle)) as gated:
+        error = _assert_error(
+            gated.post("/v1/predict", files=_upload("noise.png", buffer.getvalue())), 422, "not_a_chest_xray"
+        )
+        assert "noise.png" in error["message"] and "chest X-ray" in error["message"]
+        assert gated.get("/v1/model").json()["ood"]["enabled"] is True
 
 
 def test_unexpected_failure_is_a_json_500_without_details(

@@ -68,10 +68,20 @@ def test_one_upload_gets_label_probability_and_heatmap(page: AppTest, bundle: Pa
     assert not page.error and not page.dataframe, "one image: no results table"
 
 
+def _overlay_url(page: AppTest) -> str:
+    """The media URL of the heatmap overlay: Streamlit names media files by a hash of their bytes."""
+    return str(page.get("image")[1].proto.imgs[0].url)
+
+
 def test_heatmap_toggle_and_opacity(page: AppTest) -> None:
     _upload(page, ("chest.jpeg", xray_bytes("toggle")))
+    default = _overlay_url(page)
     page.slider(key="opacity").set_value(0.9).run()
     assert not page.exception and len(page.get("image")) == 2
+    strong = _overlay_url(page)
+    assert strong != default, "a new opacity must redraw the overlay"
+    page.slider(key="opacity").set_value(0.45).run()
+    assert _overlay_url(page) == default, "the same opacity draws the same overlay"
     page.toggle(key="show_heatmap").set_value(False).run()
     assert not page.exception
     assert len(page.get("image")) == 1, "heatmap off: the image alone"

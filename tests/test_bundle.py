@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -130,6 +131,40 @@ def test_read_meta_malformed_bundle_json_is_a_bundle_error(tmp_path: Path, conte
     with pytest.raises(BundleError) as info:
         read_meta(tmp_path)
     assert info.value.code == "bundle_error"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"format_version": 2}, "format_version"),
+        ({"temperature": 0}, "temperature"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"labels": ["NORMAL"]}, "labels"),
+        ({"arch": 3}, "arch"),
+        ({"preprocess": {"input_size": 64, "mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]}}, "preprocess.std.1"),
+        ({"versions": {"torch": [2, 9]}}, "versions.torch"),
+        ({"files": {"onnx": 1}}, "files.onnx"),
+        ({"positive_labels": ["VIRUS"]}, "positive_labels"),
+    ],
+)
+def test_bad_bundle_json_names_the_field_at_fault(tmp_path: Path, change: dict[str, Any], field: str) -> None:
+    (tmp_path / META_FILE).write_text(json.dumps({**_GOOD, **change}))
+    with pytest.raises(BundleError) as info:
+        read_meta(tmp_path)
+    assert field in info.value.message and "bundle.json" in info.value.message
+    with pytest.raises(BundleError):  # the Predictor (CLI, app, API start-up) gets the same error, not a ValueError
+        Predictor(tmp_path)
+
+
+def test_unknown_optional_keys_and_a_files_mapping_are_kept(tmp_path: Path) -> None:
+    """Later pneumo versions add keys (robustness metrics, an INT8 file entry); reading must keep them."""
+    data = {**_GOOD, "format_version": 1, "files": {"onnx_int8": "model.int8.onnx"}, "robustness": {"blur": 0.9}}
+    data["metrics"] = {"validation": {"roc_auc": 0.9}, "robustness": {"jpeg_q10": {"roc_auc": 0.8}}}
+    (tmp_path / META_FILE).write_text(json.dumps(data))
+    meta = read_meta(tmp_path)
+    assert meta.extra == {"files": {"onnx_int8": "model.int8.onnx"}, "robustness": {"blur": 0.9}}
+    assert meta.metrics["robustness"] == {"jpeg_q10": {"roc_auc": 0.8}}
+    assert meta.to_dict()["files"] == {"onnx_int8": "model.int8.onnx"}
 
 
 def test_read_meta_accepts_the_minimal_good_file(tmp_path: Path) -> None:

@@ -13,21 +13,10 @@ import torch
 from pneumo.core.errors import DataError, InvalidImageError
 from pneumo.core.io import read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
-from pneumo.modeling import data
+from pneumo.modeling import dataset
 from pneumo.modeling.config import AugmentConfig
-from pneumo.modeling.data import (
-    Sample,
-    XrayDataModule,
-    XrayDataset,
-    balanced_sampler,
-    build_augment,
-    class_weights,
-    dataset_summary,
-    discover,
-    patient_id,
-    patient_split,
-    train_val_samples,
-)
+from pneumo.modeling.data import XrayDataModule, XrayDataset, balanced_sampler, build_augment, class_weights
+from pneumo.modeling.dataset import Sample, dataset_summary, discover, patient_id, patient_split, train_val_samples
 
 CFG = PreprocessConfig(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -75,7 +64,7 @@ def test_discover_kaggle_root_binary(tiny_dataset: Path) -> None:
 
 def test_discover_class_folders_directly_and_3class(tiny_dataset: Path) -> None:
     samples = discover(tiny_dataset / "train", None, "3class")
-    names = data.LABEL_MODES["3class"]
+    names = dataset.LABEL_MODES["3class"]
     by_kind = {s.kind: s.label for s in samples}
     assert by_kind == {"normal": names.index("NORMAL"), "bacteria": names.index("BACTERIA"), "virus": 2}
     assert Counter(s.kind for s in samples) == {"normal": 12, "bacteria": 8, "virus": 4}
@@ -267,7 +256,6 @@ def test_datamodule_balance_options(tiny_dataset: Path) -> None:
         XrayDataModule(tiny_dataset, CFG, balance="oversample")
 
 
-@pytest.mark.slow
 def test_real_train_split_has_no_patient_leak(shared_data: Path) -> None:
     root = shared_data / "chest_xray_224"
     if not root.is_dir():

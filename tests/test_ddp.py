@@ -26,6 +26,7 @@ def _pneumo() -> list[str]:
     return [script] if script else [sys.executable, "-m", "pneumo.cli"]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_trains_and_rank_zero_alone_writes_the_bundle(tmp_path: Path) -> None:
     root = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"

@@ -12,8 +12,6 @@ from pneumo.core.io import read_image
 from pneumo.core.preprocess import preprocess
 from pneumo.serving.inference import Predictor
 
-pytestmark = pytest.mark.slow
-
 
 def _fullres(shared_data: Path) -> list[Path]:
     files = sorted((shared_data / "fullres_samples").rglob("*.jpeg"))

@@ -106,7 +106,9 @@ def test_concurrent_explanations_match_serial_ones(predictor: Predictor) -> None
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", list_archs())
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=pytest.mark.slow) if a in ("vgg19", "xception") else a for a in list_archs()]
+)
 def test_every_registered_arch_gets_a_heatmap(arch: str) -> None:
     torch.manual_seed(0)
     model = create_model(arch, pretrained=False)

@@ -18,7 +18,6 @@ from export_helpers import (
 )
 from onnx import TensorProto, helper
 
-from pneumo.core.bundle import BundleMeta, read_meta
 from pneumo.core.environment import available_cores
 from pneumo.core.errors import PneumoError
 from pneumo.modeling import export
@@ -198,20 +197,16 @@ def test_foreign_onnx_file_is_refused_by_the_runner(tmp_path: Path) -> None:
 def test_default_bundle_export_goes_to_the_cache_not_into_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Exporting the shipped bundle must not add 13 MB to the installed package."""
+    """Exporting the shipped bundle must not add 13 MB to the installed package (a real export of a tiny bundle)."""
     shipped = tmp_path / "shipped"
-    meta: BundleMeta = read_meta(tiny_bundle(shipped))
-    assert meta.arch
-    monkeypatch.setattr(export, "default_bundle_path", lambda: shipped)
+    tiny_bundle(shipped)
+    monkeypatch.setattr(export, "default_bundle_path", lambda: shipped)  # this folder plays the installed bundle
     monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "cache"))
-    calls: list[Path] = []
-    monkeypatch.setattr(export, "_torch_export", lambda wrapper, example, path, opset: calls.append(path))
-    monkeypatch.setattr(export, "_stamp", lambda path, props: None)
-    monkeypatch.setattr(export, "_check_against_torch", lambda *args: None)
     target = export.export_onnx(shipped)
-    assert target == cached_onnx_path(shipped)
-    assert calls and calls[0].parent == target.parent
-    assert not (shipped / ONNX_FILE).exists()
+    assert target == cached_onnx_path(shipped) and target.is_file()
+    assert target.parent == tmp_path / "cache" / "onnx"
+    assert find_onnx(shipped) == target  # stamped with the weights' hash, so the Predictor will use it
+    assert {p.name for p in shipped.iterdir()} == {"bundle.json", "weights.safetensors"}  # nothing added
 
 
 def test_prune_cache_keeps_the_most_recently_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,6 +68,7 @@ def test_headers_claiming_any_size(data: bytes) -> None:
     decode_and_preprocess(data)
 
 
+@pytest.mark.slow  # a subprocess with its own interpreter and fuzz run
 def test_header_size_fuzz_stays_within_a_memory_cap() -> None:
     """The size-header fuzz again, in a child that may grow its address space by 96 MB only.
 

@@ -280,7 +280,6 @@ def test_default_limits_are_documented_values() -> None:
     assert Limits(max_bytes=20 * 2**20, max_pixels=36_000_000, min_side=64, max_aspect_ratio=4.0) == DEFAULT_LIMITS
 
 
-@pytest.mark.slow
 def test_real_fullres_films_decode(shared_data: Path) -> None:
     files = sorted((shared_data / "fullres_samples").rglob("*.jpeg"))
     assert files

@@ -28,7 +28,13 @@ from pneumo.modeling.models import (
 GENERIC = "test_resnet"
 
 
-@pytest.mark.parametrize("arch", [*sorted(REGISTRY), GENERIC])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(a, marks=pytest.mark.slow) if a in ("vgg19", "xception") else a
+        for a in [*sorted(REGISTRY), GENERIC]
+    ],
+)
 def test_forward_and_backward_on_a_tiny_input(arch: str) -> None:
     torch.manual_seed(0)
     model = create_model(arch, pretrained=False, num_classes=2).train()

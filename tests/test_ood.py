@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from app_helpers import encode, make_bundle
 from bad_inputs import xray_like
-from conftest import synthetic_xray
+from conftest import noise_image, synthetic_xray
 from PIL import Image
 
 from pneumo.core.bundle import read_meta
 from pneumo.core.errors import BundleError, InvalidImageError, NotAChestXrayError
-from pneumo.modeling.calibration import calibrate_bundle
 from pneumo.serving.inference import Prediction, Predictor
 from pneumo.serving.ood import OOD_FILE, OodGate, fit_ood
 
@@ -115,17 +114,8 @@ def test_rank_deficient_features_give_finite_scores() -> None:
 # ----------------------------------------------------------------------- through the Predictor
 
 
-def _write(folder: Path, images: dict[str, Image.Image]) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, image in images.items():
-        paths.append(folder / name)
-        paths[-1].write_bytes(encode(image, "PNG"))
-    return paths
-
-
 def _noise(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (96, 96), dtype=np.uint8))
+    return noise_image(seed)
 
 
 def _document(seed: int) -> Image.Image:
@@ -134,17 +124,6 @@ def _document(seed: int) -> Image.Image:
     for row in range(8, 90, 8):
         page.paste(20, (6, row, int(rng.integers(30, 90)), row + 3))  # lines of "text"
     return page
-
-
-@pytest.fixture(scope="module")
-def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight bundle calibrated on synthetic X-rays (the gate works on any backbone's features)."""
-    root = tmp_path_factory.mktemp("gated")
-    bundle = make_bundle(root / "bundle")
-    train = _write(root / "train", {f"t{i}.png": synthetic_xray(f"t{i}", i % 2 == 0) for i in range(96)})
-    val = _write(root / "val", {f"v{i}.png": synthetic_xray(f"v{i}", i % 2 == 1) for i in range(48)})
-    calibrate_bundle(bundle, train, val, quantile=0.99, n_components=8)
-    return bundle
 
 
 def _validation_xray(index: int = 0) -> bytes:
@@ -243,7 +222,7 @@ def test_calibrate_command_uses_the_patient_split(tiny_dataset: Path, tmp_path: 
     from typer.testing import CliRunner
 
     from pneumo.cli import app
-    from pneumo.modeling.data import train_val_samples
+    from pneumo.modeling.dataset import train_val_samples
 
     bundle = make_bundle(tmp_path / "bundle")
     args = ["ood", "calibrate", str(bundle), "--data", str(tiny_dataset), "--components", "4"]

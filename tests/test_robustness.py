@@ -15,7 +15,7 @@ from pneumo.evaluation import robustness
 from pneumo.evaluation.metrics import compute_metrics
 from pneumo.modeling.augment import build_augment
 from pneumo.modeling.config import AugmentConfig
-from pneumo.modeling.data import patient_id, train_val_samples
+from pneumo.modeling.dataset import patient_id, train_val_samples
 
 
 @pytest.fixture

@@ -260,7 +260,7 @@ def ood_calibrate(
     """(Re)fit the gate on a dataset's patient-level train/validation split, with the bundle's own model."""
     from pneumo.core.errors import PneumoError
     from pneumo.modeling.calibration import calibrate_bundle
-    from pneumo.modeling.data import train_val_samples
+    from pneumo.modeling.dataset import train_val_samples
 
     try:
         train, val, description = train_val_samples(data, val_fraction=val_fraction, seed=seed)

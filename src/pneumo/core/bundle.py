@@ -17,7 +17,9 @@ import logging
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pneumo.core.errors import BundleError
 from pneumo.core.preprocess import PreprocessConfig
@@ -63,18 +65,86 @@ class BundleMeta:
         return {**extra, **data}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BundleMeta:
+    def from_dict(cls, data: Any) -> BundleMeta:
+        """Validate ``bundle.json``'s content (:class:`BundleSchema`) and build the metadata.
+
+        Raises:
+            BundleError: naming the field at fault, what it holds and what was expected.
+        """
         if not isinstance(data, dict):
             raise BundleError(f"bundle.json must hold a JSON object, not {type(data).__name__}.")
-        data = dict(data)
-        data.pop("format_version", None)
-        known = set(cls.__dataclass_fields__)
-        extra = {k: data.pop(k) for k in list(data) if k not in known}
         try:
-            data["preprocess"] = PreprocessConfig.from_dict(data["preprocess"])
-            return cls(**data, extra=extra)
-        except (KeyError, TypeError, ValueError) as err:
-            raise BundleError(f"bundle.json is incomplete or malformed: {err}") from err
+            checked = BundleSchema.model_validate(data)
+        except ValidationError as err:
+            raise BundleError(_describe(err)) from err
+        known = set(cls.__dataclass_fields__)
+        extra = {k: v for k, v in data.items() if k not in known and k != "format_version"}
+        values = checked.model_dump(include=known - {"extra", "preprocess"})
+        preprocess = PreprocessConfig(checked.preprocess.input_size, checked.preprocess.mean, checked.preprocess.std)
+        return cls(**values, preprocess=preprocess, extra=extra)
+
+
+class _PreprocessSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_size: int = Field(gt=0)
+    mean: tuple[float, float, float]
+    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+
+
+class BundleSchema(BaseModel):
+    """What a valid ``bundle.json`` holds: required keys, their types and ranges, a known ``format_version``.
+
+    Keys it does not know are allowed and kept (a later pneumo may add some); the free-form
+    sections (``training``, ``metrics``, ``ood``) may hold anything, and ``files`` (optional)
+    maps a role to a file name inside the bundle.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    format_version: Literal[1] = 1  # FORMAT_VERSION; a later format needs a later pneumo
+    arch: str = Field(min_length=1)
+    timm_name: str = Field(min_length=1)
+    labels: list[str] = Field(min_length=2)
+    preprocess: _PreprocessSchema
+    positive_labels: list[str] = Field(default_factory=lambda: ["PNEUMONIA"], min_length=1)
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    threshold_rule: str = "default 0.5 (not chosen on data)"
+    temperature: float = Field(default=1.0, gt=0.0)
+    name: str = "pneumo"
+    version: str = "0.0.0"
+    ood: dict[str, Any] | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str = ""
+    files: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _positive_labels_are_labels(self) -> BundleSchema:
+        unknown = [label for label in self.positive_labels if label not in self.labels]
+        if unknown:
+            raise ValueError(f"positive_labels {unknown} are not among labels {self.labels}")
+        return self
+
+
+def _describe(err: ValidationError) -> str:
+    """The first problem of a failed validation as one sentence naming the field."""
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    if not field:  # a check across fields (positive_labels against labels)
+        return f"bundle.json is inconsistent: {first['msg'].removeprefix('Value error, ')}."
+    received = first.get("input")
+    shown = repr(received) if len(repr(received)) <= 80 else repr(received)[:77] + "..."
+    more = f" ({err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+    if first["type"] == "missing":
+        return f"bundle.json lacks the required field '{field}'{more}."
+    if field == "format_version":
+        return (
+            f"bundle.json has format_version {shown}, which this pneumo cannot read (it reads {FORMAT_VERSION}); "
+            f"upgrade pneumo.{more}"
+        )
+    return f"bundle.json field '{field}' is invalid: {first['msg']} (got {shown}){more}."
 
 
 def write_meta(bundle_dir: str | Path, meta: BundleMeta) -> None:

@@ -19,7 +19,7 @@ from pneumo.core.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import evaluation_report
 from pneumo.evaluation.plots import save_plots
 from pneumo.evaluation.report import markdown_report
-from pneumo.modeling.data import discover
+from pneumo.modeling.dataset import discover
 
 log = logging.getLogger(__name__)
 

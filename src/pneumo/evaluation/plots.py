@@ -1,5 +1,8 @@
 """Evaluation plots: ROC, precision-recall, confusion matrix and reliability diagram as PNG files.
 
+scikit-learn's displays draw the curves; this module adds the operating point (the threshold in
+force) and the undefined cases (one class only), which they do not.
+
 Uses ``matplotlib.figure.Figure`` directly (Agg rendering, no pyplot), so it is thread-safe, needs no
 display and leaves no global state behind.
 """
@@ -12,9 +15,10 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
-from pneumo.evaluation.metrics import LABEL_NAMES, _check_binary, _reliability_bins, compute_metrics
+from pneumo.evaluation.metrics import LABEL_NAMES, _check_binary, compute_metrics
 
 
 def save_plots(
@@ -54,9 +58,7 @@ def _plot_roc(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[
     if m["roc_auc"] is None:
         _undefined(ax, "ROC curve")
         return
-    fpr, tpr, _ = roc_curve(y, p)
-    ax.plot(fpr, tpr, label=f"ROC (AUC = {m['roc_auc']:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
+    RocCurveDisplay.from_predictions(y, p, ax=ax, name="ROC", plot_chance_level=True)
     ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="red", label=f"threshold {m['threshold']:.3f}")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC curve", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
@@ -66,36 +68,23 @@ def _plot_pr(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[s
     if m["pr_auc"] is None:
         _undefined(ax, "Precision-recall curve")
         return
-    precision, recall, _ = precision_recall_curve(y, p)
-    ax.step(recall, precision, where="post", label=f"PR (AP = {m['pr_auc']:.3f})")
-    ax.axhline(m["n_positive"] / m["n_images"], ls="--", lw=1, color="grey", label="prevalence")
+    PrecisionRecallDisplay.from_predictions(y, p, ax=ax, name="PR", plot_chance_level=True)
     if m["precision"] is not None:
         ax.plot(m["sensitivity"], m["precision"], "o", color="red", label=f"threshold {m['threshold']:.3f}")
-    ax.set(
-        xlabel="recall (sensitivity)",
-        ylabel="precision",
-        title="Precision-recall curve",
-        xlim=(0, 1.01),
-        ylim=(0, 1.01),
-    )
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall curve")
+    ax.set(xlim=(0, 1.01), ylim=(0, 1.01))
     ax.legend(loc="lower left")
 
 
 def _plot_confusion(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
-    cm = np.asarray(m["confusion_matrix"])
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), count in np.ndenumerate(cm):
-        color = "white" if count > cm.max() / 2 else "black"
-        ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=14)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES)
+    display = ConfusionMatrixDisplay(np.asarray(m["confusion_matrix"]), display_labels=list(LABEL_NAMES))
+    display.plot(ax=ax, cmap="Blues", colorbar=False)
     ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix (threshold {m['threshold']:.3f})")
 
 
 def _plot_reliability(ax: Any, y: NDArray[np.int64], p: NDArray[np.float64], m: Mapping[str, Any]) -> None:
-    counts, sum_p, sum_y = _reliability_bins(y, p, 15)
-    seen = counts > 0
-    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfect calibration")
-    ax.plot(sum_p[seen] / counts[seen], sum_y[seen] / counts[seen], "o-", label="model")
+    # Equal-width bins, the same 15 as the ECE in the title.
+    CalibrationDisplay.from_predictions(y, p, n_bins=15, ax=ax, name="model")
     ax.set(xlabel="mean predicted P(pneumonia)", ylabel="observed fraction PNEUMONIA", xlim=(0, 1), ylim=(0, 1))
     ax.set_title(f"Reliability diagram (ECE = {m['ece']:.3f})")
     ax.legend(loc="upper left")
