@@ -24,6 +24,7 @@ from torch import nn
 
 from pneumo.errors import BundleError
 from pneumo.preprocess import PreprocessConfig
+from pneumo.redact import strip_paths
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,12 @@ def save_bundle(out_dir: str | Path, model: nn.Module, meta: BundleMeta) -> Path
 
 
 def write_meta(bundle_dir: str | Path, meta: BundleMeta) -> None:
-    """Rewrite ``bundle.json`` (e.g. after attaching OOD statistics), leaving the weights alone."""
-    (Path(bundle_dir) / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+    """Rewrite ``bundle.json`` (e.g. after attaching OOD statistics), leaving the weights alone.
+
+    Server paths (the training config's data, run and cache folders) are reduced to their
+    names (:func:`pneumo.redact.strip_paths`): a bundle travels, the layout of its maker's disks need not.
+    """
+    (Path(bundle_dir) / META_FILE).write_text(json.dumps(strip_paths(meta.to_dict()), indent=2) + "\n")
 
 
 def read_meta(bundle_dir: str | Path) -> BundleMeta:

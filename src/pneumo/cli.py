@@ -361,6 +361,12 @@ def serve(
     model: ModelOption = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest file accepted, in MB (413 above it).")] = 20.0,
     max_batch_files: Annotated[int, typer.Option(help="Most files in one /v1/predict/batch request.")] = 16,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Requests analysed at once; default: one per core, fewer if memory is short.")
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Requests waiting beyond those (503 server_busy above); default 4x.")
+    ] = None,
 ) -> None:
     """Start the HTTP API (FastAPI + uvicorn); OpenAPI docs at http://HOST:PORT/docs."""
     import dataclasses
@@ -371,11 +377,13 @@ def serve(
     from pneumo.errors import PneumoError
     from pneumo.io import DEFAULT_LIMITS
 
-    if max_upload_mb <= 0 or max_batch_files < 1:
-        _fail("--max-upload-mb must be positive and --max-batch-files at least 1.")
+    if max_upload_mb <= 0 or max_batch_files < 1 or (max_concurrent or 1) < 1 or (max_queue or 0) < 0:
+        _fail("--max-upload-mb must be positive, --max-batch-files and --max-concurrent at least 1, --max-queue >= 0.")
     limits = dataclasses.replace(DEFAULT_LIMITS, max_bytes=int(max_upload_mb * 2**20))
     try:
-        api = create_app(model, limits, max_batch_files=max_batch_files)
+        api = create_app(
+            model, limits, max_batch_files=max_batch_files, max_concurrent=max_concurrent, max_queue=max_queue
+        )
     except PneumoError as err:
         _fail(err.message)
     uvicorn.run(api, host=host, port=port)
