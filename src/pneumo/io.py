@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -93,8 +95,7 @@ def read_bytes(source: str | Path | bytes, limits: Limits = DEFAULT_LIMITS) -> b
         data = bytes(source)
     else:
         path = Path(source)
-        if not path.is_file():
-            raise InvalidImageError(f"{path} is not a file; pass the path of an image.", code="file_not_found")
+        _check_regular_file(path)
         try:
             size = path.stat().st_size
             if size > limits.max_bytes:
@@ -117,6 +118,42 @@ def read_bytes(source: str | Path | bytes, limits: Limits = DEFAULT_LIMITS) -> b
     if not data:
         raise InvalidImageError("The file is empty (0 bytes).", code="empty_file")
     return data
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse, with a row-worthy error, anything at ``path`` that is not a readable regular file.
+
+    Never opens the path: a FIFO would block the batch forever and a device could stream
+    without end. ``Path.is_file()`` raises on a name too long, so ``os.stat`` is asked directly.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError as err:
+        broken = path.is_symlink()
+        raise InvalidImageError(
+            f"{path} {'is a broken symbolic link (its target does not exist)' if broken else 'does not exist'}; "
+            "pass the path of an image.",
+            code="file_not_found",
+        ) from err
+    except OSError as err:  # name too long, permission denied on a parent folder, symlink loop
+        raise InvalidImageError(
+            f"{path} cannot be read ({err.strerror or err}); check the name and the permissions.",
+            code="unreadable_file",
+        ) from err
+    if stat.S_ISREG(info.st_mode):
+        return
+    if stat.S_ISDIR(info.st_mode):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise InvalidImageError(
+                f"{path} is a folder whose contents cannot be listed (permission denied); nothing in it was read.",
+                code="unreadable_file",
+            )
+        raise InvalidImageError(f"{path} is a folder, not a file; pass the path of an image.", code="file_not_found")
+    kind = "named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "socket" if stat.S_ISSOCK(info.st_mode) else "device"
+    raise InvalidImageError(
+        f"{path} is a {kind}, not a regular file; it was not opened. Pass the path of an image file.",
+        code="unreadable_file",
+    )
 
 
 def read_image(
