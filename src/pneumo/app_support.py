@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,20 @@ def public_model_info(description: Mapping[str, Any]) -> dict[str, Any]:
     info["ood"] = summary
     info["intended_use"] = INTENDED_USE
     return strip_paths(info)  # bundles written before paths were stripped at save time still carry them
+
+
+#: Characters that mean something to Streamlit's markdown (CommonMark, ``$`` maths, ``:emoji:`` and ``:red[...]``).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-!|~$:])")
+
+
+def markdown_escape(text: str) -> str:
+    """``text`` with every markdown-special character backslash-escaped, so it shows as typed.
+
+    Uploaded file names reach ``st.subheader`` and ``st.error``, which render markdown: a name
+    like ``[click](http://x)`` or ``$x$`` would become a link or a formula. Streamlit has no
+    escaping helper, hence this one.
+    """
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text.replace("\n", " "))
 
 
 def metric_rows(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
