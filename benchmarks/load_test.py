@@ -259,6 +259,7 @@ def main() -> int:
     parser.add_argument("--max-queue", type=int, default=None, help="Passed to pneumo serve.")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="Seconds to wait for /health.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load_test.json")
     args = parser.parse_args()
 
@@ -270,7 +271,7 @@ def main() -> int:
     extra += [f"--max-queue={args.max_queue}"] if args.max_queue is not None else []
     server = start_server(port, args.model, log_path, extra)
     try:
-        health = wait_healthy(base, server)
+        health = wait_healthy(base, server, args.start_timeout)
         rss_start = _rss_mb(server.pid)
         every_upload_once = [(kind, name, body) for kind, items in kinds.items() for name, body in items]
         warmup = every_upload_once + schedule(kinds, args.warmup, args.seed + 1, args.worst_share)
