@@ -1,17 +1,22 @@
 """Load test of ``pneumo serve``: a bounded mix of valid and invalid uploads from concurrent clients.
 
-    python benchmarks/load_test.py [--requests 2000] [--concurrency 8] [--model BUNDLE]
+    python benchmarks/load_test.py [--requests 2000] [--concurrency 8] [--worst-share 0.1] [--model BUNDLE]
 
 Starts ``pneumo serve`` on a free 127.0.0.1 port as a subprocess, waits for ``/health``, sends a
 warm-up (every distinct upload once, then ``--warmup`` random ones), then ``--requests`` POST
 /v1/predict uploads from ``--concurrency`` clients (httpx, asyncio): real X-rays from ``--data``
 (224 px copies and full-resolution originals) and invalid uploads of every kind (text, empty,
 truncated, a decompression-bomb header, too small, GIF, a photo, noise, an upload over the size
-limit). Reports throughput, p50/p99 latency, counts by status and error code, and the server's
-RSS (``/proc/PID/status``) after start, after the warm-up and after the run.
+limit). ``--worst-share`` of the requests (default 10%) are the worst-case inputs of issue 12
+(``tests/hostile_inputs.py``: a Deflated DICOM inflating to 1 GB, a DICOM whose JPEG frame
+declares 13000 x 13000, 6000 x 6000 flat 16-bit PNG, float TIFF and RGBA PNG). Reports
+throughput, p50/p99 latency, counts by status and error code, the share answered 503
+``server_busy`` (backpressure), and the server's RSS (``/proc/PID/status``) after start, after the
+warm-up and after the run, with the growth scaled to 2,000 requests.
 
-Targets (exit status 1 when missed): zero 5xx, every valid upload answered (200, or 422
-``not_a_chest_xray`` when the gate refuses it), RSS growth under 50 MB from warm-up to the end.
+Targets (exit status 1 when missed): zero 5xx other than 503 ``server_busy``, every valid upload
+answered (200, 422 ``not_a_chest_xray`` when the gate refuses it, or 503 ``server_busy``), RSS
+growth under 50 MB per 2,000 requests from warm-up to the end.
 Writes ``--out`` (JSON) and prints a table. Only loopback is used.
 """
 
@@ -85,24 +90,46 @@ def payloads(data: Path, seed: int) -> dict[str, list[tuple[str, bytes]]]:
         "photo": [("astronaut.jpeg", _encode(Image.fromarray(skimage.data.astronaut()), "JPEG"))],
         "noise": [("noise.jpeg", _encode(photo, "JPEG"))],
         "oversize": [("huge.jpeg", b"\xff\xd8\xff" + os.urandom(21 * 2**20))],
+        **worst_case(),
     }
 
 
-def schedule(kinds: dict[str, list[tuple[str, bytes]]], n: int, seed: int) -> list[tuple[str, str, bytes]]:
-    """``n`` (kind, name, bytes) requests: ~70% valid, the rest spread over the invalid kinds (oversize ~0.5%)."""
+def worst_case() -> dict[str, list[tuple[str, bytes]]]:
+    """The hostile inputs of issue 12, one kind each (``worst_`` prefix), made by tests/hostile_inputs.py."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from hostile_inputs import HOSTILE
+
+    return {f"worst_{name}": [(f"{name}.bin", maker())] for name, (maker, _) in HOSTILE.items()}
+
+
+def schedule(
+    kinds: dict[str, list[tuple[str, bytes]]], n: int, seed: int, worst_share: float = 0.0
+) -> list[tuple[str, str, bytes]]:
+    """``n`` (kind, name, bytes) requests: ``worst_share`` worst-case inputs; of the rest ~70% valid, the
+    others spread over the invalid kinds (oversize ~0.5%)."""
     rng = random.Random(seed)
-    invalid = [k for k in kinds if k not in ("valid", "oversize")]
+    worst = [k for k in kinds if k.startswith("worst_")]
+    invalid = [k for k in kinds if k not in ("valid", "oversize") and k not in worst]
     plan = []
     for _ in range(n):
         draw = rng.random()
-        kind = "valid" if draw < 0.7 else "oversize" if draw < 0.705 else rng.choice(invalid)
+        if worst and rng.random() < worst_share:
+            kind = rng.choice(worst)
+        else:
+            kind = "valid" if draw < 0.7 else "oversize" if draw < 0.705 else rng.choice(invalid)
         name, body = rng.choice(kinds[kind])
         plan.append((kind, name, body))
     return plan
 
 
-async def run_load(base: str, plan: list[tuple[str, str, bytes]], concurrency: int) -> list[dict[str, Any]]:
-    """Send ``plan`` with ``concurrency`` workers; one record per request (kind, status, code, latency)."""
+async def run_load(
+    base: str, plan: list[tuple[str, str, bytes]], concurrency: int, retries: int = 3
+) -> list[dict[str, Any]]:
+    """Send ``plan`` with ``concurrency`` workers; one record per request (kind, status, code, latency).
+
+    A 503 ``server_busy`` is retried after its ``Retry-After`` (at most ``retries`` times; ``busy``
+    counts them); the latency includes those waits, as a client sees it.
+    """
     queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
     for item in plan:
         queue.put_nowait(item)
@@ -115,19 +142,25 @@ async def run_load(base: str, plan: list[tuple[str, str, bytes]], concurrency: i
             while not queue.empty():
                 kind, name, body = queue.get_nowait()
                 start = time.perf_counter()
-                record: dict[str, Any] = {"kind": kind}
-                try:
-                    upload = {"file": (name, body, "application/octet-stream")}
-                    response = await client.post("/v1/predict", files=upload)
-                    record["status"] = response.status_code
-                    if response.status_code != 200:
-                        try:
-                            record["code"] = response.json()["error"]["code"]
-                        except (ValueError, KeyError, TypeError):
-                            record["code"] = "unparsable_body"
-                except httpx.HTTPError as err:
-                    record["status"] = 0
-                    record["code"] = f"client_{type(err).__name__}"
+                record: dict[str, Any] = {"kind": kind, "busy": 0}
+                for attempt in range(1 + retries):  # a well-behaved client honours Retry-After
+                    try:
+                        upload = {"file": (name, body, "application/octet-stream")}
+                        response = await client.post("/v1/predict", files=upload)
+                        record["status"] = response.status_code
+                        record.pop("code", None)
+                        if response.status_code != 200:
+                            try:
+                                record["code"] = response.json()["error"]["code"]
+                            except (ValueError, KeyError, TypeError):
+                                record["code"] = "unparsable_body"
+                    except httpx.HTTPError as err:
+                        record["status"] = 0
+                        record["code"] = f"client_{type(err).__name__}"
+                    if record.get("code") != "server_busy" or attempt == retries:
+                        break
+                    record["busy"] += 1
+                    await asyncio.sleep(min(5.0, float(response.headers.get("retry-after", "1"))))
                 record["latency"] = time.perf_counter() - start
                 records.append(record)
 
@@ -143,7 +176,12 @@ def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         by_kind[r["kind"]][f"{r['status']} {r.get('code', '')}".strip()] += 1
         kind_latency[r["kind"]].append(r["latency"] * 1000)
     valid = [r for r in records if r["kind"] == "valid"]
-    answered = [r for r in valid if r["status"] == 200 or (r["status"] == 422 and r.get("code") == "not_a_chest_xray")]
+    answered = [
+        r for r in valid if r["status"] in (200, 503) or (r["status"] == 422 and r.get("code") == "not_a_chest_xray")
+    ]
+    busy = sum(r["status"] == 503 and r.get("code") == "server_busy" for r in records)
+    attempts = sum(1 + r["busy"] for r in records)
+    busy_answers = sum(r["busy"] for r in records) + busy
     return {
         "requests": len(records),
         "seconds": round(seconds, 1),
@@ -154,11 +192,18 @@ def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
             "max": round(float(latencies.max()), 1),
         },
         "status_counts": dict(Counter(str(r["status"]) for r in records).most_common()),
-        "server_errors_5xx": sum(r["status"] >= 500 for r in records),
+        "server_errors_5xx": sum(r["status"] >= 500 and r.get("code") != "server_busy" for r in records),
+        "busy_503": busy,
+        "busy_503_share": round(busy / len(records), 4),
+        "attempts": attempts,
+        "busy_503_share_of_attempts": round(busy_answers / attempts, 4),
+        "worst_case_sent": sum(r["kind"].startswith("worst_") for r in records),
+        "latency_ms_valid_200": _percentiles([r["latency"] * 1000 for r in valid if r["status"] == 200]),
         "connection_errors": sum(r["status"] == 0 for r in records),
         "valid_sent": len(valid),
         "valid_answered": len(answered),
         "valid_refused_as_not_xray": sum(r["status"] == 422 for r in valid),
+        "valid_refused_busy": sum(r["status"] == 503 for r in valid),
         "by_kind": {
             kind: {
                 "outcomes": dict(counts),
@@ -170,8 +215,16 @@ def summarize(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     }
 
 
-def start_server(port: int, model: Path | None, log_path: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "pneumo.cli", "serve", "--host", HOST, "--port", str(port)]
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None}
+    return {"p50": round(float(np.percentile(values, 50)), 1), "p99": round(float(np.percentile(values, 99)), 1)}
+
+
+def start_server(
+    port: int, model: Path | None, log_path: Path, extra: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "pneumo.cli", "serve", "--host", HOST, "--port", str(port), *(extra or [])]
     if model is not None:
         command += ["--model", str(model)]
     log = log_path.open("wb")
@@ -198,11 +251,15 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument(
-        "--warmup", type=int, default=40, help="Random requests sent, after each distinct upload once, before the run."
+        "--warmup", type=int, default=200, help="Random requests sent, after each distinct upload once, before the run."
     )
     parser.add_argument("--model", type=Path, default=None, help="Model bundle (default: the shipped one).")
+    parser.add_argument("--worst-share", type=float, default=0.1, help="Share of worst-case (issue 12) inputs.")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="Passed to pneumo serve.")
+    parser.add_argument("--max-queue", type=int, default=None, help="Passed to pneumo serve.")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="Seconds to wait for /health.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load_test.json")
     args = parser.parse_args()
 
@@ -210,12 +267,14 @@ def main() -> int:
     port = _free_port()
     base = f"http://{HOST}:{port}"
     log_path = Path(f"/tmp/pneumo_load_test_server_{port}.log")
-    server = start_server(port, args.model, log_path)
+    extra = [f"--max-concurrent={args.max_concurrent}"] if args.max_concurrent else []
+    extra += [f"--max-queue={args.max_queue}"] if args.max_queue is not None else []
+    server = start_server(port, args.model, log_path, extra)
     try:
-        health = wait_healthy(base, server)
+        health = wait_healthy(base, server, args.start_timeout)
         rss_start = _rss_mb(server.pid)
         every_upload_once = [(kind, name, body) for kind, items in kinds.items() for name, body in items]
-        warmup = every_upload_once + schedule(kinds, args.warmup, args.seed + 1)
+        warmup = every_upload_once + schedule(kinds, args.warmup, args.seed + 1, args.worst_share)
         asyncio.run(run_load(base, warmup, args.concurrency))
         rss_before = _rss_mb(server.pid)
         peak = [rss_before]
@@ -228,7 +287,8 @@ def main() -> int:
 
             sampler = asyncio.create_task(sample())
             try:
-                return await run_load(base, schedule(kinds, args.requests, args.seed), args.concurrency)
+                plan = schedule(kinds, args.requests, args.seed, args.worst_share)
+                return await run_load(base, plan, args.concurrency)
             finally:
                 sampler.cancel()
 
@@ -256,7 +316,10 @@ def main() -> int:
                 "after_run": round(rss_after, 1),
                 "peak": round(max(peak), 1),
                 "growth": round(rss_after - rss_before, 1),
+                "growth_per_2000_requests": round((rss_after - rss_before) * 2000 / max(1, args.requests), 1),
             },
+            "worst_share": args.worst_share,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "command": " ".join(["python", "benchmarks/load_test.py", *sys.argv[1:]]),
         }
@@ -264,7 +327,7 @@ def main() -> int:
     targets = {
         "zero_5xx": result["server_errors_5xx"] == 0,
         "every_valid_answered": result["valid_answered"] == result["valid_sent"],
-        "rss_growth_under_50_mb": result["rss_mb"]["growth"] < 50,
+        "rss_growth_under_50_mb_per_2000": result["rss_mb"]["growth_per_2000_requests"] < 50,
         "no_connection_errors": result["connection_errors"] == 0,
     }
     result["targets"] = targets
@@ -274,7 +337,10 @@ def main() -> int:
     rss = result["rss_mb"]
     print(f"\npneumo serve load test: {result['requests']} requests, {args.concurrency} clients, {result['model']}")
     print(f"throughput {result['throughput_rps']} req/s over {result['seconds']} s; ", end="")
-    print(f"latency p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} ms")
+    print(f"latency p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} ms; ", end="")
+    busy, share, other = result["busy_503"], result["busy_503_share"], result["server_errors_5xx"]
+    print(f"503 server_busy after retries {busy} ({share:.1%}; {result['busy_503_share_of_attempts']:.1%} of attempts)")
+    print(f"other 5xx {other}")
     print(f"server RSS {rss['before_run']} -> {rss['after_run']} MB (growth {rss['growth']} MB, peak {rss['peak']})")
     print(f"\n{'kind':12s} {'n':>5s} {'p50 ms':>8s} {'p99 ms':>8s}  outcomes")
     for kind, row in result["by_kind"].items():

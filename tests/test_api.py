@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,11 +75,9 @@ def test_model_metadata(client: TestClient) -> None:
     assert info["threshold"] == 0.5
     assert info["preprocess"]["input_size"] == 64
     assert info["metrics"] == {"roc_auc": 0.5, "sensitivity": 0.25}
-    assert info["limits"] == {
-        "max_upload_bytes": MAX_BYTES,
-        "max_pixels": DEFAULT_LIMITS.max_pixels,
-        "max_batch_files": 3,
-    }
+    limits = info["limits"]
+    assert limits.pop("max_concurrent") >= 1 and limits.pop("max_queue") >= 0
+    assert limits == {"max_upload_bytes": MAX_BYTES, "max_pixels": DEFAULT_LIMITS.max_pixels, "max_batch_files": 3}
     assert info["heatmaps"] is True and info["ood"] == {"enabled": False}
     assert "not a diagnosis" in info["intended_use"]
     assert "bundle_dir" not in info, "the server's file paths are not the client's business"
@@ -291,3 +291,109 @@ def test_without_grad_cam_the_api_serves_answers_and_refuses_heatmaps(
 def _invoke(args: list[str]) -> Any:
     with pneumo_log_handlers_restored():
         return CliRunner().invoke(cli_app, args)
+
+
+# ------------------------------------------------------------------ issue 12: nothing dropped, nothing leaked
+
+
+def test_two_files_under_the_single_file_field_are_refused(client: TestClient) -> None:
+    """F4: the first file used to be dropped silently (200 with the second file's answer)."""
+    files = [("file", ("first.jpg", xray_bytes("first"), "image/jpeg")), ("file", ("second.jpg", xray_bytes("2")))]
+    error = _assert_error(client.post("/v1/predict", files=files), 413, "too_many_files")
+    assert "/v1/predict/batch" in error["message"]
+
+
+def test_no_server_path_in_model_metadata_written_or_served(tmp_path: Path) -> None:
+    """F5: the training config's folders were served as absolute paths; now names only, in the file and the API."""
+    training = {
+        "data": "/srv/hospital/secret/chest_xray",
+        "out": "/home/alice/runs/lite0",
+        "config": {"cache_dir": "/var/cache/pneumo", "paths": ["/opt/x/weights.pth", "relative/name"]},
+        "url": "https://example.org/x",
+    }
+    folder = make_bundle(tmp_path / "bundle", training=training)
+    written = (folder / "bundle.json").read_text()
+    client = TestClient(create_app(predictor=Predictor(folder)))
+    for text in (written, client.get("/v1/model").text, client.get("/health").text):
+        for secret in ("/srv", "/home", "/var", "/opt", str(tmp_path)):
+            assert secret not in text
+    info = client.get("/v1/model").json()
+    assert info["training"]["data"] == "chest_xray" and info["training"]["out"] == "lite0"
+    assert info["training"]["config"]["paths"] == ["weights.pth", "relative/name"]
+    assert info["training"]["url"] == "https://example.org/x"
+
+
+def test_bundles_written_before_the_fix_are_stripped_when_served(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path / "old")
+    meta = json.loads((folder / "bundle.json").read_text())
+    meta["training"] = {"data": "/work/shared/data/chest_xray_224"}
+    (folder / "bundle.json").write_text(json.dumps(meta))
+    info = TestClient(create_app(predictor=Predictor(folder))).get("/v1/model").json()
+    assert info["training"]["data"] == "chest_xray_224"
+
+
+def test_the_shipped_bundle_holds_no_server_path() -> None:
+    from pneumo.core.bundle import META_FILE, default_bundle_path
+
+    text = (default_bundle_path() / META_FILE).read_text()
+    assert '"/' not in text and "/work" not in text
+
+
+def test_trailing_slash_answers_as_the_canonical_route(client: TestClient) -> None:
+    """F9: ``/v1/predict/`` answered a 307 with an empty body."""
+    response = client.post("/v1/predict/", files=_upload("x.jpg", xray_bytes("slash")), follow_redirects=False)
+    assert response.status_code == 200 and response.json()["file"] == "x.jpg"
+    assert client.get("/health/", follow_redirects=False).json()["status"] == "ok"
+    _assert_error(client.get("/nothing/here/", follow_redirects=False), 404, "not_found")
+
+
+def test_head_health(client: TestClient) -> None:
+    """F9: ``HEAD /health`` answered 405."""
+    response = client.head("/health")
+    assert response.status_code == 200 and response.content == b""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"--xyz\r\nContent-Disposition: form-data; name=file\r\n\r\nabc", b"not multipart at all", b"--xyz--garbage"],
+)
+def test_malformed_multipart_is_422_as_documented(client: TestClient, body: bytes) -> None:
+    """F9: a body that does not parse as multipart answered 400; docs/api.md says 422 ``invalid_request``."""
+    response = client.post("/v1/predict", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"})
+    _assert_error(response, 422, "invalid_request")
+
+
+def test_docs_pages_load_their_assets_from_this_server(client: TestClient) -> None:
+    """F9: /docs loaded Swagger UI from a CDN and stayed blank offline."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert "cdn.jsdelivr.net" not in html and "https://" not in html.split("<body>")[-1]
+        assets = re.findall(r'(?:src|href)="(/[^"]+\.(?:js|css))"', html)
+        assert assets, html
+        for asset in assets:
+            response = client.get(asset)
+            assert response.status_code == 200 and len(response.content) > 10_000, asset
+
+
+def test_body_caps_come_from_the_route_declarations() -> None:
+    """Issue 10: every route that takes files is capped from its declaration, not from a table of paths."""
+    from pneumo.serving.api import _body_caps, router
+
+    caps = _body_caps(1000, max_batch_files=5)
+    upload_routes = {
+        route.path for route in router.routes if getattr(route, "dependant", None) and route.dependant.body_params
+    }
+    assert set(caps) == upload_routes == {"/v1/predict", "/v1/predict/batch"}
+    assert caps == {"/v1/predict": 1000, "/v1/predict/batch": 5000}
+
+
+def test_a_busy_server_answers_503_with_retry_after(predictor: Predictor) -> None:
+    """Backpressure: with every slot and queue place taken, a request is refused at once, in JSON."""
+    app = create_app(limits=predictor.limits, predictor=predictor, max_concurrent=1, max_queue=0)
+    gate = app.state.pneumo.gate
+    with TestClient(app) as client, gate.admit():  # one request admitted and running
+        response = client.post("/v1/predict", files=_upload("x.jpg", xray_bytes("busy")))
+        error = _assert_error(response, 503, "server_busy")
+        assert int(response.headers["retry-after"]) >= 1 and "busy" in error["message"]
+        assert client.get("/health").status_code == 200  # health is never refused
+    assert TestClient(app).post("/v1/predict", files=_upload("x.jpg", xray_bytes("free"))).status_code == 200

@@ -9,9 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
 
@@ -68,7 +71,12 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
 
 @app.command()
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Image files (JPEG, PNG, DICOM) or folders of them.")],
+    inputs: Annotated[
+        list[Path],
+        # readable=False: click would refuse an unreadable path as a usage error and drop every row;
+        # pneumo gives it an ``unreadable_file`` row instead, like any other bad input.
+        typer.Argument(help="Image files (JPEG, PNG, DICOM) or folders of them.", readable=False),
+    ],
     model: ModelOption = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as a JSON list here.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the results as CSV here.")] = None,
@@ -84,6 +92,9 @@ def predict(
     from pneumo.core.errors import PneumoError
     from pneumo.serving.inference import Predictor, iter_image_files
 
+    for out in (json_out, csv_out):  # before predicting: a bad output path must not cost the results
+        if out is not None:
+            _check_output(out)
     try:
         predictor = Predictor(model, check_ood=not no_ood)
     except PneumoError as err:
@@ -92,13 +103,13 @@ def predict(
     if not files:
         _fail("no input files found.")
     rows = prediction_rows(files, predictor.predict_many(files, batch_size=batch_size))
-    _write_rows(rows, json_out, csv_out)
     failed = sum("error" in row for row in rows)
     for row in rows:
         if "error" in row:
             typer.echo(f"{row['file']}\tERROR {row['error']['code']}: {row['error']['message']}")
         else:
             typer.echo(f"{row['file']}\t{row['label']}\tp={row['probability']:.3f}\t(threshold {row['threshold']:.3f})")
+    _write_rows(rows, json_out, csv_out)
     typer.echo(f"{len(rows) - failed} predicted, {failed} failed", err=True)
     if failed:
         raise typer.Exit(1)
@@ -119,19 +130,57 @@ def prediction_rows(files: list[Path], results: list[Any]) -> list[dict[str, Any
     return rows
 
 
+def _check_output(out: Path) -> None:
+    """Fail now (exit 2) when ``out`` cannot be written: a folder, a parent that cannot be created, no permission."""
+    try:
+        if out.is_dir():
+            _fail(f"{out} is a folder; give the path of the file to write.")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name[:50]}.", suffix=".check"):
+            pass  # a file can be created next to it, so the atomic rename at the end can succeed too
+    except OSError as err:
+        _fail(f"cannot write {out} ({err.strerror or err}); choose another path. Nothing was predicted.")
+
+
+def _write_atomically(out: Path, write: Callable[[IO[str]], object]) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=out.parent, prefix=f".{out.name[:50]}.", suffix=".tmp", delete=False, newline="", encoding="utf-8"
+    ) as handle:
+        temporary = Path(handle.name)
+        try:
+            write(handle)
+        except BaseException:
+            handle.close()
+            temporary.unlink(missing_ok=True)
+            raise
+    try:
+        temporary.chmod(0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
+        os.replace(temporary, out)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def _write_rows(rows: list[dict[str, Any]], json_out: Path | None, csv_out: Path | None) -> None:
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(rows, indent=2) + "\n")
-    if csv_out is not None:
-        csv_out.parent.mkdir(parents=True, exist_ok=True)
-        fields = ["file", "label", "probability", "threshold", "ood_score", "error_code", "error_message"]
-        with csv_out.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                error = row.get("error") or {}
-                writer.writerow({**row, "error_code": error.get("code", ""), "error_message": error.get("message", "")})
+    fields = ["file", "label", "probability", "threshold", "ood_score", "error_code", "error_message"]
+
+    def write_csv(handle: IO[str]) -> None:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            error = row.get("error") or {}
+            writer.writerow({**row, "error_code": error.get("code", ""), "error_message": error.get("message", "")})
+
+    try:
+        if json_out is not None:
+            _write_atomically(json_out, lambda handle: handle.write(json.dumps(rows, indent=2) + "\n"))
+        if csv_out is not None:
+            _write_atomically(csv_out, write_csv)
+    except OSError as err:  # the disk filled up or the folder vanished since the check: say so, keep the rows
+        _fail(f"the results could not be written ({err.strerror or err}); they are printed above.", code=1)
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -182,7 +231,7 @@ def robustness(
     tta: Annotated[list[str] | None, typer.Option(help="Test-time views averaged with the image.")] = None,
 ) -> None:
     """Score a bundle on the robustness validation: its validation split under framing and acquisition shifts."""
-    from pneumo.errors import PneumoError
+    from pneumo.core.errors import PneumoError
     from pneumo.evaluation.robustness import evaluate_bundle, markdown_table
 
     try:
@@ -357,6 +406,12 @@ def serve(
     model: ModelOption = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest file accepted, in MB (413 above it).")] = 20.0,
     max_batch_files: Annotated[int, typer.Option(help="Most files in one /v1/predict/batch request.")] = 16,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Requests analysed at once; default: one per core, fewer if memory is short.")
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Requests waiting beyond those (503 server_busy above); default 8x.")
+    ] = None,
 ) -> None:
     """Start the HTTP API (FastAPI + uvicorn); OpenAPI docs at http://HOST:PORT/docs."""
     import dataclasses
@@ -367,11 +422,13 @@ def serve(
     from pneumo.core.io import DEFAULT_LIMITS
     from pneumo.serving.api import create_app
 
-    if max_upload_mb <= 0 or max_batch_files < 1:
-        _fail("--max-upload-mb must be positive and --max-batch-files at least 1.")
+    if max_upload_mb <= 0 or max_batch_files < 1 or (max_concurrent or 1) < 1 or (max_queue or 0) < 0:
+        _fail("--max-upload-mb must be positive, --max-batch-files and --max-concurrent at least 1, --max-queue >= 0.")
     limits = dataclasses.replace(DEFAULT_LIMITS, max_bytes=int(max_upload_mb * 2**20))
     try:
-        api = create_app(model, limits, max_batch_files=max_batch_files)
+        api = create_app(
+            model, limits, max_batch_files=max_batch_files, max_concurrent=max_concurrent, max_queue=max_queue
+        )
     except PneumoError as err:
         _fail(err.message)
     uvicorn.run(api, host=host, port=port)

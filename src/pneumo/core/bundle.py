@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pneumo.core.errors import BundleError
 from pneumo.core.preprocess import PreprocessConfig
+from pneumo.core.redact import strip_paths
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,12 @@ def _describe(err: ValidationError) -> str:
 
 
 def write_meta(bundle_dir: str | Path, meta: BundleMeta) -> None:
-    """Rewrite ``bundle.json`` (e.g. after attaching OOD statistics), leaving the weights alone."""
-    (Path(bundle_dir) / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+    """Rewrite ``bundle.json`` (e.g. after attaching OOD statistics), leaving the weights alone.
+
+    Server paths (the training config's data, run and cache folders) are reduced to their
+    names (:func:`pneumo.core.redact.strip_paths`): a bundle travels, the layout of its maker's disks need not.
+    """
+    (Path(bundle_dir) / META_FILE).write_text(json.dumps(strip_paths(meta.to_dict()), indent=2) + "\n")
 
 
 def read_meta(bundle_dir: str | Path) -> BundleMeta:

@@ -66,6 +66,21 @@ class NotAChestXrayError(PneumoError):
     http_status = 422
 
 
+class ServerBusyError(PneumoError):
+    """The API is analysing as many requests as it may at once and its queue is full: retry later.
+
+    Args:
+        retry_after: seconds after which a retry is likely to be admitted (the ``Retry-After`` header).
+    """
+
+    code = "server_busy"
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class BundleError(PneumoError):
     """A model bundle is missing, incomplete or inconsistent with its weights."""
 

@@ -10,19 +10,35 @@ here, once, and :mod:`pneumo.core.preprocess` never has to care where an image c
 from __future__ import annotations
 
 import io
+import logging
+import os
+import stat
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
+from pneumo.core.decode_budget import (
+    BAND_PIXELS,
+    check_frame_header,
+    dicom_to_gray8,
+    image_bands,
+    inflate_capped,
+    value_range,
+    window_to_gray8,
+)
 from pneumo.core.errors import DicomError, InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
 
 #: DICOM modalities accepted as a plain radiograph. CR and DX are the standard codes for
 #: computed and digital radiography; "DR" is not a DICOM term but several vendors write it
 #: for digital radiography, so refusing it would refuse real chest films.
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
+
+log = logging.getLogger(__name__)
 
 #: DICOM header fields a clinician checks, shown by the app and returned by the API.
 #: File name extensions of the images pneumo looks for in folders (content is still checked by magic bytes).
@@ -81,8 +97,7 @@ def read_bytes(source: str | Path | bytes, limits: Limits = DEFAULT_LIMITS) -> b
         data = bytes(source)
     else:
         path = Path(source)
-        if not path.is_file():
-            raise InvalidImageError(f"{path} is not a file; pass the path of an image.", code="file_not_found")
+        _check_regular_file(path)
         try:
             size = path.stat().st_size
             if size > limits.max_bytes:
@@ -105,6 +120,42 @@ def read_bytes(source: str | Path | bytes, limits: Limits = DEFAULT_LIMITS) -> b
     if not data:
         raise InvalidImageError("The file is empty (0 bytes).", code="empty_file")
     return data
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse, with a row-worthy error, anything at ``path`` that is not a readable regular file.
+
+    Never opens the path: a FIFO would block the batch forever and a device could stream
+    without end. ``Path.is_file()`` raises on a name too long, so ``os.stat`` is asked directly.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError as err:
+        broken = path.is_symlink()
+        raise InvalidImageError(
+            f"{path} {'is a broken symbolic link (its target does not exist)' if broken else 'does not exist'}; "
+            "pass the path of an image.",
+            code="file_not_found",
+        ) from err
+    except OSError as err:  # name too long, permission denied on a parent folder, symlink loop
+        raise InvalidImageError(
+            f"{path} cannot be read ({err.strerror or err}); check the name and the permissions.",
+            code="unreadable_file",
+        ) from err
+    if stat.S_ISREG(info.st_mode):
+        return
+    if stat.S_ISDIR(info.st_mode):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise InvalidImageError(
+                f"{path} is a folder whose contents cannot be listed (permission denied); nothing in it was read.",
+                code="unreadable_file",
+            )
+        raise InvalidImageError(f"{path} is a folder, not a file; pass the path of an image.", code="file_not_found")
+    kind = "named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "socket" if stat.S_ISSOCK(info.st_mode) else "device"
+    raise InvalidImageError(
+        f"{path} is a {kind}, not a regular file; it was not opened. Pass the path of an image file.",
+        code="unreadable_file",
+    )
 
 
 def read_image(
@@ -167,11 +218,20 @@ _PILLOW_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "bmp": "BMP", "
 
 
 def _reason(err: BaseException) -> str:
-    """A short, stable description of a decoder exception (no object reprs or memory addresses)."""
+    """What went wrong, in words a user can act on; the decoder's own text goes to the log only.
+
+    Library messages name Python types and indexes (``<class 'str'>``, ``index 2512 is out of
+    bounds``), which say nothing to a radiographer, so they are never shown (issue 12, F9).
+    """
+    log.info("Decoder failure: %s: %s", type(err).__name__, err)
+    text = str(err).lower()
     if isinstance(err, UnidentifiedImageError):
         return "the header is not valid"
-    text = str(err).split(" <", 1)[0].strip() or "no detail"
-    return f"{type(err).__name__}: {text}"
+    if "truncated" in text or isinstance(err, EOFError) or "end of file" in text or "ended prematurely" in text:
+        return "the data ends before the image does"
+    if isinstance(err, zlib.error) or "decompress" in text or "crc" in text:
+        return "its compressed data is damaged"
+    return "its structure does not match what its header declares"
 
 
 def _bomb(limits: Limits) -> InputTooLargeError:
@@ -217,8 +277,13 @@ def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) 
         if fmt == "jpeg" and draft_size is not None:
             image.draft("L", (draft_size, draft_size))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         gray = _to_gray8(image)
+        del image  # the full-depth pixels (up to 144 MB for a float TIFF) are no longer needed
+        # Rotated upright after the 8-bit conversion (a quarter of the memory of a float image);
+        # ImageOps.exif_transpose would do it but reads the tag from the image it rotates.
+        if orientation in _ORIENTATION:
+            gray = gray.transpose(_ORIENTATION[orientation])
     except Image.DecompressionBombError as err:
         raise _bomb(limits) from err
     except MemoryError:
@@ -232,6 +297,18 @@ def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) 
     return DecodedImage(gray, fmt, original_size)
 
 
+#: EXIF orientation -> the transpose that sets the picture upright (the table of ImageOps.exif_transpose).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def _to_gray8(image: Image.Image) -> Image.Image:
     """Map any Pillow mode onto 8-bit grayscale, keeping the full dynamic range of deep images."""
     if image.mode == "L":
@@ -240,17 +317,28 @@ def _to_gray8(image: Image.Image) -> Image.Image:
         # 16-bit PNG/TIFF (often 10-14 significant bits) and 32-bit int/float: window the stored
         # range onto 0-255, as the DICOM path does without a VOI LUT. Scaling by 65535 instead
         # would turn a 12-bit radiograph nearly black; the dataset's originals span 0-255.
+        # Done in bands of rows: a whole 36 MP image as float64 is 288 MB per copy (decode_budget).
+        bands = image_bands(image)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf in a float TIFF are zeroed right here
-            pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-            lo, hi = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
-            scaled = (pixels - lo) / (hi - lo) if np.isfinite(hi - lo) and hi > lo else np.zeros_like(pixels)
-        return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+            lo, hi = value_range(bands, _finite)
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            gray = window_to_gray8(bands, (image.height, image.width), _finite, lo, hi)
+        return Image.fromarray(gray, mode="L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent areas become black, the background of a radiograph.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("L")
+        # Transparent areas become black, the background of a radiograph. Band by band: RGBA
+        # composites hold 4 bytes a pixel, three copies of a 36 MP image would be 430 MB.
+        out = Image.new("L", image.size)
+        step = max(1, BAND_PIXELS // image.width)
+        for top in range(0, image.height, step):
+            rgba = image.crop((0, top, image.width, min(image.height, top + step))).convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            out.paste(Image.alpha_composite(background, rgba).convert("L"), (0, top))
+        return out
     return image.convert("L")
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _read_dicom(data: bytes, limits: Limits) -> DecodedImage:
@@ -264,15 +352,16 @@ def _read_dicom(data: bytes, limits: Limits) -> DecodedImage:
     JPEG baseline work out of the box); without one the error names what to install.
     """
     try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+        from pydicom.pixels import get_decoder
     except ImportError as err:  # pragma: no cover - pydicom is a core dependency
         raise DicomError("Reading DICOM needs pydicom: pip install pydicom.", code="dicom_unavailable") from err
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = _parse_dicom(data, limits)
+    except PneumoError:
+        raise
     except Exception as err:  # pydicom raises many types for malformed files
-        raise DicomError(f"The DICOM file cannot be parsed: {err}", code="corrupt_image") from err
+        raise DicomError(f"The DICOM file cannot be parsed ({_reason(err)}).", code="corrupt_image") from err
 
     metadata = {name: str(ds.get(name)) for name in DICOM_FIELDS if ds.get(name) not in (None, "")}
     modality = str(ds.get("Modality", "") or "").upper()
@@ -314,28 +403,33 @@ def _read_dicom(data: bytes, limits: Limits) -> DecodedImage:
                 code="unsupported_transfer_syntax",
             )
 
+    if syntax is not None:
+        check_frame_header(ds, rows, cols)  # before decoding: the codec allocates what the frame declares
     try:
         pixels = ds.pixel_array
     except Exception as err:  # pixel data that does not match the header, or a broken codestream
-        raise DicomError(f"The DICOM pixel data cannot be decoded: {err}", code="corrupt_image") from err
+        raise DicomError(
+            f"The DICOM pixel data cannot be decoded ({_reason(err)}); export it again from the PACS.",
+            code="corrupt_image",
+        ) from err
     if pixels.shape != (rows, cols):
         raise DicomError(
-            f"The DICOM pixel data has shape {pixels.shape}, not the {rows} x {cols} its header declares.",
+            f"The DICOM pixel data does not hold the single {cols} x {rows} grayscale image its header declares.",
             code="corrupt_image",
         )
 
-    values = apply_modality_lut(pixels, ds)
-    lo, hi = float(values.min()), float(values.max())
-    if any(key in ds for key in ("VOILUTSequence", "WindowCenter", "WindowWidth")):
-        values = apply_voi_lut(values, ds)
-        try:  # the VOI output range is what its extreme inputs map to (a window's full [y_min, y_max])
-            extremes = apply_voi_lut(np.array([-(2.0**40), 2.0**40]), ds)
-            lo, hi = float(min(extremes.min(), values.min())), float(max(extremes.max(), values.max()))
-        except Exception:  # an unusual LUT that cannot take the probe: the image's own range
-            lo, hi = float(values.min()), float(values.max())
-    values = values.astype(np.float64)
-    if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1: mirror them to the usual look
-        values = (lo + hi) - values  # mirrored before scaling, so a MONOCHROME2 twin rounds identically
-    scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
-    gray = Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+    gray = Image.fromarray(dicom_to_gray8(pixels, ds, invert=photometric == "MONOCHROME1"), mode="L")
     return DecodedImage(gray, "dicom", (cols, rows), metadata)
+
+
+def _parse_dicom(data: bytes, limits: Limits) -> Any:
+    """``pydicom.dcmread``, except that a Deflated dataset is inflated within the budget (decode_budget)."""
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    stream = io.BytesIO(data)  # the file meta group only: dcmread would inflate a Deflated dataset whole
+    read_preamble(stream, False)
+    if _read_file_meta_info(stream).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return inflate_capped(data, limits.max_pixels)
+    return pydicom.dcmread(io.BytesIO(data))

@@ -6,8 +6,9 @@ Run it with ``pneumo app [--port 8501] [--model BUNDLE]``, or
 
 The page is thin on purpose: it lays out widgets and calls :mod:`pneumo.serving.app_support`, which
 calls the one :class:`~pneumo.serving.inference.Predictor`. The model loads once per server
-(``st.cache_resource``); each session keeps its own answers (``st.session_state``) so moving
-the opacity slider redraws without re-running the model, and no upload outlives its session.
+(``st.cache_resource``); each session keeps its own answers (``st.session_state``), one per
+current upload, so moving the opacity slider redraws without re-running the model, and no
+upload outlives its session. Images and heatmaps are drawn eight files at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pneumo.serving.app")
 
 _SESSION_KEY = "pneumo_analyses"
-_MAX_KEPT = 64  # answers kept per session (images included), oldest dropped first
+#: Files whose image and heatmap are drawn at once; more uploads are paged (the table lists them all).
+_DETAILS_PER_PAGE = 8
 
 
 @st.cache_resource(show_spinner="Loading the model...")
@@ -49,15 +51,36 @@ def load_models(bundle: str | None) -> tuple[Predictor, GradCamExplainer | None]
     return predictor, explainer
 
 
-def _analysis(predictor: Predictor, name: str, data: bytes) -> support.Analysis:
-    """This session's answer for an upload, computed on first sight only."""
+def _analyses(predictor: Predictor, files: list[tuple[str, bytes]]) -> list[support.Analysis]:
+    """This session's answers for the current uploads, each computed on first sight only.
+
+    Keyed by content hash and name, kept exactly as long as the file stays uploaded: no count
+    limit can evict a current upload (with 65 files a 64-entry cache recomputed every answer
+    on each widget change), and removed uploads free their memory at the next rerun.
+    """
     kept: dict[str, Any] = st.session_state.setdefault(_SESSION_KEY, {})
-    key = f"{hashlib.sha256(data).hexdigest()}:{name}"
-    if key not in kept:
-        while len(kept) >= _MAX_KEPT:
-            kept.pop(next(iter(kept)))
-        kept[key] = support.predict_upload(predictor, name, data)
-    return kept[key]
+    keys = [f"{hashlib.sha256(data).hexdigest()}:{name}" for name, data in files]
+    for stale in set(kept) - set(keys):
+        del kept[stale]
+    for key, (name, data) in zip(keys, files, strict=True):
+        if key not in kept:
+            kept[key] = support.predict_upload(predictor, name, data)
+    return [kept[key] for key in keys]
+
+
+def _shown(count: int) -> range:
+    """Indices of the uploads drawn in detail: all up to a page, else the page the user picks."""
+    if count <= _DETAILS_PER_PAGE:
+        return range(count)
+    pages = (count + _DETAILS_PER_PAGE - 1) // _DETAILS_PER_PAGE
+    page = st.selectbox(
+        "Images and heatmaps of",
+        range(pages),
+        format_func=lambda i: f"files {i * _DETAILS_PER_PAGE + 1}-{min(count, (i + 1) * _DETAILS_PER_PAGE)}",
+        key="detail_page",
+    )
+    start = int(page or 0) * _DETAILS_PER_PAGE
+    return range(start, min(count, start + _DETAILS_PER_PAGE))
 
 
 def _sidebar(predictor: Predictor, explainer: GradCamExplainer | None) -> tuple[bool, float]:
@@ -95,9 +118,11 @@ def _show_result(
     show: bool,
     opacity: float,
 ) -> None:
-    st.subheader(analysis.name)
+    name = support.markdown_escape(analysis.name)  # a file name is data, never markdown
+    st.subheader(name)
     if analysis.error is not None:
-        st.error(f"**{analysis.name}** could not be analysed: {analysis.error.message} (`{analysis.error.code}`)")
+        message = support.markdown_escape(analysis.error.message)
+        st.error(f"**{name}** could not be analysed: {message} (`{analysis.error.code}`)")
         return
     prediction = analysis.prediction
     assert prediction is not None
@@ -154,7 +179,7 @@ def main() -> None:
         return
 
     files = [(upload.name, upload.getvalue()) for upload in uploads]
-    analyses = [_analysis(predictor, name, data) for name, data in files]
+    analyses = _analyses(predictor, files)
     if len(analyses) > 1:
         st.subheader(f"{len(analyses)} images")
         st.dataframe(support.results_frame(analyses), hide_index=True)
@@ -165,13 +190,17 @@ def main() -> None:
             mime="text/csv",
             key="download_csv",
         )
-    for analysis, (_, data) in zip(analyses, files, strict=True):
+    shown = _shown(len(analyses))
+    for index, (analysis, (_, data)) in enumerate(zip(analyses, files, strict=True)):
+        if index not in shown:
+            analysis.explanation = None  # heatmaps only for what is drawn: memory stays one page's worth
+            continue
         st.divider()
         try:
             _show_result(analysis, data, predictor, explainer, show, opacity)
         except Exception:
             log.exception("Showing the result of %s failed", analysis.name)
-            st.error(f"**{analysis.name}**: {support.INTERNAL_ERROR_MESSAGE}")
+            st.error(f"**{support.markdown_escape(analysis.name)}**: {support.INTERNAL_ERROR_MESSAGE}")
 
 
 if __name__ == "__main__":  # streamlit runs the page as __main__; importing it runs nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,20 @@ def bundle_from_args(argv: Sequence[str], environ: Mapping[str, str] | None = No
             return Path(arg.split("=", 1)[1])
     value = (os.environ if environ is None else environ).get(MODEL_ENV, "").strip()
     return Path(value) if value else None
+
+
+#: Characters that mean something to Streamlit's markdown (CommonMark, ``$`` maths, ``:emoji:`` and ``:red[...]``).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-!|~$:])")
+
+
+def markdown_escape(text: str) -> str:
+    """``text`` with every markdown-special character backslash-escaped, so it shows as typed.
+
+    Uploaded file names reach ``st.subheader`` and ``st.error``, which render markdown: a name
+    like ``[click](http://x)`` or ``$x$`` would become a link or a formula. Streamlit has no
+    escaping helper, hence this one.
+    """
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text.replace("\n", " "))
 
 
 def metric_rows(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:

@@ -6,6 +6,8 @@ import io
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from pneumo.core.redact import strip_paths
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -27,7 +29,8 @@ def public_model_info(description: Mapping[str, Any]) -> dict[str, Any]:
     """``Predictor.describe()`` reduced to what a user or an integrator may see.
 
     The OOD statistics are summarized (their mean vectors and covariances are large and say
-    nothing to a reader) and the server's bundle path is dropped.
+    nothing to a reader), the server's bundle path is dropped and every other server path is
+    reduced to its name (:func:`pneumo.core.redact.strip_paths`).
     """
     info = {key: description[key] for key in _PUBLIC_KEYS if key in description}
     ood = description.get("ood")
@@ -36,7 +39,7 @@ def public_model_info(description: Mapping[str, Any]) -> dict[str, Any]:
         summary.update({k: v for k, v in ood.items() if isinstance(v, str | int | float | bool)})
     info["ood"] = summary
     info["intended_use"] = INTENDED_USE
-    return info
+    return strip_paths(info)  # bundles written before paths were stripped at save time still carry them
 
 
 def png_bytes(image: Image.Image) -> bytes:
