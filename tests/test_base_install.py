@@ -30,8 +30,8 @@ threading.Thread(target=server.run, daemon=True).start()
 while not server.started:
     time.sleep(0.05)
 boundary = uuid.uuid4().hex
-body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n'
-        'Content-Type: image/jpeg\r\n\r\n').encode() + open(sys.argv[1], "rb").read() + f"\r\n--{boundary}--\r\n".encode()
+head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpeg"\r\n\r\n'
+body = head.encode() + open(sys.argv[1], "rb").read() + f"\r\n--{boundary}--\r\n".encode()
 request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/predict?heatmap=true", data=body,
                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 answer = json.loads(urllib.request.urlopen(request, timeout=120).read())

@@ -53,7 +53,7 @@ def test_a_damaged_or_stale_int8_file_is_never_used(tmp_path: Path, monkeypatch:
     data[len(data) // 2] ^= 0xFF
     (folder / INT8_FILE).write_bytes(bytes(data))
     assert find_int8(folder) is None
-    with pytest.raises(OnnxBackendError, match="no valid model_int8.onnx"):
+    with pytest.raises(OnnxBackendError, match=r"no valid model_int8\.onnx"):
         select_onnx_runner(folder, "int8")
     monkeypatch.setenv("PNEUMO_BACKEND", "auto")
     assert Predictor(folder, backend="auto").backend in ("onnx", "torch")  # falls back, never the damaged file

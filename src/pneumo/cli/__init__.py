@@ -55,9 +55,8 @@ def _require_train_extra(command: str) -> None:
 
     missing = [name for name in ("torch", "timm", "lightning") if importlib.util.find_spec(name) is None]
     if missing:
-        _fail(
-            f"`pneumo {command}` needs the training extra ({', '.join(missing)} missing): pip install 'pneumo[train]'"
-        )
+        need = ", ".join(missing)
+        _fail(f"`pneumo {command}` needs the training extra ({need} missing): pip install 'pneumo[train]'")
 
 
 def _fail(message: str, code: int = 2) -> None:
