@@ -14,7 +14,6 @@ import venv
 from pathlib import Path
 
 import pytest
-from export_helpers import xray_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +51,11 @@ print(json.dumps({"torch": "torch" in sys.modules}))
 """
 
 
+def _real_film(shared_data: Path) -> Path:
+    """A full-resolution X-ray (synthetic pictures are refused by the bundle's not-an-X-ray gate)."""
+    return sorted((shared_data / "fullres_samples" / "PNEUMONIA").glob("*.jpeg"))[0]
+
+
 @pytest.fixture(scope="module")
 def base_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv with ``pip install <repo>`` (no extras); skipped where PyPI cannot be reached."""
@@ -87,9 +91,8 @@ def test_base_install_has_no_training_stack(base_env: Path) -> None:
 
 
 @pytest.mark.slow
-def test_base_install_predicts_without_importing_torch(base_env: Path, tmp_path: Path) -> None:
-    image = tmp_path / "film.jpeg"
-    image.write_bytes(xray_jpegs(1, size=800)[0])
+def test_base_install_predicts_without_importing_torch(base_env: Path, tmp_path: Path, shared_data: Path) -> None:
+    image = _real_film(shared_data)
     out = tmp_path / "out.json"
     proc = subprocess.run(
         [str(base_env), "-c", PREDICT_PROBE, str(image), str(out)], capture_output=True, text=True, cwd=tmp_path
@@ -101,9 +104,10 @@ def test_base_install_predicts_without_importing_torch(base_env: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_base_install_serves_with_heatmaps_without_importing_torch(base_env: Path, tmp_path: Path) -> None:
-    image = tmp_path / "film.jpeg"
-    image.write_bytes(xray_jpegs(1, size=800)[0])
+def test_base_install_serves_with_heatmaps_without_importing_torch(
+    base_env: Path, tmp_path: Path, shared_data: Path
+) -> None:
+    image = _real_film(shared_data)
     proc = subprocess.run([str(base_env), "-c", API_PROBE, str(image)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
