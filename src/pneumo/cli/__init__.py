@@ -304,7 +304,7 @@ def export_onnx_command(
             from pneumo.modeling.quantize import quantize_bundle
 
             if calibration_data is None:
-                _fail("--int8 needs --calibration-data DIR (the training images to calibrate on).")
+                raise typer.BadParameter("--int8 needs --calibration-data DIR (the training images to calibrate on).")
             path = quantize_bundle(model, calibration_data, n_calibration=n_calibration, force=force)
         else:
             path = export_onnx(model, out=out, opset=opset or DEFAULT_OPSET)

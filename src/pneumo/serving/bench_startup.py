@@ -110,7 +110,8 @@ def serve_start_and_memory(
             except OSError:
                 time.sleep(0.02)
         if ready is None:
-            error = server.stderr.read().decode(errors="replace")[-800:] if server.poll() is not None else "timeout"
+            died = server.poll() is not None and server.stderr is not None
+            error = server.stderr.read().decode(errors="replace")[-800:] if died and server.stderr else "timeout"
             return {"serve_ready_s": None, "serve_error": error}
         rss_ready = _rss_mb(server.pid)
         body, content_type = _multipart(image.name, image.read_bytes())
