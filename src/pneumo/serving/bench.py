@@ -69,7 +69,8 @@ class BenchSettings:
         backends: the backends to compare.
         isolate: run each backend in a fresh process (clean peak RSS, no competing thread pools).
         torch_threads: intra-op threads of the torch backend; None keeps torch's default (one per core).
-        startup: also measure cold start and serving memory (:mod:`pneumo.serving.bench_startup`).
+        startup: also measure cold start and serving memory (:mod:`pneumo.serving.bench_startup`;
+            on by default in ``pneumo bench``, off here so library callers opt in to ~1 min of extra work).
         serve_predictions: uploads sent to the server before its RSS is read.
     """
 
@@ -84,7 +85,7 @@ class BenchSettings:
     backends: tuple[str, ...] = ("int8", "onnx", "torch")
     isolate: bool = True
     torch_threads: int | None = None
-    startup: bool = True
+    startup: bool = False
     serve_predictions: int = 1000
 
 
