@@ -150,7 +150,7 @@ def test_auto_exports_once_into_the_cache_and_reuses_it(
     cached = cached_onnx_path(folder)
     assert first.backend == "onnx"
     assert calls == [(folder, cached)]
-    assert cached.parent == tmp_path / "cache" / "onnx" and cached.name == f"{weights_sha256(folder)}.onnx"
+    assert cached.parent == tmp_path / "cache" / "onnx" and cached.name == f"{weights_sha256(folder)}.fm.onnx"
     assert not (folder / ONNX_FILE).exists()  # the bundle is left as it was
     second = Predictor(folder, check_ood=False)
     assert len(calls) == 1  # not exported again

@@ -54,6 +54,16 @@ def _setup_logging(verbose: bool) -> None:
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _require_train_extra(command: str) -> None:
+    """Stop with one line when a training-stack command runs from the base (serving-only) install."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "timm", "lightning") if importlib.util.find_spec(name) is None]
+    if missing:
+        need = ", ".join(missing)
+        _fail(f"`pneumo {command}` needs the training extra ({need} missing): pip install 'pneumo[train]'")
+
+
 def _fail(message: str, code: int = 2) -> None:
     """Print a one-line error (never a traceback) and exit."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -186,7 +196,7 @@ def _write_rows(rows: list[dict[str, Any]], json_out: Path | None, csv_out: Path
 # ------------------------------------------------------------------------------------------- train
 
 
-train_command.register(app, lambda message: _fail(message))
+train_command.register(app, lambda message: _fail(message), _require_train_extra)
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -202,6 +212,8 @@ def evaluate(
 ) -> None:
     """Metrics with bootstrap 95% CIs, a Markdown report and ROC/PR/confusion/reliability plots."""
     from pneumo.core.errors import PneumoError
+
+    _require_train_extra("evaluate")
     from pneumo.evaluation.evaluate import evaluate_folder
 
     try:
@@ -259,6 +271,7 @@ def compare(
     curves: Annotated[Path | None, typer.Option(help="Overlaid learning curves PNG.")] = None,
 ) -> None:
     """Put runs side by side: validation metrics with CIs, settings, training and inference time."""
+    _require_train_extra("compare")
     from pneumo.evaluation.compare import compare_runs
 
     try:
@@ -281,13 +294,34 @@ def export_onnx_command(
     out: Annotated[
         Path | None, typer.Option(help="File to write; default: model.onnx in the bundle (user cache for the default).")
     ] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Write the checked INT8 graph (model_int8.onnx) into the bundle instead.")
+    ] = False,
+    calibration_data: Annotated[
+        Path | None, typer.Option(help="With --int8: dataset root (train/NORMAL, train/PNEUMONIA) to calibrate on.")
+    ] = None,
+    n_calibration: Annotated[int, typer.Option(help="With --int8: training images to calibrate on.")] = 300,
+    force: Annotated[bool, typer.Option(help="With --int8: write it even if it fails the agreement check.")] = False,
 ) -> None:
-    """Write the bundle's model as ONNX (dynamic batch; outputs logits and features), checked against PyTorch."""
+    """Write the bundle's model as ONNX (dynamic batch; outputs logits and features), checked against PyTorch.
+
+    With --int8: a statically quantized graph, written into the bundle and listed in bundle.json
+    with its checksum, only if it agrees with fp32 on >= 99.5% of validation decisions.
+    """
     from pneumo.core.errors import PneumoError
+
+    _require_train_extra("export onnx")
     from pneumo.modeling.export import DEFAULT_OPSET, export_onnx
 
     try:
-        path = export_onnx(model, out=out, opset=opset or DEFAULT_OPSET)
+        if int8:
+            from pneumo.modeling.quantize import quantize_bundle
+
+            if calibration_data is None:
+                raise typer.BadParameter("--int8 needs --calibration-data DIR (the training images to calibrate on).")
+            path = quantize_bundle(model, calibration_data, n_calibration=n_calibration, force=force)
+        else:
+            path = export_onnx(model, out=out, opset=opset or DEFAULT_OPSET)
     except PneumoError as err:
         _fail(err.message)
     typer.echo(str(path))
@@ -308,6 +342,8 @@ def ood_calibrate(
 ) -> None:
     """(Re)fit the gate on a dataset's patient-level train/validation split, with the bundle's own model."""
     from pneumo.core.errors import PneumoError
+
+    _require_train_extra("ood calibrate")
     from pneumo.modeling.calibration import calibrate_bundle
     from pneumo.modeling.dataset import train_val_samples
 
@@ -330,21 +366,27 @@ def bench(
         Path | None, typer.Option(help="Folder of full-resolution images; default: synthesized 1500-2500 px JPEGs.")
     ] = None,
     gradcam: Annotated[bool, typer.Option("--gradcam", help="Also time one Grad-CAM map per image.")] = False,
-    backends: Annotated[str, typer.Option(help="Comma-separated backends to compare.")] = "torch,onnx",
+    backends: Annotated[
+        str, typer.Option(help="Comma-separated backends to compare (those unavailable here are skipped).")
+    ] = "int8,onnx,torch",
     runs: Annotated[int, typer.Option(help="Passes over the images for the latency percentiles.")] = 3,
     n_images: Annotated[int, typer.Option(help="Images: synthesized, or at most this many from --images.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Batch size of the throughput figures.")] = 32,
     batches: Annotated[int, typer.Option(help="Timed batches per throughput figure.")] = 3,
     isolate: Annotated[bool, typer.Option(help="Run each backend in a fresh process (clean peak RSS).")] = True,
     torch_threads: Annotated[int | None, typer.Option(help="Threads of the torch backend (default: torch's).")] = None,
+    startup: Annotated[bool, typer.Option(help="Also measure cold start and serving RSS.")] = True,
+    serve_predictions: Annotated[
+        int, typer.Option(help="Uploads sent to `pneumo serve` before reading its RSS.")
+    ] = 1000,
 ) -> None:
     """Latency, throughput and peak memory of inference on this machine, per backend, side by side."""
     from pneumo.core.errors import PneumoError
     from pneumo.serving.bench import BenchSettings, format_table, run_bench
 
     chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
-    if not chosen or any(b not in ("torch", "onnx") for b in chosen):
-        _fail(f"--backends takes torch and/or onnx, comma-separated; got {backends!r}.")
+    if not chosen or any(b not in ("int8", "onnx", "torch") for b in chosen):
+        _fail(f"--backends takes int8, onnx and/or torch, comma-separated; got {backends!r}.")
     settings = BenchSettings(
         bundle=model,
         images=images,
@@ -357,6 +399,8 @@ def bench(
         backends=chosen,
         isolate=isolate,
         torch_threads=torch_threads,
+        startup=startup,
+        serve_predictions=serve_predictions,
     )
     try:
         result = run_bench(settings)

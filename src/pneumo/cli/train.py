@@ -120,8 +120,12 @@ def _value(option: ConfigOption, raw: Any) -> Any:
     return raw
 
 
-def register(app: typer.Typer, fail: Any) -> None:
-    """Add ``train`` to ``app``; ``fail(message)`` ends the command with a one-line error."""
+def register(app: typer.Typer, fail: Any, require_train_extra: Any = None) -> None:
+    """Add ``train`` to ``app``; ``fail(message)`` ends the command with a one-line error.
+
+    ``require_train_extra(command)`` (when given) stops the command with one line when the
+    training stack is not installed (a base, serving-only install).
+    """
     from pneumo.modeling.config import TrainConfig
 
     options = list(config_options(TrainConfig))
@@ -129,6 +133,9 @@ def register(app: typer.Typer, fail: Any) -> None:
     def train(**given: Any) -> None:
         """Train with transfer learning (frozen head phase, then fine-tuning) and write a model bundle."""
         from pneumo.core.errors import PneumoError
+
+        if require_train_extra is not None:
+            require_train_extra("train")
         from pneumo.modeling import training
 
         config_file, epochs = given.pop("config", None), given.pop("epochs", None)

@@ -51,6 +51,9 @@ class BundleMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    #: Extra files of the bundle by name, each with its ``sha256`` and what it is, e.g.
+    #: ``{"model_int8.onnx": {"kind": "onnx-int8", "sha256": ..., "weights_sha256": ..., "validation": {...}}}``.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

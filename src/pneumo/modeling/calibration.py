@@ -73,6 +73,8 @@ def finish_run(
     meta.metrics = {"validation": {k: v for k, v in report.items() if k != "plots"}}
     bundle_dir = save_bundle(out / "bundle", model, meta)
     _fit_ood(bundle_dir, feature_fn, val_feats)
+    if config.int8:
+        _write_int8(bundle_dir, config.data)
     save_curves(out / "logs" / "metrics.csv", out / "curves.png")
     summary = {
         "name": meta.name,
@@ -81,7 +83,7 @@ def finish_run(
         "validation": meta.metrics["validation"],
         "training": record,
     }
-    if getattr(config, "robustness", False):
+    if config.robustness:
         summary["robustness"] = _robustness(bundle_dir, dm.val_samples, positive, val_dir)
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     log.info("Validation: %s", format_ci(report["roc_auc"], report["ci"].get("roc_auc")))
@@ -118,6 +120,16 @@ def _fit_ood(bundle_dir: Path, feature_fn: FeatureFn, val_feats: np.ndarray) -> 
     meta = read_meta(bundle_dir)
     meta.ood = gate.save(bundle_dir)
     write_meta(bundle_dir, meta)
+
+
+def _write_int8(bundle_dir: Path, data: str) -> None:
+    """Add the checked INT8 ONNX graph (:mod:`pneumo.modeling.quantize`); a bundle without it still works."""
+    from pneumo.modeling.quantize import quantize_bundle
+
+    try:
+        quantize_bundle(bundle_dir, data)
+    except PneumoError as err:
+        log.warning("No INT8 graph in the bundle (it serves in fp32): %s", err.message)
 
 
 def _version_from_time() -> str:

@@ -95,6 +95,8 @@ class TrainConfig:
     mixup: float = 0.0
     # Score the finished bundle on the robustness validation (pneumo.evaluation.robustness), into run.json.
     robustness: bool = True
+    # Add a checked INT8 ONNX graph to the bundle (pneumo.modeling.quantize), calibrated on training images.
+    int8: bool = True
     feature_cache: bool = True
     cache_views: int = 1
     cache_dir: str | None = None

@@ -27,9 +27,11 @@ from torch import nn
 
 from pneumo.core.bundle import default_bundle_path, resolve_bundle
 from pneumo.core.probability import temperature_softmax
-from pneumo.modeling.models import LogitsAndFeatures
+from pneumo.modeling.models import logits_and_features
 from pneumo.modeling.weights import load_bundle
 from pneumo.serving.onnx_runtime import (
+    CAM_HEAD_KEY,
+    FEATURE_MAP_OUTPUT,
     INPUT_NAME,
     ONNX_FILE,
     OUTPUT_NAMES,
@@ -82,9 +84,13 @@ def export_onnx(
     else:
         target = folder / ONNX_FILE
     meta, model = load_bundle(folder)
-    wrapper = LogitsAndFeatures(model).eval()
     size = meta.preprocess.input_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    head = cam_head_name(model, example)
+    wrapper = _ExportWrapper(model, with_feature_map=head is not None).eval()
+    props = {WEIGHTS_SHA_KEY: sha, "pneumo_arch": meta.arch, "pneumo_input_size": str(size)}
+    if head is not None:
+        props[CAM_HEAD_KEY] = head
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=target.parent)
     os.close(handle)
@@ -92,7 +98,7 @@ def export_onnx(
     try:
         with _quiet_exporter_logs():
             _torch_export(wrapper, example, tmp, opset)
-        _stamp(tmp, {WEIGHTS_SHA_KEY: sha, "pneumo_arch": meta.arch, "pneumo_input_size": str(size)})
+        _stamp(tmp, props)
         _check_against_torch(tmp, wrapper, example, meta.temperature)
         tmp.chmod(0o644)  # mkstemp makes it private; a bundle or cache file is meant to be read by others
         os.replace(tmp, target)
@@ -100,6 +106,46 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
     log.info("Exported %s (opset %d) to %s", meta.arch, opset, target)
     return target
+
+
+class _ExportWrapper(nn.Module):
+    """What the ONNX graph computes: ``(logits, features)``, plus the last feature map when CAM applies."""
+
+    def __init__(self, model: nn.Module, with_feature_map: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.with_feature_map = with_feature_map
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.with_feature_map:
+            return logits_and_features(self.model, x)
+        net: Any = self.model
+        feature_map = net.forward_features(x)
+        features = net.forward_head(feature_map, pre_logits=True)
+        return net.get_classifier()(features), features, feature_map
+
+
+def cam_head_name(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The state-dict prefix of the linear head when CAM equals Grad-CAM for ``model``, else None.
+
+    CAM (the last feature map weighted by the head's weights) is exactly Grad-CAM when the pooled
+    features are the spatial mean of that map and the head is one linear layer (the gradient of a
+    logit with respect to the map is then the head's weight over H x W, everywhere). Checked
+    numerically on ``example`` rather than by class name, so any timm backbone that fits qualifies
+    and ensembles or attention-pooled models fall back to the torch Grad-CAM.
+    """
+    net: Any = model
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    if not isinstance(head, nn.Linear) or not hasattr(net, "forward_features"):
+        return None
+    with torch.inference_mode():
+        feature_map = net.forward_features(example)
+        if feature_map.dim() != 4:
+            return None
+        pooled = net.forward_head(feature_map, pre_logits=True)
+    if pooled.shape != feature_map.shape[:2] or not torch.allclose(pooled, feature_map.mean((2, 3)), atol=1e-5):
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
 
 
 @contextlib.contextmanager
@@ -118,7 +164,8 @@ def _quiet_exporter_logs() -> Iterator[None]:
 
 def _torch_export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     """Dynamo export (static spatial size, dynamic batch); the legacy exporter only if dynamo fails."""
-    names: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+    outputs = [*OUTPUT_NAMES, FEATURE_MAP_OUTPUT] if getattr(wrapper, "with_feature_map", False) else list(OUTPUT_NAMES)
+    names: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": outputs}
     try:
         torch.onnx.export(
             wrapper,
@@ -144,7 +191,7 @@ def _torch_export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: 
                 **names,
                 opset_version=opset,
                 dynamo=False,
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
             )
     except Exception as err:
         raise OnnxBackendError(f"ONNX export failed: {type(err).__name__}: {err}", code="onnx_export_failed") from err
@@ -166,7 +213,7 @@ def _stamp(path: Path, props: dict[str, str]) -> None:
 def _check_against_torch(path: Path, wrapper: nn.Module, example: torch.Tensor, temperature: float) -> None:
     """Refuse an export whose probabilities differ from PyTorch's by more than :data:`EXPORT_TOLERANCE`."""
     with torch.inference_mode():
-        logits, _ = wrapper(example)
+        logits = wrapper(example)[0]
     onnx_logits, _ = OnnxRunner(path)(example.numpy())
     diff = float(
         np.abs(temperature_softmax(onnx_logits, temperature) - temperature_softmax(logits.numpy(), temperature)).max()

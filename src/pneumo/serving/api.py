@@ -275,11 +275,11 @@ def create_app(
     Raises:
         BundleError: the bundle is missing or broken.
     """
-    from pneumo.serving.explain import GradCamExplainer  # lazy: Grad-CAM needs torch
+    from pneumo.serving.cam import make_explainer  # CAM from ONNX, else torch Grad-CAM
 
     predictor = predictor or Predictor(bundle, limits=limits)
     try:
-        explainer: GradCamExplainer | None = GradCamExplainer(predictor)
+        explainer: GradCamExplainer | None = make_explainer(predictor)
     except PneumoError as err:
         log.warning("Heatmaps disabled: %s", err.message)
         explainer = None

@@ -39,12 +39,12 @@ _DETAILS_PER_PAGE = 8
 @st.cache_resource(show_spinner="Loading the model...")
 def load_models(bundle: str | None) -> tuple[Predictor, GradCamExplainer | None]:
     """The predictor and its Grad-CAM explainer, built once per server process and bundle."""
-    from pneumo.serving.explain import GradCamExplainer
+    from pneumo.serving.cam import make_explainer  # CAM from ONNX, else torch Grad-CAM
     from pneumo.serving.inference import Predictor
 
     predictor = Predictor(bundle)
     try:
-        explainer: GradCamExplainer | None = GradCamExplainer(predictor)
+        explainer: GradCamExplainer | None = make_explainer(predictor)
     except PneumoError as err:
         log.warning("Heatmaps disabled: %s", err.message)
         explainer = None

@@ -1,6 +1,7 @@
 """``pneumo bench``: how fast is inference on *this* machine, per backend, measured side by side.
 
-What is measured, for each backend (``torch`` = eager PyTorch, ``onnx`` = ONNX Runtime):
+What is measured, for each backend (``int8`` = the bundle's quantized ONNX graph, ``onnx`` = the
+fp32 ONNX graph, ``torch`` = eager PyTorch; those not available here are skipped and listed):
 
 - **latency** (p50, p95, ms): one full-resolution JPEG, from its bytes in memory to the
   calibrated probability (:meth:`Predictor.predict`: decode, preprocess, model, answer), and the
@@ -10,8 +11,11 @@ What is measured, for each backend (``torch`` = eager PyTorch, ``onnx`` = ONNX R
 - **CPU time** per single image, all threads, spin-waiting included: it shows what a backend
   costs the rest of the machine (and exposes thread pools that burn cores while waiting);
 - **peak RSS** (MB) of the process;
-- optionally the cost of one Grad-CAM map (``--gradcam``), which runs on the torch model whatever
-  the backend.
+- optionally the cost of one heatmap (``--gradcam``): CAM from the ONNX graph on the ONNX
+  backends, Grad-CAM on the torch one;
+- **cold start and memory** (:mod:`pneumo.serving.bench_startup`, default backend): wall time and
+  peak RSS of ``pneumo predict one.jpeg``, seconds until ``pneumo serve`` answers ``/health``, and
+  the server's RSS after ``serve_predictions`` uploads.
 
 Each backend runs in a fresh process (``isolate=True``), so its peak RSS is its own and the two
 runtimes' thread pools never compete. Neither backend's thread settings are tuned by the bench:
@@ -43,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pneumo.core.environment import hardware_info, software_versions
@@ -69,6 +72,9 @@ class BenchSettings:
         backends: the backends to compare.
         isolate: run each backend in a fresh process (clean peak RSS, no competing thread pools).
         torch_threads: intra-op threads of the torch backend; None keeps torch's default (one per core).
+        startup: also measure cold start and serving memory (:mod:`pneumo.serving.bench_startup`;
+            on by default in ``pneumo bench``, off here so library callers opt in to ~1 min of extra work).
+        serve_predictions: uploads sent to the server before its RSS is read.
     """
 
     bundle: Path | None = None
@@ -79,9 +85,11 @@ class BenchSettings:
     batch_size: int = 32
     batches: int = 3
     gradcam: bool = False
-    backends: tuple[str, ...] = ("torch", "onnx")
+    backends: tuple[str, ...] = ("int8", "onnx", "torch")
     isolate: bool = True
     torch_threads: int | None = None
+    startup: bool = False
+    serve_predictions: int = 1000
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -141,15 +149,13 @@ def bench_backend(backend: str, bundle: Path | None, files: Sequence[Path], sett
     """Measure one backend in this process (see the module docstring for what and how)."""
     from pneumo.serving.inference import Predictor
 
-    default_threads = torch.get_num_threads()
     if backend == "torch" and settings.torch_threads:
+        import torch  # only the torch backend's own settings need it
+
         torch.set_num_threads(settings.torch_threads)
-    try:
-        start = time.perf_counter()
-        predictor = Predictor(bundle, backend=backend, check_ood=False)
-        return _measure(predictor, time.perf_counter() - start, files, settings)
-    finally:
-        torch.set_num_threads(default_threads)
+    start = time.perf_counter()
+    predictor = Predictor(bundle, backend=backend, check_ood=False)
+    return _measure(predictor, time.perf_counter() - start, files, settings)
 
 
 def _measure(predictor: Any, load_s: float, files: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
@@ -201,13 +207,19 @@ def _measure(predictor: Any, load_s: float, files: Sequence[Path], settings: Ben
         "cpu_ms_per_image": round(cpu_ms, 3),
         "stage_p50_ms": {name: _ms(values, 50) for name, values in stages.items()},
         "load_s": round(load_s, 3),
-        "threads": torch.get_num_threads() if predictor.backend == "torch" else _onnx_threads(predictor),
+        "threads": _torch_threads() if predictor.backend == "torch" else _onnx_threads(predictor),
         "failed": failed,
     }
     if settings.gradcam:
         out["gradcam_p50_ms"] = _gradcam_ms(predictor, blobs)
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _onnx_threads(predictor: Any) -> int | None:
@@ -217,12 +229,14 @@ def _onnx_threads(predictor: Any) -> int | None:
 
 
 def _gradcam_ms(predictor: Any, blobs: Sequence[bytes]) -> float | None:
-    """p50 of one Grad-CAM map (decode excluded); None when pneumo.serving.explain is not available."""
+    """p50 of one heatmap (decode excluded): CAM from ONNX where possible; None when no explainer works."""
+    from pneumo.core.errors import PneumoError
+    from pneumo.serving.cam import make_explainer
+
     try:
-        from pneumo.serving.explain import GradCamExplainer
-    except ImportError:
+        explainer = make_explainer(predictor)
+    except PneumoError:
         return None
-    explainer = GradCamExplainer(predictor)
     decoded = [predictor.decode(blob) for blob in blobs]
     explainer.explain(decoded[0])
     times = []
@@ -317,9 +331,16 @@ def bench_versions() -> dict[str, str]:
     return versions
 
 
-def model_flops(bundle: Path | None = None) -> int:
-    """FLOPs of one forward pass on one image (2 per multiply-add), counted by PyTorch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
+def model_flops(bundle: Path | None = None) -> int | None:
+    """FLOPs of one forward pass on one image (2 per multiply-add), counted by PyTorch's FlopCounterMode.
+
+    None in the base install (no torch): the floor is then not stated.
+    """
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
 
     from pneumo.modeling.weights import load_bundle
 
@@ -330,8 +351,10 @@ def model_flops(bundle: Path | None = None) -> int:
     return int(counter.get_total_flops())
 
 
-def physical_floor(flops: int, cores: int, mhz: float | None) -> dict[str, Any]:
+def physical_floor(flops: int | None, cores: int, mhz: float | None) -> dict[str, Any]:
     """The fastest any runtime could go: ``flops`` at ``cores x GHz x 32`` FLOP/s (see module docstring)."""
+    if flops is None:
+        return {"gflops_per_image": None, "peak_gflops": None}
     if not mhz:
         return {"gflops_per_image": round(flops / 1e9, 3), "peak_gflops": None}
     peak = cores * mhz * 1e6 * FLOPS_PER_CYCLE
@@ -347,14 +370,33 @@ def physical_floor(flops: int, cores: int, mhz: float | None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- run
 
 
+def available_backends(folder: Path, wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The backends of ``wanted`` that can run here, and why each other one cannot."""
+    import importlib.util
+
+    from pneumo.serving.onnx_runtime import INT8_FILE, find_int8, find_onnx
+
+    has_torch = importlib.util.find_spec("torch") is not None
+    reasons = {}
+    if "int8" in wanted and find_int8(folder) is None:
+        reasons["int8"] = f"the bundle has no valid {INT8_FILE}"
+    if "onnx" in wanted and not has_torch and find_onnx(folder) is None:
+        reasons["onnx"] = "no fp32 ONNX export, and exporting one needs torch (pip install 'pneumo[train]')"
+    if "torch" in wanted and not has_torch:
+        reasons["torch"] = "torch is not installed (pip install 'pneumo[train]')"
+    return [b for b in wanted if b not in reasons], reasons
+
+
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
-    """Run every backend of ``settings`` on the same inputs and return the JSON-able result."""
+    """Run every available backend of ``settings`` on the same inputs and return the JSON-able result."""
     from pneumo.core.bundle import resolve_bundle
     from pneumo.serving.onnx_runtime import find_onnx, select_onnx_runner
 
     folder = resolve_bundle(settings.bundle)
-    result: dict[str, Any] = {"bundle": str(folder), "settings": _settings_json(settings)}
-    if "onnx" in settings.backends and find_onnx(folder) is None:
+    backends, skipped = available_backends(folder, settings.backends)
+    result: dict[str, Any] = {"bundle": str(folder), "settings": _settings_json(settings), "skipped": skipped}
+    result["machine_before"] = machine_info()
+    if "onnx" in backends and find_onnx(folder) is None:
         start = time.perf_counter()  # export once, here, so neither child pays it inside a measurement
         select_onnx_runner(folder, "onnx")
         result["onnx_export_s"] = round(time.perf_counter() - start, 2)
@@ -368,23 +410,31 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         sizes = [Image.open(f).size for f in files]
         result["input_pixels_mean"] = int(np.mean([w * h for w, h in sizes]))
         result["input_bytes_mean"] = int(np.mean([f.stat().st_size for f in files]))
-        for backend in settings.backends:
+        if settings.startup:
+            from pneumo.serving.bench_startup import predict_cold_start, serve_start_and_memory
+
+            bundle = settings.bundle  # None: the default bundle, as a user runs it
+            result["startup"] = {
+                **predict_cold_start(files[0], bundle),
+                **serve_start_and_memory(files[0], bundle, settings.serve_predictions),
+            }
+        for backend in backends:
             run = _bench_isolated if settings.isolate else bench_backend
             result[backend] = run(backend, folder, files, settings)
     result["machine"] = machine_info()
     result["versions"] = bench_versions()
     result["floor"] = physical_floor(model_flops(folder), result["machine"]["cores"], result["machine"]["cpu_mhz"])
-    if "torch" in result and "onnx" in result:
-        result["speedup_onnx_vs_torch"] = {
-            key: round(result["onnx"][key] / result["torch"][key], 2)
-            for key in ("throughput_ips", "e2e_throughput_ips")
-        }
+    for fast, slow in (("int8", "onnx"), ("onnx", "torch"), ("int8", "torch")):
+        if fast in result and slow in result:
+            result[f"speedup_{fast}_vs_{slow}"] = {
+                key: round(result[fast][key] / result[slow][key], 2) for key in ("throughput_ips", "e2e_throughput_ips")
+            }
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a Markdown table (one column per backend) plus the floor and the machine."""
-    backends = [b for b in ("torch", "onnx") if b in result]
+    backends = [b for b in ("int8", "onnx", "torch") if b in result]
     batch = result.get("settings", {}).get("batch_size", 32)
     rows = [
         (f"model throughput, batch {batch} (img/s)", "throughput_ips"),
@@ -395,7 +445,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("  decode (JPEG draft) p50 (ms)", ("stage_p50_ms", "decode")),
         ("  preprocess (resize, normalize) p50 (ms)", ("stage_p50_ms", "preprocess")),
         ("  model p50 (ms)", ("stage_p50_ms", "model")),
-        ("Grad-CAM map p50 (ms)", "gradcam_p50_ms"),
+        ("heatmap p50 (ms; CAM from ONNX, Grad-CAM on torch)", "gradcam_p50_ms"),
         ("peak RSS (MB)", "peak_rss_mb"),
     ]
     lines = ["| | " + " | ".join(backends) + " |", "|---|" + "---:|" * len(backends)]
@@ -409,6 +459,17 @@ def format_table(result: dict[str, Any]) -> str:
         if any(cell != "-" for cell in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     machine, floor = result["machine"], result["floor"]
+    startup = result.get("startup")
+    if startup:
+        lines.append("")
+        lines.append(
+            f"Cold start (default backend): `pneumo predict one.jpeg` {startup.get('predict_cli_wall_s')} s wall, "
+            f"peak RSS {startup.get('predict_cli_peak_rss_mb')} MB, torch imported: "
+            f"{startup.get('predict_cli_torch_imported')}; `pneumo serve` ready in {startup.get('serve_ready_s')} s, "
+            f"RSS {startup.get('serve_rss_mb_after')} MB after {startup.get('serve_predictions')} predictions."
+        )
+    for backend, why in result.get("skipped", {}).items():
+        lines.append(f"Skipped {backend}: {why}.")
     lines.append("")
     lines.append(f"Machine: {machine['cores']} cores, {machine['cpu_model']}, load average {machine['loadavg_1m']}.")
     if floor.get("peak_gflops"):

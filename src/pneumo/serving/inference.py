@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ from pneumo.core.errors import NotAChestXrayError, PneumoError
 from pneumo.core.io import DEFAULT_LIMITS, DecodedImage, Limits, read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
 from pneumo.core.probability import positive_probability, temperature_softmax
-from pneumo.serving.onnx_runtime import select_onnx_runner
+from pneumo.serving.onnx_runtime import OnnxRunner, select_onnx_runner
 from pneumo.serving.ood import OodGate
 
 if TYPE_CHECKING:
@@ -70,8 +72,9 @@ class Predictor:
         bundle: folder of a model bundle; ``None`` uses the default bundle shipped in the package.
         limits: input limits applied by :func:`pneumo.core.io.read_image`.
         device: torch device for the torch backend.
-        backend: ``"auto"`` (ONNX Runtime when the bundle has, or can get, an ONNX export and
-            onnxruntime imports; else PyTorch), ``"torch"`` or ``"onnx"`` (raises if impossible).
+        backend: ``"auto"`` (the bundle's INT8 ONNX graph when it ships one, else the fp32 ONNX graph
+            when onnxruntime imports, else PyTorch), ``"int8"``, ``"onnx"`` (fp32) or ``"torch"``
+            (raise if impossible); the environment variable ``PNEUMO_BACKEND`` overrides ``"auto"``.
             See :func:`pneumo.serving.onnx_runtime.select_onnx_runner`. ``self.backend`` says which one
             runs; ``self.model`` (the torch network, for Grad-CAM) is loaded on first use only.
         check_ood: refuse images the bundle's out-of-distribution gate rejects (raise
@@ -101,8 +104,15 @@ class Predictor:
         self._model: nn.Module | None = None
         self._model_lock = threading.Lock()
         self._onnx = select_onnx_runner(self.bundle_dir, backend, device=device)
-        self.backend = "torch" if self._onnx is None else "onnx"
+        #: ``"int8"``, ``"onnx"`` (fp32) or ``"torch"``: the backend that answers.
+        self.backend = "torch" if self._onnx is None else self._onnx.kind
         self._runner: Runner = self._onnx if self._onnx is not None else self._torch_runner()
+        self._decode_pool: ThreadPoolExecutor | None = None
+
+    @property
+    def onnx_runner(self) -> OnnxRunner | None:
+        """The ONNX Runtime session answering predictions (None on the torch backend); CAM reads its feature map."""
+        return self._onnx
 
     @property
     def model(self) -> nn.Module:
@@ -200,7 +210,9 @@ class Predictor:
         """Predict many inputs in batches; one entry per input, in input order: a result or its error.
 
         Nothing is lost: a file that fails yields its :class:`PneumoError` in its place and the
-        others still run.
+        others still run. Decoding and preprocessing run in a small thread pool a few batches
+        ahead of the model (Pillow and ONNX Runtime release the GIL), so the cores decode the next
+        batch while the model runs on this one.
         """
         results: list[Prediction | PneumoError | None] = [None] * len(sources)
         pending: list[tuple[int, DecodedImage, np.ndarray]] = []
@@ -216,16 +228,42 @@ class Predictor:
                     results[index] = err
             pending.clear()
 
-        for index, source in enumerate(sources):
-            try:
-                decoded = self.decode(source)
-                pending.append((index, decoded, self.prepare(decoded)))
-            except PneumoError as err:
-                results[index] = err
+        for index, prepared in enumerate(self._prepared(sources, lookahead=2 * batch_size)):
+            if isinstance(prepared, PneumoError):
+                results[index] = prepared
+            else:
+                pending.append((index, *prepared))
             if len(pending) >= batch_size:
                 flush()
         flush()
         return [r for r in results if r is not None]
+
+    def _decode_and_prepare(self, source: Source) -> tuple[DecodedImage, np.ndarray] | PneumoError:
+        try:
+            decoded = self.decode(source)
+            return decoded, self.prepare(decoded)
+        except PneumoError as err:
+            return err
+
+    def _prepared(
+        self, sources: Sequence[Source], lookahead: int
+    ) -> Iterator[tuple[DecodedImage, np.ndarray] | PneumoError]:
+        """Decoded and preprocessed inputs in input order, at most ``lookahead`` in flight (bounded memory)."""
+        if len(sources) <= 1:
+            yield from map(self._decode_and_prepare, sources)
+            return
+        with self._model_lock:
+            if self._decode_pool is None:
+                self._decode_pool = ThreadPoolExecutor(
+                    max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pneumo-decode"
+                )
+        queue: deque[Future[tuple[DecodedImage, np.ndarray] | PneumoError]] = deque()
+        for source in sources:
+            queue.append(self._decode_pool.submit(self._decode_and_prepare, source))
+            if len(queue) >= lookahead:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
 
     def predict_tensors(self, batch: np.ndarray) -> np.ndarray:
         """P(pneumonia) for an already preprocessed batch (used by evaluation)."""

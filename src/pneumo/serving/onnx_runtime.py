@@ -39,11 +39,18 @@ from pneumo.core.errors import PneumoError
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+#: The statically quantized (INT8, QDQ) graph a bundle may ship (see :mod:`pneumo.modeling.quantize`).
+INT8_FILE = "model_int8.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "features")
-BACKENDS = ("auto", "torch", "onnx")
+#: Optional third output: the last feature map (N, C, h, w), from which CAM heatmaps are computed.
+FEATURE_MAP_OUTPUT = "feature_map"
+#: ``int8`` = the bundle's quantized graph, ``onnx`` = the fp32 graph, ``torch`` = eager PyTorch.
+BACKENDS = ("auto", "int8", "onnx", "torch")
 #: Metadata key (in the ONNX model's ``metadata_props``) holding the SHA-256 of the source weights.
 WEIGHTS_SHA_KEY = "pneumo_weights_sha256"
+#: Metadata key naming the state-dict prefix of the linear head (set when CAM equals Grad-CAM).
+CAM_HEAD_KEY = "pneumo_cam_head"
 #: Cached exports kept (most recently used first); older ones are deleted after each new export.
 CACHE_KEEP = 8
 
@@ -60,11 +67,7 @@ class OnnxBackendError(PneumoError):
 
 def weights_sha256(bundle_dir: str | Path) -> str:
     """SHA-256 of the bundle's weights: names the cached export and detects stale ``model.onnx`` files."""
-    digest = hashlib.sha256()
-    with (Path(bundle_dir) / WEIGHTS_FILE).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(bundle_dir) / WEIGHTS_FILE)
 
 
 def cache_dir() -> Path:
@@ -77,18 +80,57 @@ def cache_dir() -> Path:
 
 def cached_onnx_path(bundle_dir: str | Path, sha: str | None = None) -> Path:
     """Where the cached export of ``bundle_dir``'s weights lives (whether or not it exists yet)."""
-    return cache_dir() / f"{sha or weights_sha256(bundle_dir)}.onnx"
+    # ".fm": exports that carry the feature map output (older cached exports lack it and are re-made).
+    return cache_dir() / f"{sha or weights_sha256(bundle_dir)}.fm.onnx"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (bundle.json records one per shipped ONNX file)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def onnx_weights_sha(path: str | Path) -> str | None:
-    """The weights hash recorded in an exported file, or None (not ours, or unreadable)."""
-    import onnx
+    """The weights hash recorded in an exported file, or None (not ours, or unreadable).
 
+    Read with ONNX Runtime's model metadata, not the ``onnx`` package: the base install has no exporter.
+    """
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception:  # a damaged or foreign file: treated as absent
         return None
-    return next((p.value for p in model.metadata_props if p.key == WEIGHTS_SHA_KEY), None)
+    return session.get_modelmeta().custom_metadata_map.get(WEIGHTS_SHA_KEY)
+
+
+def find_int8(bundle_dir: str | Path) -> Path | None:
+    """The bundle's quantized graph when bundle.json lists it with matching checksums, else None.
+
+    Checksums instead of parsing the graph: the file's own SHA-256 (a damaged or replaced file) and
+    the weights' SHA-256 it was made from (a bundle retrained in place), both recorded in bundle.json.
+    """
+    from pneumo.core.bundle import read_meta
+
+    folder = resolve_bundle(bundle_dir)
+    entry = read_meta(folder).files.get(INT8_FILE)
+    path = folder / INT8_FILE
+    if not entry or not path.is_file():
+        return None
+    if entry.get("sha256") != file_sha256(path) or entry.get("weights_sha256") != weights_sha256(folder):
+        log.warning(
+            "%s does not match the checksums in bundle.json (damaged, or the weights changed since); ignoring it. "
+            "Regenerate it with `pneumo export onnx --int8 --model %s --calibration-data DIR`.",
+            path,
+            folder,
+        )
+        return None
+    return path
 
 
 def find_onnx(bundle_dir: str | Path) -> Path | None:
@@ -146,14 +188,17 @@ class OnnxRunner:
         path: the exported ``.onnx`` file.
         threads: intra-op threads; default: :func:`available_cores`.
         spin: let idle worker threads spin-wait (lowest latency on an otherwise idle machine only).
+        kind: what the graph is, ``"onnx"`` (fp32) or ``"int8"``; reported as the Predictor's backend.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, spin: bool = False) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, spin: bool = False, kind: str = "onnx") -> None:
         try:
             import onnxruntime as ort
         except ImportError as err:
             raise OnnxBackendError("The ONNX backend needs onnxruntime: pip install onnxruntime.") from err
         self.path = Path(path)
+        #: ``"int8"`` (the bundle's quantized graph) or ``"onnx"`` (fp32): the Predictor's ``backend``.
+        self.kind = kind
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()
         options.inter_op_num_threads = 1
@@ -166,31 +211,44 @@ class OnnxRunner:
             raise OnnxBackendError(f"ONNX Runtime cannot load {self.path}: {err}", code="onnx_load_failed") from err
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+        if inputs != [INPUT_NAME] or outputs not in (list(OUTPUT_NAMES), [*OUTPUT_NAMES, FEATURE_MAP_OUTPUT]):
             raise OnnxBackendError(
                 f"{self.path} has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and "
-                f"{list(OUTPUT_NAMES)}. Export it with `pneumo export onnx`.",
+                f"{list(OUTPUT_NAMES)} (+ {FEATURE_MAP_OUTPUT!r}). Export it with `pneumo export onnx`.",
                 code="onnx_load_failed",
             )
+        #: The graph's metadata (weights hash, architecture, CAM head).
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        #: Whether :meth:`with_feature_map` works (the graph exports its last feature map).
+        self.has_feature_map = FEATURE_MAP_OUTPUT in outputs
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, C) and pooled features (N, F) of a preprocessed float32 batch (N, 3, S, S)."""
         logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})
         return logits, features
 
+    def with_feature_map(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits, pooled features and the last feature map (N, C, h, w), in one pass (for CAM)."""
+        if not self.has_feature_map:
+            raise OnnxBackendError(f"{self.path} does not export its feature map; re-export it.", code="onnx_no_cam")
+        logits, features, feature_map = self.session.run(
+            [*OUTPUT_NAMES, FEATURE_MAP_OUTPUT], {INPUT_NAME: np.ascontiguousarray(batch, np.float32)}
+        )
+        return logits, features, feature_map
+
 
 def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device: str = "cpu") -> OnnxRunner | None:
-    """Resolve the Predictor's ``backend`` choice: an :class:`OnnxRunner`, or None for PyTorch.
+    """Resolve the Predictor's ``backend`` choice: an :class:`OnnxRunner` (``runner.kind`` says which), or None.
 
-    ``"torch"`` always gives None. ``"onnx"`` gives a runner or raises. ``"auto"`` gives a runner
-    when the model runs on the CPU and onnxruntime imports, exporting the bundle into the user
-    cache the first time when it has no ``model.onnx``; if anything fails it logs a warning and
-    returns None (PyTorch), so a prediction never fails because the fast path did. Under
-    ``"auto"``, the environment variable ``PNEUMO_BACKEND`` (``torch`` or ``onnx``) overrides
-    the choice, e.g. to keep a test suite or a read-only container on PyTorch.
+    ``"torch"`` always gives None (PyTorch). ``"int8"`` gives the bundle's quantized graph or raises;
+    ``"onnx"`` the fp32 graph (the bundle's ``model.onnx`` or the cached export, exporting it the
+    first time, which needs the ``[train]`` extra) or raises. ``"auto"``, on the CPU, takes int8 when
+    the bundle ships it, else fp32 ONNX, else PyTorch, logging why it passes over each; a
+    prediction never fails because a fast path did. Under ``"auto"`` the environment variable
+    ``PNEUMO_BACKEND`` (``int8``, ``onnx`` or ``torch``) overrides the choice.
 
     Raises:
-        OnnxBackendError: ``backend`` is unknown, or ``"onnx"`` was asked for and is impossible.
+        OnnxBackendError: ``backend`` is unknown, or ``"int8"``/``"onnx"`` was asked for and is impossible.
     """
     if backend not in BACKENDS:
         raise OnnxBackendError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.", code="bad_backend")
@@ -206,9 +264,9 @@ def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device:
     if backend == "torch":
         return None
     if device.split(":")[0] != "cpu":
-        if backend == "onnx":
+        if backend != "auto":
             raise OnnxBackendError(
-                f"The ONNX backend runs on the CPU, but device={device!r} was asked for; "
+                f"The {backend} backend runs on the CPU, but device={device!r} was asked for; "
                 "use device='cpu' or backend='torch'.",
                 code="bad_backend",
             )
@@ -216,23 +274,51 @@ def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device:
     try:
         import onnxruntime  # noqa: F401
     except ImportError as err:
-        if backend == "onnx":
-            raise OnnxBackendError("backend='onnx' needs onnxruntime: pip install onnxruntime.") from err
+        if backend != "auto":
+            raise OnnxBackendError(f"backend={backend!r} needs onnxruntime: pip install onnxruntime.") from err
         log.info("onnxruntime is not installed; using PyTorch.")
         return None
+    if backend in ("auto", "int8"):
+        runner = _int8_runner(bundle_dir, required=backend == "int8")
+        if runner is not None:
+            return runner
     try:
         path = find_onnx(bundle_dir)
         if path is None:
             log.info("No ONNX export of %s yet; exporting it once into %s.", bundle_dir, cache_dir())
-            from pneumo.modeling.export import export_onnx  # lazy: exporting needs torch
-
+            try:
+                from pneumo.modeling.export import export_onnx  # lazy: exporting needs torch
+            except ImportError as err:
+                raise OnnxBackendError(
+                    "Exporting the fp32 ONNX graph needs the training stack: pip install 'pneumo[train]'."
+                ) from err
             path = export_onnx(bundle_dir, out=cached_onnx_path(bundle_dir))
             prune_cache()
-        return OnnxRunner(path)
+        return OnnxRunner(path, kind="onnx")
     except Exception as err:
         if backend == "onnx":
             if isinstance(err, OnnxBackendError):
                 raise
             raise OnnxBackendError(f"The ONNX backend is unavailable: {type(err).__name__}: {err}") from err
         log.warning("ONNX Runtime unavailable for %s (%s); falling back to PyTorch.", bundle_dir, err)
+        return None
+
+
+def _int8_runner(bundle_dir: str | Path, *, required: bool) -> OnnxRunner | None:
+    """The bundle's INT8 graph as a runner; None (or, when ``required``, an error) when it has none."""
+    path = find_int8(bundle_dir)
+    if path is None:
+        if required:
+            raise OnnxBackendError(
+                f"{bundle_dir} ships no valid {INT8_FILE}; make one with "
+                "`pneumo export onnx --int8 --calibration-data DIR --model BUNDLE`.",
+            )
+        log.info("%s has no INT8 graph; trying the fp32 ONNX graph.", bundle_dir)
+        return None
+    try:
+        return OnnxRunner(path, kind="int8")
+    except OnnxBackendError:
+        if required:
+            raise
+        log.warning("The INT8 graph of %s cannot be loaded; trying the fp32 ONNX graph.", bundle_dir, exc_info=True)
         return None
