@@ -47,7 +47,7 @@ from pneumo.serving.model_info import png_bytes, public_model_info
 from pneumo.serving.overlay import DEFAULT_OPACITY, ExplainUnavailableError
 
 if TYPE_CHECKING:
-    from pneumo.serving.explain import GradCamExplainer
+    from pneumo.serving.explain import GradCamExplainer  # or serving.cam's OnnxCamExplainer (same interface)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class _Service:
     """What the routes serve: set on ``app.state.pneumo`` by :func:`create_app`, read through :func:`_service`."""
 
     predictor: Predictor
-    explainer: GradCamExplainer | None
+    explainer: "GradCamExplainer | None"
     limits: Limits
     max_batch_files: int
     model_ref: ModelRef
@@ -279,7 +279,7 @@ def create_app(
 
     predictor = predictor or Predictor(bundle, limits=limits)
     try:
-        explainer: GradCamExplainer | None = make_explainer(predictor)
+        explainer: "GradCamExplainer | None" = make_explainer(predictor)
     except PneumoError as err:
         log.warning("Heatmaps disabled: %s", err.message)
         explainer = None
