@@ -279,7 +279,7 @@ def create_app(
 
     predictor = predictor or Predictor(bundle, limits=limits)
     try:
-        explainer: "GradCamExplainer | None" = make_explainer(predictor)
+        explainer: GradCamExplainer | None = make_explainer(predictor)
     except PneumoError as err:
         log.warning("Heatmaps disabled: %s", err.message)
         explainer = None
