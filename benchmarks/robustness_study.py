@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pneumo.robustness import pooled_threshold_table, robustness_report
 
 from pneumo.evaluation.metrics import select_threshold
+from pneumo.evaluation.robustness import pooled_threshold_table, robustness_report
 
 RULES = [("youden", 0.95), ("sensitivity", 0.95)]
 

@@ -14,9 +14,9 @@ from app_helpers import make_bundle, xray_bytes
 from streamlit.testing.v1 import AppTest
 
 import pneumo
-from pneumo import app_support
+from pneumo.serving import app_support
 
-PAGE = Path(pneumo.__file__).with_name("app.py")
+PAGE = Path(pneumo.__file__).parent / "serving" / "app.py"
 N_FILES = 70  # over the old cache's 64
 
 
