@@ -158,13 +158,15 @@ def test_bad_bundle_json_names_the_field_at_fault(tmp_path: Path, change: dict[s
 
 def test_unknown_optional_keys_and_a_files_mapping_are_kept(tmp_path: Path) -> None:
     """Later pneumo versions add keys (robustness metrics, an INT8 file entry); reading must keep them."""
-    data = {**_GOOD, "format_version": 1, "files": {"onnx_int8": "model.int8.onnx"}, "robustness": {"blur": 0.9}}
+    files = {"model_int8.onnx": {"kind": "onnx-int8-qdq", "sha256": "0" * 64}}
+    data = {**_GOOD, "format_version": 1, "files": files, "robustness": {"blur": 0.9}}
     data["metrics"] = {"validation": {"roc_auc": 0.9}, "robustness": {"jpeg_q10": {"roc_auc": 0.8}}}
     (tmp_path / META_FILE).write_text(json.dumps(data))
     meta = read_meta(tmp_path)
-    assert meta.extra == {"files": {"onnx_int8": "model.int8.onnx"}, "robustness": {"blur": 0.9}}
+    assert meta.extra == {"robustness": {"blur": 0.9}}
+    assert meta.files == files
     assert meta.metrics["robustness"] == {"jpeg_q10": {"roc_auc": 0.8}}
-    assert meta.to_dict()["files"] == {"onnx_int8": "model.int8.onnx"}
+    assert meta.to_dict()["files"] == files
 
 
 def test_read_meta_accepts_the_minimal_good_file(tmp_path: Path) -> None:

@@ -84,6 +84,8 @@ class BundleMeta:
         known = set(cls.__dataclass_fields__)
         extra = {k: v for k, v in data.items() if k not in known and k != "format_version"}
         values = checked.model_dump(include=known - {"extra", "preprocess"})
+        if values.get("files") is None:  # absent in bundles written before INT8 graphs: no extra files
+            values.pop("files", None)
         preprocess = PreprocessConfig(checked.preprocess.input_size, checked.preprocess.mean, checked.preprocess.std)
         return cls(**values, preprocess=preprocess, extra=extra)
 
@@ -101,7 +103,7 @@ class BundleSchema(BaseModel):
 
     Keys it does not know are allowed and kept (a later pneumo may add some); the free-form
     sections (``training``, ``metrics``, ``ood``) may hold anything, and ``files`` (optional)
-    maps a role to a file name inside the bundle.
+    maps a file name inside the bundle to what it is (kind, ``sha256``, check figures).
     """
 
     model_config = ConfigDict(extra="allow", strict=False)
@@ -112,7 +114,9 @@ class BundleSchema(BaseModel):
     labels: list[str] = Field(min_length=2)
     preprocess: _PreprocessSchema
     positive_labels: list[str] = Field(default_factory=lambda: ["PNEUMONIA"], min_length=1)
-    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Up to just above 1: a rule whose best choice is "call nobody positive" returns the float just
+    # above the largest probability (pneumo.evaluation.metrics.select_threshold), which may be 1.0.
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0 + 1e-6)
     threshold_rule: str = "default 0.5 (not chosen on data)"
     temperature: float = Field(default=1.0, gt=0.0)
     name: str = "pneumo"
@@ -122,7 +126,7 @@ class BundleSchema(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     created: str = ""
-    files: dict[str, str] | None = None
+    files: dict[str, dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _positive_labels_are_labels(self) -> BundleSchema:
