@@ -9,6 +9,7 @@ says in one line which extra to install.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import venv
 from pathlib import Path
@@ -56,6 +57,11 @@ def _real_film(shared_data: Path) -> Path:
     return sorted((shared_data / "fullres_samples" / "PNEUMONIA").glob("*.jpeg"))[0]
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment without the suite's ``PNEUMO_BACKEND=torch`` (conftest): the base install picks its backend."""
+    return {k: v for k, v in os.environ.items() if k != "PNEUMO_BACKEND"}
+
+
 @pytest.fixture(scope="module")
 def base_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv with ``pip install <repo>`` (no extras); skipped where PyPI cannot be reached."""
@@ -95,7 +101,11 @@ def test_base_install_predicts_without_importing_torch(base_env: Path, tmp_path:
     image = _real_film(shared_data)
     out = tmp_path / "out.json"
     proc = subprocess.run(
-        [str(base_env), "-c", PREDICT_PROBE, str(image), str(out)], capture_output=True, text=True, cwd=tmp_path
+        [str(base_env), "-c", PREDICT_PROBE, str(image), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch": False}
@@ -108,7 +118,9 @@ def test_base_install_serves_with_heatmaps_without_importing_torch(
     base_env: Path, tmp_path: Path, shared_data: Path
 ) -> None:
     image = _real_film(shared_data)
-    proc = subprocess.run([str(base_env), "-c", API_PROBE, str(image)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(base_env), "-c", API_PROBE, str(image)], capture_output=True, text=True, cwd=tmp_path, env=_clean_env()
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [], result["heavy"]
