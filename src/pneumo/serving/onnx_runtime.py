@@ -133,6 +133,12 @@ def find_int8(bundle_dir: str | Path) -> Path | None:
     return path
 
 
+def _passed_check(bundle_dir: str | Path) -> bool:
+    from pneumo.core.bundle import read_meta
+
+    return bool(read_meta(resolve_bundle(bundle_dir)).files.get(INT8_FILE, {}).get("passed_check", False))
+
+
 def find_onnx(bundle_dir: str | Path) -> Path | None:
     """An up-to-date ONNX export of the bundle: its own ``model.onnx``, else the cached export, else None."""
     folder = resolve_bundle(bundle_dir)
@@ -243,7 +249,8 @@ def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device:
     ``"torch"`` always gives None (PyTorch). ``"int8"`` gives the bundle's quantized graph or raises;
     ``"onnx"`` the fp32 graph (the bundle's ``model.onnx`` or the cached export, exporting it the
     first time, which needs the ``[train]`` extra) or raises. ``"auto"``, on the CPU, takes int8 when
-    the bundle ships it, else fp32 ONNX, else PyTorch, logging why it passes over each; a
+    the bundle ships it and it passed its check against fp32, else fp32 ONNX, else an INT8 graph that
+    missed the check (a base install has no exporter), else PyTorch, logging why it passes over each; a
     prediction never fails because a fast path did. Under ``"auto"`` the environment variable
     ``PNEUMO_BACKEND`` (``int8``, ``onnx`` or ``torch``) overrides the choice.
 
@@ -279,7 +286,7 @@ def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device:
         log.info("onnxruntime is not installed; using PyTorch.")
         return None
     if backend in ("auto", "int8"):
-        runner = _int8_runner(bundle_dir, required=backend == "int8")
+        runner = _int8_runner(bundle_dir, required=backend == "int8", checked_only=backend == "auto")
         if runner is not None:
             return runner
     try:
@@ -300,13 +307,30 @@ def select_onnx_runner(bundle_dir: str | Path, backend: str = "auto", *, device:
             if isinstance(err, OnnxBackendError):
                 raise
             raise OnnxBackendError(f"The ONNX backend is unavailable: {type(err).__name__}: {err}") from err
+        if backend == "auto":  # no exporter (a base install): an INT8 graph that missed the bar beats no model
+            fallback = _int8_runner(bundle_dir, required=False, checked_only=False)
+            if fallback is not None:
+                log.warning(
+                    "Serving %s with its INT8 graph, which did not pass the agreement check against fp32 (see "
+                    "bundle.json files); install 'pneumo[train]' to serve the fp32 graph (%s).",
+                    bundle_dir,
+                    err,
+                )
+                return fallback
         log.warning("ONNX Runtime unavailable for %s (%s); falling back to PyTorch.", bundle_dir, err)
         return None
 
 
-def _int8_runner(bundle_dir: str | Path, *, required: bool) -> OnnxRunner | None:
-    """The bundle's INT8 graph as a runner; None (or, when ``required``, an error) when it has none."""
+def _int8_runner(bundle_dir: str | Path, *, required: bool, checked_only: bool = False) -> OnnxRunner | None:
+    """The bundle's INT8 graph as a runner; None (or, when ``required``, an error) when it has none.
+
+    With ``checked_only``, a graph whose entry says it did not pass the agreement check against fp32
+    (``passed_check: false``, written by ``--force``) counts as none: ``auto`` then prefers fp32.
+    """
     path = find_int8(bundle_dir)
+    if path is not None and checked_only and not _passed_check(bundle_dir):
+        log.info("The INT8 graph of %s did not pass the agreement check; trying the fp32 ONNX graph.", bundle_dir)
+        return None
     if path is None:
         if required:
             raise OnnxBackendError(
