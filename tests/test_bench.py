@@ -49,7 +49,7 @@ def test_pneumo_bench_writes_json_for_both_backends(exported_tiny_bundle: Path, 
     assert data["speedup_onnx_vs_torch"]["throughput_ips"] == pytest.approx(
         data["onnx"]["throughput_ips"] / data["torch"]["throughput_ips"], rel=0.01
     )
-    assert "| | torch | onnx |" in result.output
+    assert "| | onnx | torch |" in result.output
     assert "model throughput, batch 4 (img/s)" in result.output
 
 
@@ -116,9 +116,9 @@ def test_format_table_lists_backends_and_marks_missing_values() -> None:
         "floor": {"gflops_per_image": 0.77, "peak_gflops": None},
     }
     table = format_table(result)
-    assert "| | torch | onnx |" in table
-    assert "| model throughput, batch 32 (img/s) | 20 | 80.5 |" in table
-    assert "| Grad-CAM map p50 (ms) | - | 55 |" in table
-    assert "|   model p50 (ms) | 30 | - |" in table
+    assert "| | onnx | torch |" in table
+    assert "| model throughput, batch 32 (img/s) | 80.5 | 20 |" in table
+    assert "| heatmap p50 (ms; CAM from ONNX, Grad-CAM on torch) | 55 | - |" in table
+    assert "|   model p50 (ms) | - | 30 |" in table
     assert "peak RSS" not in table  # rows with no value at all are left out
     assert "2 cores, Test CPU" in table

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from export_helpers import xray_jpegs
 
+from pneumo.core.io import read_image
 from pneumo.serving.cam import CAM_LAYER, OnnxCamExplainer, make_explainer
 from pneumo.serving.explain import GradCamExplainer
 from pneumo.serving.inference import Predictor
@@ -16,7 +17,7 @@ from pneumo.serving.overlay import ExplainUnavailableError
 
 @pytest.fixture(scope="module")
 def predictors() -> tuple[Predictor, Predictor]:
-    return Predictor(backend="int8"), Predictor(backend="torch")
+    return Predictor(backend="int8", check_ood=False), Predictor(backend="torch", check_ood=False)
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,14 +35,14 @@ def test_make_explainer_prefers_onnx_cam_and_falls_back_to_grad_cam(predictors: 
 def test_cam_has_the_display_size_and_explains_the_shown_answer(predictors: tuple[Predictor, Predictor]) -> None:
     explainer = OnnxCamExplainer(predictors[0])
     blob = xray_jpegs(1, size=900)[0]
-    decoded = predictors[0].decode(blob)
+    decoded = read_image(blob)  # full resolution (the Predictor's own decode drafts a JPEG down to ~225 px)
     shown = explainer.explain(decoded, max_side=300)
     assert shown.layer == CAM_LAYER and max(shown.image.size) == 300
     assert shown.heatmap.shape == (shown.image.height, shown.image.width)
     assert shown.heatmap.min() >= 0.0 and shown.heatmap.max() <= 1.0 and shown.heatmap.max() > 0.5
     assert shown.target_label == predictors[0].predict(blob).label
     other = "NORMAL" if shown.target_label == "PNEUMONIA" else "PNEUMONIA"
-    assert not np.allclose(explainer.explain(decoded, other).heatmap, shown.heatmap)
+    assert not np.allclose(explainer.explain(decoded, other, max_side=300).heatmap, shown.heatmap)
 
 
 def _correlations(predictor: Predictor, torch_predictor: Predictor, folder: Path, labels: tuple[str, ...]) -> list:

@@ -49,7 +49,8 @@ def test_export_writes_a_dynamic_batch_graph_with_logits_and_features(exported: 
     assert graph_input.name == "input"
     assert dims[0].dim_param and not dims[0].dim_value  # symbolic batch axis
     assert [d.dim_value for d in dims[1:]] == [3, 64, 64]  # the bundle's input size, fixed
-    assert [o.name for o in model.graph.output] == ["logits", "features"]
+    # feature_map: the last feature map, for heatmaps without torch (CAM; EfficientNet's head is linear on GAP)
+    assert [o.name for o in model.graph.output] == ["logits", "features", "feature_map"]
     props = {p.key: p.value for p in model.metadata_props}
     assert props[WEIGHTS_SHA_KEY] == weights_sha256(exported)
     assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) == 18

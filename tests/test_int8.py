@@ -100,9 +100,12 @@ def test_int8_and_fp32_answer_the_same_on_synthetic_films() -> None:
     from export_helpers import xray_jpegs
 
     int8, fp32 = Predictor(backend="int8", check_ood=False), Predictor(backend="torch", check_ood=False)
+    # Same decisions, probabilities close: the validation split measured at most 0.27 of difference on
+    # one film (bundle.json), so 0.3 bounds it; a wrong graph (other weights, lost head) misses both.
     for blob in xray_jpegs(4, size=256):
         a, b = int8.predict(blob), fp32.predict(blob)
-        assert abs(a.probability - b.probability) < 0.1
+        assert a.label == b.label
+        assert abs(a.probability - b.probability) < 0.3
 
 
 def test_quantize_bundle_writes_the_file_and_its_entry(tmp_path: Path) -> None:

@@ -149,13 +149,21 @@ def bench_backend(backend: str, bundle: Path | None, files: Sequence[Path], sett
     """Measure one backend in this process (see the module docstring for what and how)."""
     from pneumo.serving.inference import Predictor
 
+    previous = None
     if backend == "torch" and settings.torch_threads:
         import torch  # only the torch backend's own settings need it
 
+        previous = torch.get_num_threads()
         torch.set_num_threads(settings.torch_threads)
-    start = time.perf_counter()
-    predictor = Predictor(bundle, backend=backend, check_ood=False)
-    return _measure(predictor, time.perf_counter() - start, files, settings)
+    try:
+        start = time.perf_counter()
+        predictor = Predictor(bundle, backend=backend, check_ood=False)
+        return _measure(predictor, time.perf_counter() - start, files, settings)
+    finally:
+        if previous is not None:  # the caller's process keeps its own thread setting
+            import torch
+
+            torch.set_num_threads(previous)
 
 
 def _measure(predictor: Any, load_s: float, files: Sequence[Path], settings: BenchSettings) -> dict[str, Any]:
