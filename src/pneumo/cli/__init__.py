@@ -6,18 +6,15 @@ Heavy imports happen inside the commands so ``pneumo --help`` stays fast.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
+from pneumo.cli import output
 from pneumo.cli import train as train_command
 
 app = typer.Typer(
@@ -104,7 +101,7 @@ def predict(
 
     for out in (json_out, csv_out):  # before predicting: a bad output path must not cost the results
         if out is not None:
-            _check_output(out)
+            output.check_output(out, _fail)
     try:
         predictor = Predictor(model, check_ood=not no_ood)
     except PneumoError as err:
@@ -112,85 +109,17 @@ def predict(
     files = iter_image_files(inputs)
     if not files:
         _fail("no input files found.")
-    rows = prediction_rows(files, predictor.predict_many(files, batch_size=batch_size))
+    rows = output.prediction_rows(files, predictor.predict_many(files, batch_size=batch_size))
     failed = sum("error" in row for row in rows)
     for row in rows:
         if "error" in row:
             typer.echo(f"{row['file']}\tERROR {row['error']['code']}: {row['error']['message']}")
         else:
             typer.echo(f"{row['file']}\t{row['label']}\tp={row['probability']:.3f}\t(threshold {row['threshold']:.3f})")
-    _write_rows(rows, json_out, csv_out)
+    output.write_rows(rows, json_out, csv_out, lambda message, code: _fail(message, code))
     typer.echo(f"{len(rows) - failed} predicted, {failed} failed", err=True)
     if failed:
         raise typer.Exit(1)
-
-
-def prediction_rows(files: list[Path], results: list[Any]) -> list[dict[str, Any]]:
-    """One JSON-able row per file: the prediction's fields, or ``file`` + ``error``."""
-    from pneumo.core.errors import PneumoError
-
-    rows: list[dict[str, Any]] = []
-    for path, result in zip(files, results, strict=True):
-        if isinstance(result, PneumoError):
-            rows.append({"file": str(path), "error": result.to_dict()})
-        else:
-            row = result.to_dict()
-            row.pop("source", None)
-            rows.append({"file": str(path), **row})
-    return rows
-
-
-def _check_output(out: Path) -> None:
-    """Fail now (exit 2) when ``out`` cannot be written: a folder, a parent that cannot be created, no permission."""
-    try:
-        if out.is_dir():
-            _fail(f"{out} is a folder; give the path of the file to write.")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name[:50]}.", suffix=".check"):
-            pass  # a file can be created next to it, so the atomic rename at the end can succeed too
-    except OSError as err:
-        _fail(f"cannot write {out} ({err.strerror or err}); choose another path. Nothing was predicted.")
-
-
-def _write_atomically(out: Path, write: Callable[[IO[str]], object]) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=out.parent, prefix=f".{out.name[:50]}.", suffix=".tmp", delete=False, newline="", encoding="utf-8"
-    ) as handle:
-        temporary = Path(handle.name)
-        try:
-            write(handle)
-        except BaseException:
-            handle.close()
-            temporary.unlink(missing_ok=True)
-            raise
-    try:
-        temporary.chmod(0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
-        os.replace(temporary, out)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _write_rows(rows: list[dict[str, Any]], json_out: Path | None, csv_out: Path | None) -> None:
-    fields = ["file", "label", "probability", "threshold", "ood_score", "error_code", "error_message"]
-
-    def write_csv(handle: IO[str]) -> None:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            error = row.get("error") or {}
-            writer.writerow({**row, "error_code": error.get("code", ""), "error_message": error.get("message", "")})
-
-    try:
-        if json_out is not None:
-            _write_atomically(json_out, lambda handle: handle.write(json.dumps(rows, indent=2) + "\n"))
-        if csv_out is not None:
-            _write_atomically(csv_out, write_csv)
-    except OSError as err:  # the disk filled up or the folder vanished since the check: say so, keep the rows
-        _fail(f"the results could not be written ({err.strerror or err}); they are printed above.", code=1)
 
 
 # ------------------------------------------------------------------------------------------- train

@@ -10,7 +10,7 @@ is in ``docs/api.md``. A trailing slash names the same route (no redirect).
 Every error answers ``{"error": {"code", "message"}}``: a :class:`PneumoError` with its own
 ``http_status`` (400/413/415/422, 503 ``server_busy`` with ``Retry-After``), a malformed request
 422, an unknown path 404. Request bodies are capped per route while they stream in
-(:class:`_BodyLimit`: a 1 GB upload is refused from its ``Content-Length`` or after the cap, never
+(``api_middleware.BodyLimit``: a 1 GB upload is refused from its ``Content-Length`` or after the cap, never
 buffered); each route's cap is derived from its declaration (one file, or ``max_batch_files`` for
 a list of files), so a new upload route is capped by default. At most ``max_concurrent`` requests
 decode and predict at once and ``max_queue`` wait (:mod:`pneumo.serving.backpressure`), so memory stays
@@ -34,13 +34,12 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pneumo
 from pneumo.core.errors import InputTooLargeError, PneumoError, ServerBusyError
 from pneumo.core.io import DEFAULT_LIMITS, Limits
+from pneumo.serving.api_middleware import BodyLimit, CanonicalPath, error_response
 from pneumo.serving.backpressure import Backpressure, default_workers
 from pneumo.serving.inference import Prediction, Predictor
 from pneumo.serving.model_info import png_bytes, public_model_info
@@ -306,8 +305,8 @@ def create_app(
     )
     app.include_router(router)
     _install_error_handlers(app)
-    app.add_middleware(_BodyLimit, caps=_body_caps(limits.max_bytes + MULTIPART_OVERHEAD, max_batch_files))
-    app.add_middleware(_CanonicalPath)
+    app.add_middleware(BodyLimit, caps=_body_caps(limits.max_bytes + MULTIPART_OVERHEAD, max_batch_files))
+    app.add_middleware(CanonicalPath)
     return app
 
 
@@ -353,87 +352,13 @@ def _heatmap(
     )
 
 
-class _BodyTooLarge(Exception):
-    """Raised into the application when the body it is reading passes the cap."""
-
-
-class _BodyLimit:
-    """Pure ASGI middleware: refuse a request body over its path's cap with a JSON 413, as it streams in.
-
-    A declared ``Content-Length`` over the cap is refused before a byte is read; a chunked body
-    is counted while it is received and cut off at the cap (whatever the application answered
-    to the broken body is replaced by the 413). Paths without a cap get ``default_cap``.
-    """
-
-    def __init__(self, app: ASGIApp, caps: dict[str, int], default_cap: int = 64 * 1024) -> None:
-        self.app = app
-        self.caps = caps
-        self.default_cap = default_cap
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        cap = self.caps.get(str(scope["path"]).rstrip("/"), self.default_cap)
-        refusal = _error(
-            413, "request_too_large", f"The request body is over this endpoint's {cap / 2**20:.1f} MB limit."
-        )
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            await refusal(scope, receive, send)
-            return
-        received, exceeded, started = 0, False, False
-
-        async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > cap:
-                    exceeded = True
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if exceeded:
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except Exception:
-            if not exceeded:
-                raise
-        if exceeded and not started:
-            await refusal(scope, receive, send)
-
-
-class _CanonicalPath:
-    """Pure ASGI middleware: ``/v1/predict/`` is ``/v1/predict`` (Starlette would answer a 307 with no body)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = str(scope.get("path", ""))
-        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
-            scope = {**scope, "path": path.rstrip("/") or "/", "raw_path": None}
-        await self.app(scope, receive, send)
-
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     """Answer every failure with the same ``{"error": {"code", "message"}}`` body."""
 
     async def pneumo_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, PneumoError)
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServerBusyError) else None
-        return _error(exc.http_status, exc.code, exc.message, headers)
+        return error_response(exc.http_status, exc.code, exc.message, headers)
 
     async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -441,19 +366,19 @@ def _install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
             for error in exc.errors()
         )
-        return _error(422, "invalid_request", f"The request is malformed ({problems}). See /docs.")
+        return error_response(422, "invalid_request", f"The request is malformed ({problems}). See /docs.")
 
     async def http_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 400:  # Starlette's form parser: a body that is not valid multipart (docs: 422)
             message = f"The request body is not valid multipart/form-data ({exc.detail}). See /docs."
-            return _error(422, "invalid_request", message)
+            return error_response(422, "invalid_request", message)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
         log.error("Unexpected error answering a request", exc_info=exc)
-        return _error(500, "internal_error", "The server failed to answer this request; the error was logged.")
+        return error_response(500, "internal_error", "The server failed to answer this request; the error was logged.")
 
     app.add_exception_handler(PneumoError, pneumo_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -34,8 +34,6 @@ memory-bound), so the ratio says how far from the limit the model runs, not what
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -49,11 +47,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pneumo.core.environment import hardware_info, software_versions
 from pneumo.core.io import IMAGE_EXTENSIONS
-
-#: FLOPs per cycle per core assumed for the peak: 2 FMA units x 8 fp32 lanes (AVX2) x 2 FLOPs.
-FLOPS_PER_CYCLE = 32
+from pneumo.serving.bench_floor import bench_versions, machine_info, model_flops, physical_floor
 
 
 @dataclass
@@ -312,70 +307,6 @@ def _child_main() -> None:
 
 
 # -------------------------------------------------------------------------------- machine, floor
-
-
-def machine_info() -> dict[str, Any]:
-    """The hardware (:func:`~pneumo.core.environment.hardware_info`) plus what the numbers depend on right now."""
-    mhz = None
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("cpu MHz"))
-        mhz = float(line.partition(":")[2])
-    except (OSError, StopIteration, ValueError):  # not Linux, or no clock reported
-        pass
-    return {
-        **hardware_info(),
-        "cpu_mhz": mhz,
-        "platform": platform.platform(),
-        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-
-
-def bench_versions() -> dict[str, str]:
-    """Versions of everything on the inference path, and whether Pillow decodes with libjpeg-turbo."""
-    from PIL import features
-
-    versions = software_versions(("torch", "onnxruntime", "onnx", "onnxscript", "timm", "numpy", "pillow"))
-    versions["libjpeg_turbo"] = str(bool(features.check_feature("libjpeg_turbo")))
-    return versions
-
-
-def model_flops(bundle: Path | None = None) -> int | None:
-    """FLOPs of one forward pass on one image (2 per multiply-add), counted by PyTorch's FlopCounterMode.
-
-    None in the base install (no torch): the floor is then not stated.
-    """
-    try:
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-    except ImportError:
-        return None
-
-    from pneumo.modeling.weights import load_bundle
-
-    meta, model = load_bundle(bundle)
-    size = meta.preprocess.input_size
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, size, size))
-    return int(counter.get_total_flops())
-
-
-def physical_floor(flops: int | None, cores: int, mhz: float | None) -> dict[str, Any]:
-    """The fastest any runtime could go: ``flops`` at ``cores x GHz x 32`` FLOP/s (see module docstring)."""
-    if flops is None:
-        return {"gflops_per_image": None, "peak_gflops": None}
-    if not mhz:
-        return {"gflops_per_image": round(flops / 1e9, 3), "peak_gflops": None}
-    peak = cores * mhz * 1e6 * FLOPS_PER_CYCLE
-    return {
-        "gflops_per_image": round(flops / 1e9, 3),
-        "peak_gflops": round(peak / 1e9, 1),
-        "assumption": f"{cores} cores x {mhz / 1e3:.2f} GHz x {FLOPS_PER_CYCLE} fp32 FLOP/cycle (AVX2, 2 FMA units)",
-        "floor_ms_per_image": round(flops / peak * 1e3, 3),
-        "ceiling_ips": round(peak / flops, 1),
-    }
-
-
-# ------------------------------------------------------------------------------------------- run
 
 
 def available_backends(folder: Path, wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
