@@ -40,10 +40,18 @@ RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
 
 log = logging.getLogger(__name__)
 
-#: DICOM header fields a clinician checks, shown by the app and returned by the API.
 #: File name extensions of the images pneumo looks for in folders (content is still checked by magic bytes).
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
-DICOM_FIELDS = ("Modality", "ViewPosition", "PatientAge", "PatientSex", "BodyPartExamined", "StudyDate")
+#: DICOM header fields a clinician checks, shown by the app and returned by the API: keyword -> the name
+#: shown to users, in display order. The one list of them.
+DICOM_FIELDS: dict[str, str] = {
+    "Modality": "Modality",
+    "ViewPosition": "View position",
+    "PatientAge": "Patient age",
+    "PatientSex": "Patient sex",
+    "BodyPartExamined": "Body part",
+    "StudyDate": "Study date",
+}
 
 
 @dataclass(frozen=True)

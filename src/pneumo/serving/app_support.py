@@ -164,16 +164,10 @@ def results_csv(analyses: Sequence[Analysis]) -> bytes:
 
 
 def dicom_rows(metadata: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The DICOM header fields a clinician checks, with readable names, in a fixed order."""
-    names = {
-        "Modality": "Modality",
-        "ViewPosition": "View position",
-        "PatientAge": "Patient age",
-        "PatientSex": "Patient sex",
-        "BodyPartExamined": "Body part",
-        "StudyDate": "Study date",
-    }
-    return [(label, str(metadata[key])) for key, label in names.items() if metadata.get(key)]
+    """The DICOM header fields a clinician checks (:data:`pneumo.core.io.DICOM_FIELDS`), with readable names."""
+    from pneumo.core.io import DICOM_FIELDS
+
+    return [(label, str(metadata[key])) for key, label in DICOM_FIELDS.items() if metadata.get(key)]
 
 
 def display_image(predictor: Predictor, data: bytes, max_side: int = 1024) -> Image.Image:
