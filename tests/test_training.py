@@ -40,13 +40,13 @@ def _module_of(key: str) -> str:
     return key.rsplit(".", 1)[0]
 
 
-def _batchnorm_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys of every BatchNorm layer (scale, shift and running statistics)."""
+def _batchnorm_keys(model: torch.nn.Module, buffers_only: bool = False) -> set[str]:
+    """State-dict keys of every BatchNorm layer (scale, shift and running statistics, or the statistics only)."""
     return {
         f"{name}.{key}"
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-        for key in module.state_dict()
+        for key in (dict(module.named_buffers()) if buffers_only else module.state_dict())
     }
 
 
@@ -181,15 +181,16 @@ def test_staged_unfreezing_trains_exactly_the_unfrozen_stages(cached_run: Run) -
         assert torch.equal(after_head_phase[key], cached_run.start[key]), f"phase 1 changed {key}"
     assert any(not torch.equal(after_head_phase[k], after_finetune[k]) for k in head)
 
-    # Phase 2: every unfrozen weight moved, except BatchNorm's (train_bn=False: neither its scale and
-    # shift nor its statistics train); the frozen prefix is still bit-identical.
+    # Phase 2: every unfrozen parameter moved, BatchNorm's scale and shift included, but no BatchNorm
+    # statistic (they stay ImageNet's); the frozen prefix is still bit-identical.
     model = create_model("test_efficientnet", pretrained=False)
     params = {name for name, _ in model.named_parameters()}
-    norms = _batchnorm_keys(model)
+    stats = _batchnorm_keys(model, buffers_only=True)
     moved = [k for k in unfrozen if k in params and not torch.equal(after_finetune[k], cached_run.start[k])]
-    assert moved == [k for k in unfrozen if k in params and k not in norms]
-    assert [k for k in unfrozen if k in norms] and all(
-        torch.equal(after_finetune[k], cached_run.start[k]) for k in unfrozen if k in norms
+    assert moved == [k for k in unfrozen if k in params]
+    assert any(k in _batchnorm_keys(model) for k in moved), "the unfrozen BatchNorm scale and shift train"
+    assert [k for k in unfrozen if k in stats] and all(
+        torch.equal(after_finetune[k], cached_run.start[k]) for k in unfrozen if k in stats
     )
     for key in frozen_prefix:
         assert torch.equal(after_finetune[key], cached_run.start[key]), f"phase 2 changed frozen {key}"
@@ -226,9 +227,9 @@ def test_training_without_the_cache_unfreezes_any_timm_model(tmp_path: Path) -> 
     stages = stage_modules(create_model("test_resnet", pretrained=False))
     frozen, last = _keys_in(stages[:-2], start), _keys_in(stages[-2:-1], start)
     assert all(torch.equal(saved[k], start[k]) for k in frozen), "frozen stages (or their BatchNorm stats) moved"
-    norms = _batchnorm_keys(create_model("test_resnet", pretrained=False))
-    assert all(not torch.equal(saved[k], start[k]) for k in last if k.endswith("weight") and k not in norms)
-    assert all(torch.equal(saved[k], start[k]) for k in last if k in norms), "train_bn=False: BatchNorm stays put"
+    stats = _batchnorm_keys(create_model("test_resnet", pretrained=False), buffers_only=True)
+    assert all(not torch.equal(saved[k], start[k]) for k in last if k.endswith("weight"))
+    assert all(torch.equal(saved[k], start[k]) for k in last if k in stats), "BatchNorm statistics stay ImageNet's"
     Predictor(bundle, backend="torch", check_ood=False)  # loads
 
 

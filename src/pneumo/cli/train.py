@@ -44,7 +44,7 @@ HELP = {
     "balance": "weighted_loss, sampler or none.",
     "augment.enabled": "true/false: training augmentation.",
     "val_fraction": "Share of patients carved out for validation.",
-    "threshold_rule": "youden, sensitivity or f1 (on validation).",
+    "threshold_rule": "youden, sensitivity or f1 (on validation), or robust (MODEL_CARD.md: on the shifts too).",
     "feature_cache": "true/false: cache the frozen stages' outputs (fast on a CPU).",
     "cache_views": "Augmented views cached per image.",
     "cache_dir": "Reuse cached features across runs here.",

@@ -261,6 +261,29 @@ def pooled_threshold_table(
     return rows
 
 
+# The threshold rule of MODEL_CARD.md, stated before the issue-9 runs: the candidates and how they read.
+ROBUST_RULE_CANDIDATES = {
+    ("youden", "clean"): "Youden's J on the clean validation",
+    ("youden", "pooled"): "Youden's J on the pooled robustness validation (clean + every shift)",
+    ("sensitivity>=0.95", "pooled"): "sensitivity >= 0.95 on the pooled robustness validation (clean + every shift)",
+}
+
+
+def robust_threshold(y_true: np.ndarray, probs: Mapping[str, np.ndarray], min_sensitivity: float = 0.95) -> dict:
+    """The ``robust`` threshold rule: the candidate with the best mean balanced accuracy over the shifts.
+
+    Candidates are Youden's J on the clean validation, Youden's J on all shifts pooled and
+    "sensitivity >= 0.95" on all shifts pooled (:func:`pooled_threshold_table`); only those keeping the
+    clean sensitivity at ``min_sensitivity`` or more are eligible (a screening tool must not trade
+    missed pneumonia for robustness; if none does, all are). Returns the chosen row of the table, with ``description``.
+    """
+    rows = pooled_threshold_table(y_true, probs, [("youden", 0.95), ("sensitivity", 0.95)])
+    candidates = [r for r in rows if (r["rule"], r["chosen_on"]) in ROBUST_RULE_CANDIDATES]
+    eligible = [r for r in candidates if r["clean_sensitivity"] >= min_sensitivity] or candidates
+    chosen = max(eligible, key=lambda r: r["mean_balanced_accuracy"])
+    return {**chosen, "description": ROBUST_RULE_CANDIDATES[(chosen["rule"], chosen["chosen_on"])]}
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
     """One row per shift: accuracy, sensitivity, specificity and ROC AUC with 95% CIs."""
     header = "| shift | accuracy | sensitivity | specificity | ROC AUC |\n|---|---|---|---|---|\n"

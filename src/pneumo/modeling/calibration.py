@@ -53,49 +53,56 @@ def finish_run(
     y_true = np.isin(y_class, positive).astype(int)
     temperature = fit_temperature(val_logits, y_class)
     prob = positive_probability(temperature_softmax(val_logits, temperature), positive)
-    threshold = select_threshold(y_true, prob, config.threshold_rule, config.target_sensitivity)
+    robust_rule = config.threshold_rule == "robust"
+    # The robust rule needs the bundle's probabilities under the shifts: Youden's J stands in until then.
+    threshold = select_threshold(y_true, prob, "youden" if robust_rule else config.threshold_rule,
+                                 config.target_sensitivity)  # fmt: skip
     rule = config.threshold_rule + (
         f" (target {config.target_sensitivity})" if config.threshold_rule == "sensitivity" else ""
     )
-    report = evaluation_report(y_true, prob, threshold)
+    meta.threshold = float(threshold)
+    meta.temperature = float(temperature)
+    meta.version = _version_from_time()
+    meta.training = {**record, "hardware": hardware_info()}
+    bundle_dir = save_bundle(out / "bundle", model, meta)
+    _fit_ood(bundle_dir, feature_fn, val_feats)
     val_dir = out / "validation"
+    val_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"name": meta.name, "arch": config.arch, "bundle": str(bundle_dir)}
+    if config.robustness:
+        # Scored before the INT8 graph exists, so through the fp32 network: the reference the INT8 check compares to.
+        summary["robustness"] = _robustness(bundle_dir, dm.val_samples, positive, val_dir, robust_rule)
+        threshold = read_meta(bundle_dir).threshold
+        if robust_rule:
+            rule = f"robust: {summary['robustness']['threshold_rule']['description']}"
+    report = evaluation_report(y_true, prob, threshold)
     report["plots"] = {k: p.name for k, p in save_plots(y_true, prob, threshold, val_dir).items()}
     (val_dir / "report.md").write_text(markdown_report(report, f"Validation of {config.name or config.arch}"))
     (val_dir / "predictions.csv").write_text(
         "file,label,probability\n" + "".join(f"{s.path},{y},{p:.6f}\n" for s, y, p in zip(dm.val_samples, y_true, prob))
     )
-
-    meta.threshold = float(threshold)
+    meta = read_meta(bundle_dir)
     meta.threshold_rule = f"{rule} on the validation split ({dm.split_description}), after temperature scaling"
-    meta.temperature = float(temperature)
-    meta.version = _version_from_time()
-    meta.training = {**record, "hardware": hardware_info()}
-    meta.metrics = {"validation": {k: v for k, v in report.items() if k != "plots"}}
-    bundle_dir = save_bundle(out / "bundle", model, meta)
-    _fit_ood(bundle_dir, feature_fn, val_feats)
-    if config.int8:
+    meta.metrics["validation"] = {k: v for k, v in report.items() if k != "plots"}
+    write_meta(bundle_dir, meta)
+    if config.int8:  # after the threshold is final: the INT8 check counts decisions at it
         _write_int8(bundle_dir, config.data)
     save_curves(out / "logs" / "metrics.csv", out / "curves.png")
-    summary = {
-        "name": meta.name,
-        "arch": config.arch,
-        "bundle": str(bundle_dir),
-        "validation": meta.metrics["validation"],
-        "training": record,
-    }
-    if config.robustness:
-        summary["robustness"] = _robustness(bundle_dir, dm.val_samples, positive, val_dir)
+    summary.update(validation=meta.metrics["validation"], training=record)
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     log.info("Validation: %s", format_ci(report["roc_auc"], report["ci"].get("roc_auc")))
     return bundle_dir
 
 
-def _robustness(bundle_dir: Path, samples: Sequence[Any], positive: list[int], val_dir: Path) -> dict[str, Any]:
+def _robustness(
+    bundle_dir: Path, samples: Sequence[Any], positive: list[int], val_dir: Path, choose_threshold: bool
+) -> dict[str, Any]:
     """Score the finished bundle on the robustness validation through the Predictor; keep the summary.
 
-    The full report (per shift, with CIs and every probability) goes to ``validation/robustness.json``;
-    the per-shift metrics and the summary also go into the bundle's metrics, so the model card and
-    ``pneumo compare`` read them from one place.
+    With ``choose_threshold`` the bundle's threshold is replaced by the ``robust`` rule's
+    (:func:`pneumo.evaluation.robustness.robust_threshold`). The full report (per shift, with CIs and
+    every probability) goes to ``validation/robustness.json``; the per-shift metrics and the summary
+    also go into the bundle's metrics, so the model card and ``pneumo compare`` read them from one place.
     """
     from pneumo.evaluation import robustness
 
@@ -103,14 +110,17 @@ def _robustness(bundle_dir: Path, samples: Sequence[Any], positive: list[int], v
     images = robustness.load_images(samples, predictor.preprocess_config.input_size)
     y_true = np.isin([s.label for s in samples], positive).astype(int)
     probs = robustness.shifted_probabilities(robustness.predictor_prob_fn(predictor), images)
-    report = robustness.robustness_report(y_true, probs, predictor.threshold)
+    meta = read_meta(bundle_dir)
+    chosen = robustness.robust_threshold(y_true, probs) if choose_threshold else None
+    if chosen is not None:
+        meta.threshold = float(chosen["threshold"])
+    report = robustness.robustness_report(y_true, probs, meta.threshold)
     full = {**report, "labels": y_true.tolist(), "probabilities": {k: v.round(6).tolist() for k, v in probs.items()}}
     (val_dir / "robustness.json").write_text(json.dumps(full) + "\n")
     (val_dir / "robustness.md").write_text(robustness.markdown_table(report))
-    meta = read_meta(bundle_dir)
     meta.metrics["robustness"] = {"summary": report["summary"], "shifts": report["shifts"]}
     write_meta(bundle_dir, meta)
-    return {"summary": report["summary"], "shifts": report["shifts"]}
+    return {"summary": report["summary"], "shifts": report["shifts"], **({"threshold_rule": chosen} if chosen else {})}
 
 
 def _fit_ood(bundle_dir: Path, feature_fn: FeatureFn, val_feats: np.ndarray) -> None:

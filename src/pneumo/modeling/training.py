@@ -27,6 +27,7 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 from pneumo.core.bundle import BundleMeta
 from pneumo.core.errors import PneumoError
+from pneumo.evaluation.metrics import THRESHOLD_RULES
 from pneumo.modeling.config import TrainConfig
 from pneumo.modeling.data import XrayDataModule, XrayDataset
 from pneumo.modeling.dataset import dataset_summary, label_names
@@ -127,6 +128,12 @@ def _validate(config: TrainConfig) -> None:
         raise PneumoError("Train for at least one epoch (frozen_epochs + finetune_epochs >= 1).", code="bad_config")
     if not config.data:
         raise PneumoError("No training data: pass --data DATA_ROOT.", code="bad_config")
+    if config.threshold_rule not in (*THRESHOLD_RULES, "robust"):
+        known = ", ".join((*THRESHOLD_RULES, "robust"))
+        raise PneumoError(f"Unknown threshold rule {config.threshold_rule!r}; use {known}.", code="bad_config")
+    if config.threshold_rule == "robust" and not config.robustness:
+        raise PneumoError("threshold_rule 'robust' needs the robustness validation (robustness: true).",
+                          code="bad_config")  # fmt: skip
     if config.mixup < 0:
         raise PneumoError(f"mixup must be >= 0 (the Beta parameter; 0 = off), got {config.mixup}.", code="bad_config")
 
