@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ood_nonxray import build_nonxray_set, hard_cases
 
+from pneumo.core.dataset import Sample, train_val_samples
 from pneumo.core.errors import PneumoError
 from pneumo.modeling.calibration import extract_features
-from pneumo.modeling.dataset import Sample, train_val_samples
 from pneumo.serving.inference import Predictor
 from pneumo.serving.ood import DEFAULT_COMPONENTS, DEFAULT_QUANTILE, MIN_PIXEL_STD, fit_ood
 

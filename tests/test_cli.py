@@ -214,7 +214,7 @@ def test_nested_and_formerly_missing_flags_reach_the_config(tmp_path: Path, monk
 
 def _slice(source: Path, target: Path, per_class: int, skip_patients: set[str]) -> set[str]:
     """Symlink ``per_class`` files of each class (spread over the folder, whole new patients) into ``target``."""
-    from pneumo.modeling.dataset import patient_id
+    from pneumo.core.dataset import patient_id
 
     patients: set[str] = set()
     for class_dir in ("NORMAL", "PNEUMONIA"):

@@ -1,4 +1,4 @@
-"""Tests of pneumo.modeling.data: names -> patients, discovery, patient-level splits, augmentation, loaders."""
+"""Tests of pneumo.core.dataset and pneumo.modeling.data: names -> patients, discovery, patient-level splits, augmentation, loaders."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from pneumo.core import dataset
+from pneumo.core.dataset import Sample, dataset_summary, discover, patient_id, patient_split, train_val_samples
 from pneumo.core.errors import DataError, InvalidImageError
 from pneumo.core.io import read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
-from pneumo.modeling import dataset
 from pneumo.modeling.config import AugmentConfig
 from pneumo.modeling.data import XrayDataModule, XrayDataset, balanced_sampler, build_augment, class_weights
-from pneumo.modeling.dataset import Sample, dataset_summary, discover, patient_id, patient_split, train_val_samples
 
 CFG = PreprocessConfig(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

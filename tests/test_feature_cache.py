@@ -10,11 +10,11 @@ from conftest import write_tiny_dataset
 from model_helpers import tiny_model
 from torch import nn
 
+from pneumo.core.dataset import discover
 from pneumo.core.errors import PneumoError
 from pneumo.core.preprocess import PreprocessConfig
 from pneumo.modeling.config import AugmentConfig
 from pneumo.modeling.data import build_augment
-from pneumo.modeling.dataset import discover
 from pneumo.modeling.feature_cache import CachedViews, build_views, split_model
 from pneumo.modeling.models import freeze_backbone
 

@@ -222,7 +222,7 @@ def test_calibrate_command_uses_the_patient_split(tiny_dataset: Path, tmp_path: 
     from typer.testing import CliRunner
 
     from pneumo.cli import app
-    from pneumo.modeling.dataset import train_val_samples
+    from pneumo.core.dataset import train_val_samples
 
     bundle = make_bundle(tmp_path / "bundle")
     args = ["ood", "calibrate", str(bundle), "--data", str(tiny_dataset), "--components", "4"]

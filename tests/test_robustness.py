@@ -11,11 +11,11 @@ from conftest import synthetic_xray
 from model_helpers import tiny_bundle
 from PIL import Image
 
+from pneumo.core.dataset import patient_id, train_val_samples
 from pneumo.evaluation import robustness
 from pneumo.evaluation.metrics import compute_metrics
 from pneumo.modeling.augment import build_augment
 from pneumo.modeling.config import AugmentConfig
-from pneumo.modeling.dataset import patient_id, train_val_samples
 
 
 @pytest.fixture

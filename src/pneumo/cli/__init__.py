@@ -273,8 +273,8 @@ def ood_calibrate(
     from pneumo.core.errors import PneumoError
 
     _require_train_extra("ood calibrate")
+    from pneumo.core.dataset import train_val_samples
     from pneumo.modeling.calibration import calibrate_bundle
-    from pneumo.modeling.dataset import train_val_samples
 
     try:
         train, val, description = train_val_samples(data, val_fraction=val_fraction, seed=seed)

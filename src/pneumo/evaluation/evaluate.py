@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from pneumo.core.dataset import discover
 from pneumo.core.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import evaluation_report
 from pneumo.evaluation.plots import save_plots
 from pneumo.evaluation.report import markdown_report
-from pneumo.modeling.dataset import discover
 
 log = logging.getLogger(__name__)
 

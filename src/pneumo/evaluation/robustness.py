@@ -317,7 +317,7 @@ def evaluate_bundle(
     The split is carved exactly as ``pneumo train`` carves it (same ``val_fraction`` and ``seed``),
     so a bundle trained on ``data`` is never scored on a child it trained on.
     """
-    from pneumo.modeling.dataset import train_val_samples
+    from pneumo.core.dataset import train_val_samples
     from pneumo.serving.inference import Predictor
 
     _, val, description = train_val_samples(data, "binary", val_fraction, seed)

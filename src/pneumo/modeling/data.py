@@ -3,7 +3,7 @@
 Images reach the model through :mod:`pneumo.core.io` and :mod:`pneumo.core.preprocess`, the same path as
 inference; augmentation is applied only to training samples, between ``to_unit_array`` and
 ``normalize``. Finding the images, their labels and the patient-level split is
-:mod:`pneumo.modeling.dataset` (no torch).
+:mod:`pneumo.core.dataset` (no torch).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pneumo.core import preprocess
+from pneumo.core.dataset import Sample, _counts, dataset_summary, discover, label_names, train_val_samples
 from pneumo.core.errors import DataError, InvalidImageError
 from pneumo.core.io import read_image
 from pneumo.core.preprocess import PreprocessConfig
 from pneumo.modeling.augment import build_augment
 from pneumo.modeling.config import AugmentConfig
-from pneumo.modeling.dataset import Sample, _counts, dataset_summary, discover, label_names, train_val_samples
 
 logger = logging.getLogger(__name__)
 

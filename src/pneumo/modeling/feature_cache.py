@@ -29,10 +29,10 @@ from timm.models.efficientnet import EfficientNet
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pneumo.core.dataset import Sample
 from pneumo.core.errors import PneumoError
 from pneumo.core.preprocess import PreprocessConfig
 from pneumo.modeling.data import XrayDataModule, XrayDataset, balanced_sampler, build_augment
-from pneumo.modeling.dataset import Sample
 from pneumo.modeling.models import logits_and_features
 
 log = logging.getLogger(__name__)

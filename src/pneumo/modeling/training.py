@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
 from pneumo.core.bundle import BundleMeta
+from pneumo.core.dataset import dataset_summary, label_names
 from pneumo.core.errors import PneumoError
 from pneumo.evaluation.metrics import THRESHOLD_RULES
 from pneumo.modeling.config import TrainConfig
 from pneumo.modeling.data import XrayDataModule, XrayDataset
-from pneumo.modeling.dataset import dataset_summary, label_names
 from pneumo.modeling.feature_cache import CachedViewsDataModule, split_model
 from pneumo.modeling.finetuning import EarlyStoppingAfter, StagedFinetuning
 from pneumo.modeling.models import (
