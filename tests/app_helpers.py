@@ -12,21 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 from conftest import synthetic_xray
+from model_helpers import tiny_bundle
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-from pneumo.core.bundle import BundleMeta
-from pneumo.core.preprocess import PreprocessConfig
-from pneumo.modeling.models import create_model, get_spec
-from pneumo.modeling.weights import save_bundle
+from pneumo.modeling.models import create_model
 
 
 def make_bundle(
     folder: Path, arch: str = "efficientnet_lite0", input_size: int = 64, seed: int = 0, **meta: Any
 ) -> Path:
     """A randomly initialised (seeded) bundle with a small input size: fast, and says nothing about X-rays."""
-    spec = get_spec(arch)
     labels = meta.get("labels", ["NORMAL", "PNEUMONIA"])
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the same weights every run: tests on a random model stay deterministic
@@ -34,18 +31,10 @@ def make_bundle(
         # create_model starts the head near zero (right for training); a served random model needs
         # a head of ordinary scale, or every probability is ~0.5 and every Grad-CAM map is flat.
         torch.nn.init.normal_(model.get_classifier().weight, std=0.5)
-    config = PreprocessConfig(input_size, spec.preprocess.mean, spec.preprocess.std)
-    fields: dict[str, Any] = {
-        "arch": arch,
-        "timm_name": spec.timm_name,
-        "labels": labels,
-        "preprocess": config,
-        "name": "tiny-test",
-        "version": "9.9.9",
-        "metrics": {"roc_auc": 0.5, "sensitivity": 0.25},
-    }
-    fields.update(meta)
-    return save_bundle(folder, model, BundleMeta(**fields))
+    defaults: dict[str, Any] = {"name": "tiny-test", "version": "9.9.9"}
+    defaults["metrics"] = {"roc_auc": 0.5, "sensitivity": 0.25}
+    extra = {k: v for k, v in meta.items() if k != "labels"}
+    return tiny_bundle(folder, model, arch=arch, labels=labels, input_size=input_size, **{**defaults, **extra})[0]
 
 
 def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:

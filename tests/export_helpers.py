@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import synthetic_xray
+from model_helpers import tiny_bundle as save_tiny_bundle
 from typer.testing import CliRunner
 
 from pneumo.cli import app
-from pneumo.core.bundle import BundleMeta
 from pneumo.core.io import read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
 from pneumo.modeling.models import create_model
-from pneumo.modeling.weights import save_bundle
 from pneumo.serving.onnx_runtime import ONNX_FILE
 
 #: timm's smallest EfficientNet (~0.1 M parameters): the same block types as Lite0, exported in seconds.
@@ -45,15 +44,7 @@ def tiny_bundle(folder: Path, *, seed: int = 0, input_size: int = 64) -> Path:
         head.weight.mul_(3.0 / gap.std())
         head.bias.mul_(3.0 / gap.std())
         head.bias[1] -= (head(features) @ torch.tensor([-1.0, 1.0])).mean()
-    meta = BundleMeta(
-        arch=TINY_ARCH,
-        timm_name=TINY_ARCH,
-        labels=["NORMAL", "PNEUMONIA"],
-        preprocess=config,
-        temperature=1.5,
-        name="tiny-onnx-test",
-    )
-    return save_bundle(folder, model, meta)
+    return save_tiny_bundle(folder, model, arch=TINY_ARCH, preprocess=config, temperature=1.5, name="tiny-onnx-test")[0]
 
 
 def xray_jpegs(n: int, size: int = 96) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""Tests of pneumo.core.dataset and pneumo.modeling.data: names -> patients, discovery, patient-level splits, augmentation, loaders."""
+"""pneumo.core.dataset and pneumo.modeling.data: names -> patients, discovery, patient splits, augmentation, loaders."""
 
 from __future__ import annotations
 
