@@ -1,5 +1,7 @@
 """Apply the threshold rule of MODEL_CARD.md to a finished run and rewrite its bundle's threshold.
 
+Runs trained with ``threshold_rule: robust`` already have it; this is for runs trained with another rule.
+
 The rule (stated before the issue-9 runs): among Youden's J on the clean validation, Youden's J on
 the pooled robustness validation (clean + every shift) and "sensitivity >= 0.95" on the pooled
 robustness validation, keep the threshold with the highest mean balanced accuracy over the shifts
@@ -23,13 +25,12 @@ import numpy as np
 
 from pneumo.core.bundle import read_meta, write_meta
 from pneumo.evaluation.metrics import evaluation_report
-from pneumo.evaluation.robustness import pooled_threshold_table, robustness_report
-
-CANDIDATES = {
-    ("youden", "clean"): "Youden's J on the clean validation",
-    ("youden", "pooled"): "Youden's J on the pooled robustness validation (clean + 15 shifts)",
-    ("sensitivity>=0.95", "pooled"): "sensitivity >= 0.95 on the pooled robustness validation (clean + 15 shifts)",
-}
+from pneumo.evaluation.robustness import (
+    ROBUST_RULE_CANDIDATES,
+    pooled_threshold_table,
+    robust_threshold,
+    robustness_report,
+)
 
 
 def main() -> None:
@@ -41,10 +42,9 @@ def main() -> None:
     full = json.loads((args.run / "validation" / "robustness.json").read_text())
     y = np.asarray(full["labels"])
     probs = {k: np.asarray(v, dtype=np.float64) for k, v in full["probabilities"].items()}
-    rows = pooled_threshold_table(y, probs, [("youden", 0.95), ("sensitivity", 0.95)])
-    candidates = [r for r in rows if (r["rule"], r["chosen_on"]) in CANDIDATES]
-    eligible = [r for r in candidates if r["clean_sensitivity"] >= 0.95]
-    chosen = max(eligible, key=lambda r: r["mean_balanced_accuracy"])
+    table = pooled_threshold_table(y, probs, [("youden", 0.95), ("sensitivity", 0.95)])
+    candidates = [r for r in table if (r["rule"], r["chosen_on"]) in ROBUST_RULE_CANDIDATES]
+    chosen = robust_threshold(y, probs)
     threshold = float(chosen["threshold"])
 
     bundle = args.run / "bundle"
@@ -52,7 +52,7 @@ def main() -> None:
     split = meta.training.get("split", "the validation split")
     meta.threshold = threshold
     meta.threshold_rule = (
-        f"{CANDIDATES[(chosen['rule'], chosen['chosen_on'])]} ({split}), after temperature scaling; chosen among "
+        f"{chosen['description']} ({split}), after temperature scaling; chosen among "
         "Youden (clean), Youden (pooled) and sensitivity >= 0.95 (pooled) for the best mean balanced accuracy "
         "over the shifts with clean sensitivity >= 0.95 (MODEL_CARD.md)"
     )
