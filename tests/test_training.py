@@ -142,6 +142,38 @@ def test_fit_writes_a_complete_run(cached_run: Run) -> None:
     assert len(full["probabilities"]["crop_top_bottom_12"]) == validation["n_images"]
 
 
+def test_robust_threshold_rule_runs_inside_training(tmp_path: Path) -> None:
+    """``threshold_rule: robust``: the bundle's threshold is the model card's rule on the run's own shifted scores."""
+    from pneumo.evaluation.robustness import robust_threshold
+
+    weights = _save_start_weights("test_efficientnet", tmp_path / "start.pth")
+    config = TrainConfig(
+        data=str(write_tiny_dataset(tmp_path / "data")),
+        out=str(tmp_path / "run"),
+        arch="test_efficientnet",
+        weights=str(weights),
+        frozen_epochs=1,
+        finetune_epochs=0,
+        batch_size=8,
+        lr=1e-2,
+        accelerator="cpu",
+        devices="1",
+        threshold_rule="robust",
+        int8=False,
+    )
+    bundle = fit(config)
+    assert bundle is not None
+    meta = read_meta(bundle)
+    full = json.loads((tmp_path / "run" / "validation" / "robustness.json").read_text())
+    probs = {k: np.asarray(v, dtype=np.float64) for k, v in full["probabilities"].items()}
+    chosen = robust_threshold(np.asarray(full["labels"]), probs)
+    assert meta.threshold == pytest.approx(chosen["threshold"], abs=2e-6)  # the JSON rounds to 1e-6
+    assert meta.threshold_rule.startswith(f"robust: {chosen['description']}")
+    assert meta.metrics["validation"]["threshold"] == meta.threshold == full["threshold"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["robustness"]["threshold_rule"]["threshold"] == pytest.approx(meta.threshold)
+
+
 def _validation_predictions(out: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     rows = list(csv.DictReader((out / "validation" / "predictions.csv").open()))
     files = [r["file"] for r in rows]
@@ -279,6 +311,8 @@ def test_config_unknown_key_is_a_pneumo_error(tmp_path: Path) -> None:
         ({"frozen_epochs": 0, "finetune_epochs": 0}, "at least one epoch"),
         ({"data": ""}, "--data"),
         ({"mixup": -0.2}, "mixup"),
+        ({"threshold_rule": "median"}, "threshold rule"),
+        ({"threshold_rule": "robust", "robustness": False}, "robustness"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(change: dict[str, Any], words: str) -> None:
