@@ -1,6 +1,6 @@
 """Hypothesis strategies for fuzzing bytes -> pneumo.core.io.read_image -> preprocess, and the property checked.
 
-Shared by tests/test_fuzz.py (a short, deterministic run) and benchmarks/fuzz_decode.py (the long run).
+Shared by tests/core/test_fuzz.py (a short, deterministic run) and benchmarks/fuzz_decode.py (the long run).
 Random bytes alone rarely get past a decoder's first check, so most strategies start from *valid*
 files of every format pneumo reads and damage them: flipped and overwritten bytes, cuts, inserted
 junk, and header fields (PNG IHDR, JPEG SOF) set to random sizes with the checksum fixed, so the

@@ -1,6 +1,6 @@
 """The hostile inputs of issue 12, made here (no file is checked in), and a child-process memory probe.
 
-Used by ``tests/test_memory_budget.py`` and ``benchmarks/memory_budget.py``. Each maker returns
+Used by ``tests/core/test_memory_budget.py`` and ``benchmarks/memory_budget.py``. Each maker returns
 the file's bytes; the big ones take a second or two and up to ~200 MB in the *calling* process,
 never in the probe that measures decoding.
 """

@@ -10,7 +10,7 @@ features (Tipping & Bishop, 1999): the ``k`` leading principal directions keep t
 variances, every other direction shares one "noise" variance (the mean of the discarded
 eigenvalues). Both parts matter: an image can move the features off the subspace the X-rays
 span without moving them along its leading directions, which a distance on the leading
-directions alone cannot see (tests/test_ood.py builds such a case). Compared with a full
+directions alone cannot see (tests/serving/test_ood.py builds such a case). Compared with a full
 covariance (1280 x 1280 floats = 6.5 MB), the stored statistics are the mean, ``k`` directions
 and ``k`` variances (~330 KB for ``k = 64``) in ``ood.safetensors`` next to the weights. The
 score is the squared distance divided by the feature dimension, so a typical training X-ray

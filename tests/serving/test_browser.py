@@ -23,7 +23,7 @@ from conftest import SHARED_DATA
 
 CHROMIUM = Path("/usr/bin/chromium")
 SAMPLES = SHARED_DATA / "fullres_samples"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "app.png"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: Runs inside the base virtualenv: the API in-process on a free loopback port, one upload with a heatmap.
 API_PROBE = r"""

@@ -305,7 +305,7 @@ def test_listen_command_runs_until_sigterm(pacs: Orthanc, bundle: Path, tmp_path
     command = [sys.executable, "-m", "pneumo.cli", "dicom", "listen", "--port", str(pacs.pneumo_port)]
     command += ["--destination", f"{ORTHANC_AET}@127.0.0.1:{pacs.dicom_port}", "--allow-caller", ORTHANC_AET]
     command += ["--spool", str(tmp_path / "spool"), "--audit-log", str(tmp_path / "audit.jsonl"), "-m", str(bundle)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env, text=True)
     try:
         assert process.stderr is not None

@@ -140,7 +140,7 @@ def test_decompression_bombs_keep_memory_flat() -> None:
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to measure the address space")
     done = subprocess.run(
-        [sys.executable, "-c", script, str(Path(__file__).parent)],
+        [sys.executable, "-c", script, str(Path(__file__).parents[1])],  # the helpers live in tests/
         capture_output=True,
         text=True,
         timeout=120,

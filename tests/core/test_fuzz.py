@@ -101,7 +101,7 @@ def test_header_size_fuzz_stays_within_a_memory_cap() -> None:
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, str(Path(__file__).parent)],
+        [sys.executable, "-c", script, str(Path(__file__).parents[1])],  # the helpers live in tests/
         capture_output=True,
         text=True,
         timeout=300,
