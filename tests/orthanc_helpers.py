@@ -63,7 +63,9 @@ class Orthanc:
         self.pneumo_port = pneumo_port
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.process: subprocess.Popen[bytes] | None = None
-        self.rest = httpx.Client(base_url=self.url, timeout=60)
+        # A new connection per request: reusing a keep-alive connection that Orthanc is closing at that
+        # moment ends in "Server disconnected without sending a response" (seen once in CI under load).
+        self.rest = httpx.Client(base_url=self.url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
 
     def config(self) -> dict[str, Any]:
         lua = self.folder / "route.lua"
