@@ -234,6 +234,17 @@ def test_staged_unfreezing_trains_exactly_the_unfrozen_stages(cached_run: Run) -
     assert all(torch.equal(saved[k], cached_run.start[k]) for k in frozen_prefix)
 
 
+def test_phase_two_group_joins_the_cosine_schedule_where_it_stands(cached_run: Run) -> None:
+    """At the unfreezing epoch the new group runs at finetune_lr times the factor the head's schedule reached."""
+    rows = list(csv.DictReader((Path(cached_run.config.out) / "logs" / "metrics.csv").open()))
+    logged = [r for r in rows if r.get("lr-Adam/pg2")]
+    assert logged, "the second parameter group's learning rate was logged"
+    head, body = float(logged[0]["lr-Adam/pg1"]), float(logged[0]["lr-Adam/pg2"])
+    factor = head / cached_run.config.lr
+    assert 0.0 < factor < 1.0  # the cosine schedule had already stepped
+    assert body == pytest.approx(cached_run.config.finetune_lr * factor, rel=1e-6)
+
+
 def test_training_without_the_cache_unfreezes_any_timm_model(tmp_path: Path) -> None:
     """The image path (no cache), on a non-EfficientNet: one fine-tuning epoch of the last stage."""
     weights = _save_start_weights("test_resnet", tmp_path / "start.pth")
