@@ -36,6 +36,15 @@ def _save_start_weights(arch: str, path: Path) -> Path:
     return path
 
 
+def _tiny_config(folder: Path, arch: str, **settings: Any) -> TrainConfig:
+    """A CPU run on the tiny dataset in ``folder``, from seeded start weights (saved there), batch 8."""
+    weights = _save_start_weights(arch, folder / "start.pth")
+    base: dict[str, Any] = {"data": str(write_tiny_dataset(folder / "data")), "out": str(folder / "run"),
+                            "arch": arch, "weights": str(weights), "batch_size": 8, "accelerator": "cpu",
+                            "devices": "1"}  # fmt: skip
+    return TrainConfig(**{**base, **settings})
+
+
 def _module_of(key: str) -> str:
     return key.rsplit(".", 1)[0]
 
@@ -67,21 +76,15 @@ class Run:
 def cached_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     """Two epochs on the tiny dataset with the feature cache: head only, then the last 2 stages."""
     tmp = tmp_path_factory.mktemp("train")
-    weights = _save_start_weights("test_efficientnet", tmp / "start.pth")
-    config = TrainConfig(
-        data=str(write_tiny_dataset(tmp / "data")),
-        out=str(tmp / "run"),
-        arch="test_efficientnet",
-        weights=str(weights),
+    config = _tiny_config(
+        tmp,
+        "test_efficientnet",
         frozen_epochs=1,
         finetune_epochs=1,
         unfreeze_stages=2,
         cache_views=1,
-        batch_size=8,
         lr=1e-2,  # a tiny dataset and two epochs: learn fast enough for the probabilities to spread
         finetune_lr=1e-3,
-        accelerator="cpu",
-        devices="1",
         name="tiny",
     )
     snapshots: list[dict[str, torch.Tensor]] = []
@@ -95,7 +98,7 @@ def cached_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         patch.setattr(training, "StagedFinetuning", Recording)
         bundle = fit(config)
     assert bundle is not None
-    start = create_model("test_efficientnet", weights=weights).state_dict()
+    start = create_model("test_efficientnet", weights=config.weights).state_dict()
     yield Run(config, bundle, snapshots, start)
 
 
@@ -146,20 +149,8 @@ def test_robust_threshold_rule_runs_inside_training(tmp_path: Path) -> None:
     """``threshold_rule: robust``: the bundle's threshold is the model card's rule on the run's own shifted scores."""
     from pneumo.evaluation.robustness import robust_threshold
 
-    weights = _save_start_weights("test_efficientnet", tmp_path / "start.pth")
-    config = TrainConfig(
-        data=str(write_tiny_dataset(tmp_path / "data")),
-        out=str(tmp_path / "run"),
-        arch="test_efficientnet",
-        weights=str(weights),
-        frozen_epochs=1,
-        finetune_epochs=0,
-        batch_size=8,
-        lr=1e-2,
-        accelerator="cpu",
-        devices="1",
-        threshold_rule="robust",
-        int8=False,
+    config = _tiny_config(
+        tmp_path, "test_efficientnet", frozen_epochs=1, finetune_epochs=0, lr=1e-2, threshold_rule="robust", int8=False
     )
     bundle = fit(config)
     assert bundle is not None
@@ -247,26 +238,15 @@ def test_phase_two_group_joins_the_cosine_schedule_where_it_stands(cached_run: R
 
 def test_training_without_the_cache_unfreezes_any_timm_model(tmp_path: Path) -> None:
     """The image path (no cache), on a non-EfficientNet: one fine-tuning epoch of the last stage."""
-    weights = _save_start_weights("test_resnet", tmp_path / "start.pth")
-    config = TrainConfig(
-        data=str(write_tiny_dataset(tmp_path / "data")),
-        out=str(tmp_path / "run"),
-        arch="test_resnet",
-        weights=str(weights),
-        frozen_epochs=0,
-        finetune_epochs=1,
-        unfreeze_stages=1,
-        feature_cache=False,
-        batch_size=8,
-        accelerator="cpu",
-        devices="1",
+    config = _tiny_config(
+        tmp_path, "test_resnet", frozen_epochs=0, finetune_epochs=1, unfreeze_stages=1, feature_cache=False
     )
     bundle = fit(config)
     assert bundle is not None and read_meta(bundle).arch == "test_resnet"
     from safetensors.torch import load_file
 
     saved = load_file(str(bundle / WEIGHTS_FILE))
-    start = create_model("test_resnet", weights=weights).state_dict()
+    start = create_model("test_resnet", weights=config.weights).state_dict()
     stages = stage_modules(create_model("test_resnet", pretrained=False))
     frozen, last = _keys_in(stages[:-2], start), _keys_in(stages[-2:-1], start)
     assert all(torch.equal(saved[k], start[k]) for k in frozen), "frozen stages (or their BatchNorm stats) moved"

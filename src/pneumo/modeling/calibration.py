@@ -72,16 +72,16 @@ def finish_run(
     if config.robustness:
         # Scored before the INT8 graph exists, so through the fp32 network: the reference the INT8 check compares to.
         summary["robustness"] = _robustness(bundle_dir, dm.val_samples, positive, val_dir, robust_rule)
-        threshold = read_meta(bundle_dir).threshold
         if robust_rule:
             rule = f"robust: {summary['robustness']['threshold_rule']['description']}"
+    meta = read_meta(bundle_dir)  # with what the OOD gate and the robustness validation added
+    threshold = meta.threshold
     report = evaluation_report(y_true, prob, threshold)
     report["plots"] = {k: p.name for k, p in save_plots(y_true, prob, threshold, val_dir).items()}
     (val_dir / "report.md").write_text(markdown_report(report, f"Validation of {config.name or config.arch}"))
     (val_dir / "predictions.csv").write_text(
         "file,label,probability\n" + "".join(f"{s.path},{y},{p:.6f}\n" for s, y, p in zip(dm.val_samples, y_true, prob))
     )
-    meta = read_meta(bundle_dir)
     meta.threshold_rule = f"{rule} on the validation split ({dm.split_description}), after temperature scaling"
     meta.metrics["validation"] = {k: v for k, v in report.items() if k != "plots"}
     write_meta(bundle_dir, meta)
