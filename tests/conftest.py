@@ -131,5 +131,7 @@ def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
             path = folder / f"{prefix}{i}.png"
             synthetic_xray(f"{prefix}{i}", i % 2 == parity).save(path)
             sources.setdefault(split, []).append(path)
-    calibrate_bundle(bundle, sources["train"], sources["val"], quantile=0.99, n_components=8)
+    # Clean validation images only: a random-weight model's features of shifted synthetic films (noise, text)
+    # are no closer to X-rays than a document's, so the shifted sample would accept everything here.
+    calibrate_bundle(bundle, sources["train"], sources["val"], quantile=0.99, n_components=8, shifts=False)
     return bundle

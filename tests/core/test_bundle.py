@@ -98,8 +98,11 @@ def test_meta_round_trip_keeps_every_field_and_unknown_keys(tmp_path: Path) -> N
 
 def test_positive_indices_follow_the_labels() -> None:
     config = PreprocessConfig()
-    binary = BundleMeta("a", "a", ["NORMAL", "PNEUMONIA"], config)
-    three = BundleMeta("a", "a", ["NORMAL", "BACTERIA", "VIRUS"], config, positive_labels=["BACTERIA", "VIRUS"])
+    binary = BundleMeta(arch="a", timm_name="a", labels=["NORMAL", "PNEUMONIA"], preprocess=config)
+    three = BundleMeta(
+        arch="a", timm_name="a", labels=["NORMAL", "BACTERIA", "VIRUS"], preprocess=config,
+        positive_labels=["BACTERIA", "VIRUS"],
+    )  # fmt: skip
     assert binary.positive_indices == [1]
     assert three.positive_indices == [1, 2]
 

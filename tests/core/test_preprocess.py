@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import TypeAdapter, ValidationError
 
 from pneumo.core.preprocess import PreprocessConfig, normalize, preprocess, resize, to_unit_array
 
@@ -78,8 +79,14 @@ def test_normalize_batch_matches_single_images() -> None:
 
 
 def test_config_round_trip_and_validation() -> None:
-    assert PreprocessConfig.from_dict(IMAGENET.to_dict()) == IMAGENET
-    with pytest.raises(ValueError):
-        PreprocessConfig.from_dict({"input_size": 32, "mean": [0.5], "std": [0.5, 0.5, 0.5]})
-    with pytest.raises(ValueError):
-        PreprocessConfig.from_dict({"input_size": 32, "mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]})
+    """The annotations are the bundle's schema for this section (BundleMeta validates through them)."""
+    schema = TypeAdapter(PreprocessConfig)
+    assert schema.validate_python(IMAGENET.to_dict()) == IMAGENET
+    for bad in (
+        {"input_size": 32, "mean": [0.5], "std": [0.5, 0.5, 0.5]},
+        {"input_size": 32, "mean": [0.5] * 3, "std": [0.5, 0.0, 0.5]},
+        {"input_size": 0, "mean": [0.5] * 3, "std": [0.5] * 3},
+        {"input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop": 0.9},
+    ):
+        with pytest.raises(ValidationError):
+            schema.validate_python(bad)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +121,20 @@ def test_fit_writes_a_complete_run(cached_run: Run) -> None:
     assert validation["n_images"] == record["val_data"]["n_images"] > 0
     assert record["train_data"]["n_images"] + record["val_data"]["n_images"] == 24
     assert meta["ood"] is not None and (cached_run.bundle / "ood.safetensors").is_file()
+    # The gate's threshold accepts the validation X-rays under every robustness shift, not the clean ones only.
+    n_val = record["val_data"]["n_images"]
+    assert meta["ood"]["threshold_sample"] == "validation X-rays and their robustness shifts"
+    assert meta["ood"]["n_val"] == n_val * len(meta["metrics"]["robustness"]["shifts"]) > n_val
     assert meta["preprocess"]["input_size"] == 160
 
     run = json.loads((out / "run.json").read_text())
     assert run["arch"] == "test_efficientnet" and run["bundle"] == str(cached_run.bundle)
     assert run["validation"]["roc_auc"] == validation["roc_auc"]
+    # Where the time went: one wall time per epoch, and the whole recipe (training folder to bundle) above the fit.
+    times = run["training"]
+    assert len(times["epoch_seconds"]) == 2 and all(t > 0 for t in times["epoch_seconds"])
+    assert times["recipe_seconds"] > times["fit_seconds"]
+    assert times["fit_seconds"] + 0.2 >= sum(times["epoch_seconds"])  # each figure is rounded to 0.1 s
 
     rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
     val_epochs = sorted(int(r["epoch"]) for r in rows if r.get("val_auc"))
@@ -326,3 +337,35 @@ def test_mixup_mixes_inputs_and_both_labels() -> None:
     mixed_losses = {round(float(system.training_step((x, y), 0)), 6) for _ in range(5)}
     assert len(mixed_losses) > 1  # a new mixing coefficient and pairing every step
     assert float(unmixed.training_step((x, y), 0)) == pytest.approx(float(torch.nn.functional.cross_entropy(net(x), y)))
+
+
+_ROUND_TRIP = """
+import ctypes, resource, sys
+from pneumo.modeling.training import keep_freed_memory
+if sys.argv[1] == "keep" and not keep_freed_memory():
+    print("unsupported"); sys.exit()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+size = 64 << 20  # over glibc's largest mmap threshold (32 MB), like a batch's activations
+def round_trip():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(ctypes.c_void_p(block))
+round_trip()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+round_trip()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_stops_refaulting_large_blocks() -> None:
+    """A 64 MB block freed and allocated again: glibc's default faults every page in again, pneumo train's does not."""
+    faults = {}
+    for mode in ("default", "keep"):
+        result = subprocess.run([sys.executable, "-c", _ROUND_TRIP, mode], capture_output=True, text=True, check=True)
+        faults[mode] = result.stdout.strip()
+    if "unsupported" in faults.values():
+        pytest.skip("not glibc: keep_freed_memory is a no-op here")
+    pages = (64 << 20) // 4096
+    assert int(faults["default"]) > pages // 2, faults
+    assert int(faults["keep"]) < pages // 20, faults

@@ -32,7 +32,7 @@ def _stub_predictor(model: nn.Module, arch: str, size: int) -> SimpleNamespace:
     """What GradCamExplainer uses of a Predictor, without writing a (large) bundle to disk."""
     spec = get_spec(arch)
     config = PreprocessConfig(size, spec.preprocess.mean, spec.preprocess.std)
-    meta = BundleMeta(arch, spec.timm_name, ["NORMAL", "PNEUMONIA"], config)
+    meta = BundleMeta(arch=arch, timm_name=spec.timm_name, labels=["NORMAL", "PNEUMONIA"], preprocess=config)
     return SimpleNamespace(model=model.eval(), meta=meta, prepare=lambda decoded: preprocess(decoded.image, config))
 
 

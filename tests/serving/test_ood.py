@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from PIL import Image
 
 from pneumo.core.bundle import read_meta
 from pneumo.core.errors import BundleError, InvalidImageError, NotAChestXrayError
+from pneumo.evaluation.robustness import SHIFTS
+from pneumo.modeling.calibration import calibrate_bundle
 from pneumo.serving.inference import Prediction, Predictor
 from pneumo.serving.ood import OOD_FILE, OodGate, fit_ood
 
@@ -134,9 +137,24 @@ def _validation_xray(index: int = 0) -> bytes:
 def test_calibrate_bundle_writes_the_gate_into_the_bundle(gated_bundle: Path) -> None:
     meta = read_meta(gated_bundle)
     assert meta.ood is not None and meta.ood["n_train"] == 96 and meta.ood["n_val"] == 48
-    assert meta.ood["val_refusal_rate"] == 0.0
+    assert meta.ood["threshold_sample"] == "validation X-rays" and meta.ood["val_refusal_rate"] <= 0.01
     assert (gated_bundle / OOD_FILE).is_file()
     assert meta.labels == ["NORMAL", "PNEUMONIA"]  # the rest of bundle.json is kept
+
+
+def test_calibrate_bundle_can_set_the_threshold_on_shifted_validation_images(
+    gated_bundle: Path, tmp_path: Path
+) -> None:
+    """As training does: the validation films under every robustness shift (clean included) are the sample to accept."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(gated_bundle, bundle)
+    train, val = (sorted((gated_bundle.parent / split).iterdir()) for split in ("train", "val"))
+    calibrate_bundle(bundle, train, val, quantile=0.99, n_components=8)
+    clean, shifted = read_meta(gated_bundle).ood, read_meta(bundle).ood
+    assert clean is not None and shifted is not None
+    assert shifted["n_val"] == len(val) * len(SHIFTS) and shifted["val_refusal_rate"] <= 0.01
+    assert shifted["threshold_sample"] == "validation X-rays and their robustness shifts"
+    assert shifted["threshold"] > clean["threshold"]  # the shifted films score farther from the training films
 
 
 def test_predictor_accepts_new_xrays_and_refuses_other_pictures(gated_bundle: Path) -> None:
@@ -232,5 +250,6 @@ def test_calibrate_command_uses_the_patient_split(tiny_dataset: Path, tmp_path: 
     train, val, _ = train_val_samples(tiny_dataset)
     meta = read_meta(bundle)
     assert meta.ood is not None
-    assert (meta.ood["n_train"], meta.ood["n_val"]) == (len(train), len(val))
+    # As training sets it: the threshold on the validation patients' films under every robustness shift.
+    assert (meta.ood["n_train"], meta.ood["n_val"]) == (len(train), len(val) * len(SHIFTS))
     assert Predictor(bundle).ood_gate is not None

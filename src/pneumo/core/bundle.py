@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pneumo.core.errors import BundleError
 from pneumo.core.preprocess import PreprocessConfig
@@ -32,87 +31,23 @@ WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "bundle.json"
 
 
-@dataclass
-class BundleMeta:
-    """What ``bundle.json`` holds. Unknown keys in the file are kept in ``extra``."""
+class BundleMeta(BaseModel):
+    """What ``bundle.json`` holds, and its schema: required keys, types, ranges, a known ``format_version``.
 
-    arch: str
-    timm_name: str
-    labels: list[str]
-    preprocess: PreprocessConfig
-    positive_labels: list[str] = field(default_factory=lambda: ["PNEUMONIA"])
-    threshold: float = 0.5
-    threshold_rule: str = "default 0.5 (not chosen on data)"
-    temperature: float = 1.0
-    name: str = "pneumo"
-    version: str = "0.0.0"
-    ood: dict[str, Any] | None = None
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-    created: str = ""
-    #: Extra files of the bundle by name, each with its ``sha256`` and what it is, e.g.
-    #: ``{"model_int8.onnx": {"kind": "onnx-int8", "sha256": ..., "weights_sha256": ..., "validation": {...}}}``.
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def positive_indices(self) -> list[int]:
-        """Indices of the labels that mean pneumonia (one in binary mode, bacteria+virus in 3-class)."""
-        return [self.labels.index(label) for label in self.positive_labels]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["preprocess"] = self.preprocess.to_dict()
-        data["format_version"] = FORMAT_VERSION
-        extra = data.pop("extra")
-        return {**extra, **data}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> BundleMeta:
-        """Validate ``bundle.json``'s content (:class:`BundleSchema`) and build the metadata.
-
-        Raises:
-            BundleError: naming the field at fault, what it holds and what was expected.
-        """
-        if not isinstance(data, dict):
-            raise BundleError(f"bundle.json must hold a JSON object, not {type(data).__name__}.")
-        try:
-            checked = BundleSchema.model_validate(data)
-        except ValidationError as err:
-            raise BundleError(_describe(err)) from err
-        known = set(cls.__dataclass_fields__)
-        extra = {k: v for k, v in data.items() if k not in known and k != "format_version"}
-        values = checked.model_dump(include=known - {"extra", "preprocess"})
-        if values.get("files") is None:  # absent in bundles written before INT8 graphs: no extra files
-            values.pop("files", None)
-        preprocess = PreprocessConfig(checked.preprocess.input_size, checked.preprocess.mean, checked.preprocess.std)
-        return cls(**values, preprocess=preprocess, extra=extra)
-
-
-class _PreprocessSchema(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    input_size: int = Field(gt=0)
-    mean: tuple[float, float, float]
-    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
-
-
-class BundleSchema(BaseModel):
-    """What a valid ``bundle.json`` holds: required keys, their types and ranges, a known ``format_version``.
-
-    Keys it does not know are allowed and kept (a later pneumo may add some); the free-form
-    sections (``training``, ``metrics``, ``ood``) may hold anything, and ``files`` (optional)
-    maps a file name inside the bundle to what it is (kind, ``sha256``, check figures).
+    One declaration serves both as the metadata object the code passes around and as the check a
+    file must pass when read (:meth:`from_dict`). Keys it does not know are allowed and kept (a
+    later pneumo may add some; :attr:`extra`); the free-form sections (``training``, ``metrics``,
+    ``ood``) may hold anything, and ``files`` maps a file name inside the bundle to what it is
+    (kind, ``sha256``, check figures). Construction in code is validated too.
     """
 
-    model_config = ConfigDict(extra="allow", strict=False)
+    model_config = ConfigDict(extra="allow")
 
     format_version: Literal[1] = 1  # FORMAT_VERSION; a later format needs a later pneumo
     arch: str = Field(min_length=1)
     timm_name: str = Field(min_length=1)
     labels: list[str] = Field(min_length=2)
-    preprocess: _PreprocessSchema
+    preprocess: PreprocessConfig
     positive_labels: list[str] = Field(default_factory=lambda: ["PNEUMONIA"], min_length=1)
     # Up to just above 1: a rule whose best choice is "call nobody positive" returns the float just
     # above the largest probability (pneumo.evaluation.metrics.select_threshold), which may be 1.0.
@@ -126,14 +61,49 @@ class BundleSchema(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     created: str = ""
-    files: dict[str, dict[str, Any]] | None = None
+    #: Extra files of the bundle by name, each with its ``sha256`` and what it is, e.g.
+    #: ``{"model_int8.onnx": {"kind": "onnx-int8", "sha256": ..., "weights_sha256": ..., "validation": {...}}}``.
+    files: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _no_files_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value  # bundles written before INT8 graphs say null
 
     @model_validator(mode="after")
-    def _positive_labels_are_labels(self) -> BundleSchema:
+    def _positive_labels_are_labels(self) -> BundleMeta:
         unknown = [label for label in self.positive_labels if label not in self.labels]
         if unknown:
             raise ValueError(f"positive_labels {unknown} are not among labels {self.labels}")
         return self
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The keys of ``bundle.json`` this pneumo does not know, kept as they were."""
+        return dict(self.model_extra or {})
+
+    @property
+    def positive_indices(self) -> list[int]:
+        """Indices of the labels that mean pneumonia (one in binary mode, bacteria+virus in 3-class)."""
+        return [self.labels.index(label) for label in self.positive_labels]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of ``bundle.json`` (unknown keys read from a file included)."""
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BundleMeta:
+        """Validate ``bundle.json``'s content and build the metadata.
+
+        Raises:
+            BundleError: naming the field at fault, what it holds and what was expected.
+        """
+        if not isinstance(data, dict):
+            raise BundleError(f"bundle.json must hold a JSON object, not {type(data).__name__}.")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise BundleError(_describe(err)) from err
 
 
 def _describe(err: ValidationError) -> str:

@@ -15,7 +15,9 @@ def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, dict[int, float]] = {}
     if not path.is_file():
         return {}
-    for row in csv.DictReader(path.open()):
+    with path.open() as file:
+        rows = list(csv.DictReader(file))
+    for row in rows:
         epoch = row.get("epoch")
         if epoch in (None, ""):
             continue

@@ -138,13 +138,21 @@ def shift_image(image: Image.Image, shift: str, key: str) -> Image.Image:
     return SHIFTS[shift](image, rng)
 
 
-def predictor_prob_fn(predictor: Any) -> ProbFn:
-    """P(pneumonia) through a :class:`pneumo.serving.inference.Predictor` (its preprocessing, backend, calibration)."""
+def predictor_prob_fn(predictor: Any, gate: Any = None, gate_scores: list[np.ndarray] | None = None) -> ProbFn:
+    """P(pneumonia) through a :class:`pneumo.serving.inference.Predictor` (its preprocessing, backend, calibration).
+
+    With an OOD ``gate`` (:class:`pneumo.serving.ood.OodGate`), the gate's score of every image is
+    appended to ``gate_scores`` on the way, from the same forward pass.
+    """
     from pneumo.core.preprocess import preprocess
 
     def prob_fn(images: list[Image.Image]) -> np.ndarray:
         batch = np.stack([preprocess(image, predictor.preprocess_config) for image in images])
-        return np.asarray(predictor.predict_tensors(batch), dtype=np.float64)
+        if gate is None or gate_scores is None:
+            return np.asarray(predictor.predict_tensors(batch), dtype=np.float64)
+        logits, features = predictor.forward(batch)
+        gate_scores.append(gate.score(features))
+        return np.asarray(predictor.pneumonia_probability(predictor.calibrated(logits)), dtype=np.float64)
 
     return prob_fn
 

@@ -28,6 +28,7 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 from pneumo.core.bundle import BundleMeta
 from pneumo.core.dataset import dataset_summary, label_names
 from pneumo.core.errors import PneumoError
+from pneumo.evaluation.compare import read_metrics_csv
 from pneumo.evaluation.metrics import THRESHOLD_RULES
 from pneumo.modeling.config import TrainConfig
 from pneumo.modeling.data import XrayDataModule, XrayDataset
@@ -119,6 +120,39 @@ class XrayClassifier(L.LightningModule):
         return optimizer
 
 
+class EpochTimer(Callback):
+    """Logs each epoch's wall seconds (training and validation) as ``epoch_seconds``: where a recipe's time goes."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning runs the epoch's validation before this hook, so it is counted.
+        pl_module.log("epoch_seconds", time.perf_counter() - self._started, sync_dist=True)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel; True if it was set.
+
+    glibc serves every block over its mmap threshold (32 MB at most) with a fresh ``mmap`` and unmaps
+    it when freed. A training step allocates and frees hundreds of MB of such activations, so every
+    step faults them in again, page by page: measured on the 2-core machine (EfficientNet-Lite1, 240 px,
+    batch 32, full fine-tuning; ``benchmarks/train_allocator.py``), 1.1 million page faults and 2.1 s of
+    kernel time in a 3.1 s step; with ``mmap`` off and no trimming, 27,000 faults and 1.9 s (head only:
+    1.10 -> 0.51 s). jemalloc with its defaults was slower (4.3 s). The process keeps its peak memory
+    until it exits, so ``pneumo train`` calls this (a training process), not :func:`fit` (a library
+    call inside someone else's process). A no-op on other C libraries and systems.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def _validate(config: TrainConfig) -> None:
     if config.optimizer not in OPTIMIZERS:
         raise PneumoError(f"Unknown optimizer {config.optimizer!r}; use {', '.join(OPTIMIZERS)}.", code="bad_config")
@@ -146,6 +180,7 @@ def fit(config: TrainConfig) -> Path | None:
     from pneumo.modeling.calibration import finish_run
 
     _validate(config)
+    started = time.perf_counter()
     L.seed_everything(config.seed, workers=True)
     spec = get_spec(config.arch)
     labels = list(label_names(config.label_mode))
@@ -185,6 +220,7 @@ def fit(config: TrainConfig) -> Path | None:
         StagedFinetuning(frozen, unfrozen, at_epoch=config.frozen_epochs, lr=config.finetune_lr),
         EarlyStoppingAfter(config.frozen_epochs, monitor="val_auc", mode="max", patience=config.patience),
         LearningRateMonitor(logging_interval="epoch"),
+        EpochTimer(),
     ]
     precision: Any = config.precision  # Lightning types it as a Literal; the CLI passes a plain string
     trainer = L.Trainer(
@@ -200,10 +236,10 @@ def fit(config: TrainConfig) -> Path | None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    started = time.perf_counter()
+    fit_started = time.perf_counter()
     trainer.fit(system, datamodule=dm)
     cache_seconds = getattr(dm, "build_seconds", 0.0)
-    fit_seconds = time.perf_counter() - started - cache_seconds
+    fit_seconds = time.perf_counter() - fit_started - cache_seconds
     if not trainer.is_global_zero:
         return None
     if checkpoint.best_model_path:
@@ -217,6 +253,7 @@ def fit(config: TrainConfig) -> Path | None:
         "val_data": dataset_summary(images.val_samples, config.label_mode),
         "epochs_run": trainer.current_epoch,  # after fit: the number of completed epochs (early stop included)
         "best_epoch": _best_epoch(out),
+        "epoch_seconds": _epoch_seconds(out),
         "trainable_parameters_phase2": sum(p.numel() for m in head + unfrozen for p in m.parameters()),
         "parameters": count_parameters(model),
         "cache_seconds": round(cache_seconds, 1),
@@ -227,17 +264,16 @@ def fit(config: TrainConfig) -> Path | None:
         feature_fn = lambda split: dm.logits_and_features(suffix, split)  # noqa: E731
     else:
         feature_fn = _image_features(model, images)
-    return finish_run(model, meta, config, images, feature_fn, record)
+    return finish_run(model, meta, config, images, feature_fn, record, started=started)
 
 
 def _best_epoch(out: Path) -> int | None:
-    metrics = out / "logs" / "metrics.csv"
-    if not metrics.is_file():
-        return None
-    import csv
+    aucs = read_metrics_csv(out / "logs" / "metrics.csv").get("val_auc", [])
+    return max(aucs, key=lambda pair: pair[1])[0] if aucs else None
 
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("val_auc")]
-    return int(max(rows, key=lambda r: float(r["val_auc"]))["epoch"]) if rows else None
+
+def _epoch_seconds(out: Path) -> list[float]:
+    return [round(seconds, 1) for _, seconds in read_metrics_csv(out / "logs" / "metrics.csv").get("epoch_seconds", [])]
 
 
 def _image_features(model: nn.Module, dm: XrayDataModule) -> Any:

@@ -73,6 +73,18 @@ class OodGate:
     info: dict[str, Any] = field(default_factory=dict)
     min_pixel_std: float = MIN_PIXEL_STD
 
+    def set_threshold(self, scores: np.ndarray, quantile: float, sample: str) -> None:
+        """Accept the ``quantile`` share of ``scores`` (real X-rays the statistics never saw), named ``sample``."""
+        scores = np.asarray(scores, dtype=np.float64)
+        self.threshold = float(np.quantile(scores, quantile, method="higher"))
+        self.info.update(
+            quantile=quantile,
+            threshold_sample=sample,
+            n_val=len(scores),
+            val_refusal_rate=float(np.mean(scores > self.threshold)),
+            val_score_median=float(np.median(scores)),
+        )
+
     @property
     def feature_dim(self) -> int:
         return int(self.mean.shape[0])
@@ -220,14 +232,6 @@ def fit_ood(
         noise_variance=max(float(pca.noise_variance_), floor),
         threshold=0.0,
     )
-    val_scores = gate.score(val)
-    gate.threshold = float(np.quantile(val_scores, quantile, method="higher"))
-    gate.info = {
-        "quantile": quantile,
-        "n_train": len(train),
-        "n_val": len(val),
-        "val_refusal_rate": float(np.mean(val_scores > gate.threshold)),
-        "train_score_median": float(np.median(gate.score(train))),
-        "val_score_median": float(np.median(val_scores)),
-    }
+    gate.info = {"n_train": len(train), "train_score_median": float(np.median(gate.score(train)))}
+    gate.set_threshold(gate.score(val), quantile, "validation X-rays")
     return gate
