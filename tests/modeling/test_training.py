@@ -132,9 +132,10 @@ def test_fit_writes_a_complete_run(cached_run: Run) -> None:
     assert run["validation"]["roc_auc"] == validation["roc_auc"]
     # Where the time went: one wall time per epoch, and the whole recipe (training folder to bundle) above the fit.
     times = run["training"]
-    assert len(times["epoch_seconds"]) == 2 and all(t > 0 for t in times["epoch_seconds"])
+    epochs = times["epoch_seconds"]  # a tiny epoch can round to 0.0
+    assert len(epochs) == 2 and all(t >= 0 for t in epochs) and sum(epochs) > 0
     assert times["recipe_seconds"] > times["fit_seconds"]
-    assert times["fit_seconds"] + 0.2 >= sum(times["epoch_seconds"])  # each figure is rounded to 0.1 s
+    assert times["fit_seconds"] + 0.1 >= sum(epochs)  # fit_seconds is rounded to 0.1 s
 
     rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
     val_epochs = sorted(int(r["epoch"]) for r in rows if r.get("val_auc"))

@@ -1,4 +1,4 @@
-"""Tests of DICOM decoding (pneumo.core.io._read_dicom) on files written with pydicom."""
+"""Tests of DICOM decoding (pneumo.core.dicom_image.read_dicom) on files written with pydicom."""
 
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ def register(app: typer.Typer, fail: Any, require_train_extra: Any = None) -> No
             if epochs is not None:
                 cfg.frozen_epochs = min(cfg.frozen_epochs, epochs)
                 cfg.finetune_epochs = epochs - cfg.frozen_epochs
-            training.keep_freed_memory()  # 1.2-1.45x faster steps on CPU (see its docstring)
+            training.keep_freed_memory()  # 1.1-2.2x faster CPU steps (its docstring; benchmarks/train_allocator.py)
             bundle_dir = training.fit(cfg)
         except PneumoError as err:
             fail(err.message)

@@ -88,7 +88,7 @@ def window_to_gray8(
 
 
 def dicom_to_gray8(pixels: np.ndarray, ds: Any, *, invert: bool) -> np.ndarray:
-    """A viewer's display of stored DICOM values as uint8, band by band (see ``pneumo.core.io._read_dicom``).
+    """A viewer's display of stored DICOM values as uint8, band by band (see ``pneumo.core.dicom_image.read_dicom``).
 
     Modality LUT, then the VOI LUT or window, then that VOI's output range onto 0-255 (the
     image's own range without a VOI); ``invert`` mirrors MONOCHROME1 before scaling, so a

@@ -17,41 +17,22 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from pneumo.core.decode_budget import (
     BAND_PIXELS,
-    check_frame_header,
-    dicom_to_gray8,
     image_bands,
-    inflate_capped,
     value_range,
     window_to_gray8,
 )
 from pneumo.core.errors import DicomError, InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
 
-#: DICOM modalities accepted as a plain radiograph. CR and DX are the standard codes for
-#: computed and digital radiography; "DR" is not a DICOM term but several vendors write it
-#: for digital radiography, so refusing it would refuse real chest films.
-RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
-
 log = logging.getLogger(__name__)
 
 #: File name extensions of the images pneumo looks for in folders (content is still checked by magic bytes).
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
-#: DICOM header fields a clinician checks, shown by the app and returned by the API: keyword -> the name
-#: shown to users, in display order. The one list of them.
-DICOM_FIELDS: dict[str, str] = {
-    "Modality": "Modality",
-    "ViewPosition": "View position",
-    "PatientAge": "Patient age",
-    "PatientSex": "Patient sex",
-    "BodyPartExamined": "Body part",
-    "StudyDate": "Study date",
-}
 
 
 @dataclass(frozen=True)
@@ -189,18 +170,21 @@ def read_image(
             "The file is not a JPEG, PNG or DICOM image (its first bytes match no known image format).",
         )
     if fmt == "dicom":
+        from pneumo.core.dicom_image import read_dicom  # imported here: it imports this module (and pydicom)
+
         try:
-            return _read_dicom(data, limits)
+            return read_dicom(data, limits)
         except (PneumoError, MemoryError):
             raise
         except Exception as err:  # safety net: a malformed header field that pydicom chokes on (found by fuzzing)
             raise DicomError(
-                f"The DICOM file is malformed ({_reason(err)}); export it again from the PACS.", code="corrupt_image"
+                f"The DICOM file is malformed ({describe_error(err)}); export it again from the PACS.",
+                code="corrupt_image",
             ) from err
     return _read_pillow(data, fmt, limits, draft_size)
 
 
-def _check_shape(width: int, height: int, limits: Limits) -> None:
+def check_shape(width: int, height: int, limits: Limits) -> None:
     if width * height > limits.max_pixels:
         raise InputTooLargeError(
             f"The image is {width} x {height} = {width * height / 1e6:.0f} megapixels, over the "
@@ -225,7 +209,7 @@ def _check_shape(width: int, height: int, limits: Limits) -> None:
 _PILLOW_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP"}
 
 
-def _reason(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     """What went wrong, in words a user can act on; the decoder's own text goes to the log only.
 
     Library messages name Python types and indexes (``<class 'str'>``, ``index 2512 is out of
@@ -263,12 +247,12 @@ def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) 
         raise
     except Exception as err:  # untrusted bytes: Pillow's parsers raise many types on malformed headers
         raise InvalidImageError(
-            f"The file starts like a {name} but cannot be read ({_reason(err)}); it is damaged or not an image.",
+            f"The file starts like a {name} but cannot be read ({describe_error(err)}); it is damaged or not an image.",
             code="corrupt_image",
         ) from err
 
     original_size = image.size
-    _check_shape(*original_size, limits)
+    check_shape(*original_size, limits)
     # A camera JPEG is often MPO (the photo plus preview frames): its first frame is the picture.
     # Other multi-frame files (APNG, multi-page TIFF, animated WebP) hold several images: refuse.
     try:  # counting frames parses every frame header (TIFF IFDs): damaged ones fail here
@@ -277,7 +261,7 @@ def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) 
         raise
     except Exception as err:
         raise InvalidImageError(
-            f"The {name} file's frames cannot be read ({_reason(err)}); it is damaged.", code="corrupt_image"
+            f"The {name} file's frames cannot be read ({describe_error(err)}); it is damaged.", code="corrupt_image"
         ) from err
     if frames > 1:
         raise InvalidImageError(f"The file holds {frames} frames; upload one radiograph per file.", code="multi_frame")
@@ -299,7 +283,7 @@ def _read_pillow(data: bytes, fmt: str, limits: Limits, draft_size: int | None) 
     except Exception as err:  # truncated or corrupt pixel data: any decoder failure means the same to the user
         code = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
         raise InvalidImageError(
-            f"The {name} file cannot be decoded ({_reason(err)}); it is truncated or damaged. Export it again.",
+            f"The {name} file cannot be decoded ({describe_error(err)}); it is truncated or damaged. Export it again.",
             code=code,
         ) from err
     return DecodedImage(gray, fmt, original_size)
@@ -347,97 +331,3 @@ def _to_gray8(image: Image.Image) -> Image.Image:
 
 def _finite(values: np.ndarray) -> np.ndarray:
     return np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _read_dicom(data: bytes, limits: Limits) -> DecodedImage:
-    """Decode a single-frame grayscale radiograph as a viewer displays it.
-
-    The stored values go through the modality LUT (rescale slope/intercept or LUT) and the VOI
-    LUT or window the file asks for; the output range of that VOI transform (not of this image's
-    pixels) maps onto 0-255, so a window means the same on every file. Without a VOI, the
-    image's own min-max is used, as viewers do. MONOCHROME1 (white = low values) is inverted.
-    A compressed transfer syntax is decoded by whichever pydicom plugin is installed (RLE and
-    JPEG baseline work out of the box); without one the error names what to install.
-    """
-    try:
-        from pydicom.pixels import get_decoder
-    except ImportError as err:  # pragma: no cover - pydicom is a core dependency
-        raise DicomError("Reading DICOM needs pydicom: pip install pydicom.", code="dicom_unavailable") from err
-
-    try:
-        ds = _parse_dicom(data, limits)
-    except PneumoError:
-        raise
-    except Exception as err:  # pydicom raises many types for malformed files
-        raise DicomError(f"The DICOM file cannot be parsed ({_reason(err)}).", code="corrupt_image") from err
-
-    metadata = {name: str(ds.get(name)) for name in DICOM_FIELDS if ds.get(name) not in (None, "")}
-    modality = str(ds.get("Modality", "") or "").upper()
-    if modality and modality not in RADIOGRAPH_MODALITIES:
-        raise DicomError(
-            f"The DICOM modality is {modality!r}; pneumo reads plain radiographs "
-            f"({', '.join(sorted(RADIOGRAPH_MODALITIES))}) only.",
-            code="unsupported_modality",
-        )
-    if "PixelData" not in ds:
-        raise DicomError(
-            "The DICOM file has no pixel data (is it a report or a structured document?).", code="dicom_no_pixel_data"
-        )
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2") or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise DicomError(
-            f"The DICOM photometric interpretation is {photometric} with {ds.get('SamplesPerPixel', 1)} samples per "
-            "pixel; radiographs are grayscale (MONOCHROME1 or MONOCHROME2, one sample per pixel).",
-            code="unsupported_photometric",
-        )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise DicomError(f"The DICOM file holds {frames} frames; send one radiograph per file.", code="multi_frame")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    _check_shape(cols, rows, limits)
-
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and syntax.is_compressed:
-        try:
-            decoder = get_decoder(syntax)
-            available, missing = decoder.is_available, "; ".join(decoder.missing_dependencies)
-        except Exception:  # pydicom knows no decoder at all for this syntax
-            available, missing = False, "pydicom has no decoder for it"
-        if not available:
-            raise DicomError(
-                f"The DICOM transfer syntax {syntax.name} ({syntax}) is compressed and no decoder for it is "
-                f"installed ({missing}). Install one (e.g. pip install pylibjpeg pylibjpeg-libjpeg "
-                "pylibjpeg-openjpeg) or export the image uncompressed.",
-                code="unsupported_transfer_syntax",
-            )
-
-    if syntax is not None:
-        check_frame_header(ds, rows, cols)  # before decoding: the codec allocates what the frame declares
-    try:
-        pixels = ds.pixel_array
-    except Exception as err:  # pixel data that does not match the header, or a broken codestream
-        raise DicomError(
-            f"The DICOM pixel data cannot be decoded ({_reason(err)}); export it again from the PACS.",
-            code="corrupt_image",
-        ) from err
-    if pixels.shape != (rows, cols):
-        raise DicomError(
-            f"The DICOM pixel data does not hold the single {cols} x {rows} grayscale image its header declares.",
-            code="corrupt_image",
-        )
-
-    gray = Image.fromarray(dicom_to_gray8(pixels, ds, invert=photometric == "MONOCHROME1"), mode="L")
-    return DecodedImage(gray, "dicom", (cols, rows), metadata)
-
-
-def _parse_dicom(data: bytes, limits: Limits) -> Any:
-    """``pydicom.dcmread``, except that a Deflated dataset is inflated within the budget (decode_budget)."""
-    import pydicom
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    stream = io.BytesIO(data)  # the file meta group only: dcmread would inflate a Deflated dataset whole
-    read_preamble(stream, False)
-    if _read_file_meta_info(stream).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return inflate_capped(data, limits.max_pixels)
-    return pydicom.dcmread(io.BytesIO(data))

@@ -273,7 +273,7 @@ def _best_epoch(out: Path) -> int | None:
 
 
 def _epoch_seconds(out: Path) -> list[float]:
-    return [round(seconds, 1) for _, seconds in read_metrics_csv(out / "logs" / "metrics.csv").get("epoch_seconds", [])]
+    return [round(seconds, 2) for _, seconds in read_metrics_csv(out / "logs" / "metrics.csv").get("epoch_seconds", [])]
 
 
 def _image_features(model: nn.Module, dm: XrayDataModule) -> Any:

@@ -164,8 +164,8 @@ def results_csv(analyses: Sequence[Analysis]) -> bytes:
 
 
 def dicom_rows(metadata: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The DICOM header fields a clinician checks (:data:`pneumo.core.io.DICOM_FIELDS`), with readable names."""
-    from pneumo.core.io import DICOM_FIELDS
+    """The DICOM header fields a clinician checks (:data:`pneumo.core.dicom_image.DICOM_FIELDS`), named for users."""
+    from pneumo.core.dicom_image import DICOM_FIELDS
 
     return [(label, str(metadata[key])) for key, label in DICOM_FIELDS.items() if metadata.get(key)]
 
