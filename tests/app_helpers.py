@@ -10,14 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from conftest import synthetic_xray
 from model_helpers import tiny_bundle
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from streamlit.testing.v1 import AppTest
 
+import pneumo
 from pneumo.modeling.models import create_model
+from pneumo.serving import app_support
+
+#: The Streamlit page the app tests drive.
+PAGE = Path(pneumo.__file__).parent / "serving" / "app.py"
 
 
 def make_bundle(
@@ -120,3 +127,12 @@ def pneumo_log_handlers_restored() -> Iterator[None]:
     finally:
         logger.handlers[:] = handlers
         logger.setLevel(level)
+
+
+def open_page(bundle: Path, monkeypatch: pytest.MonkeyPatch, timeout: float = 120) -> AppTest:
+    """The app page run once with ``bundle`` as its model; fails on any exception the page raised."""
+    monkeypatch.setenv(app_support.MODEL_ENV, str(bundle))
+    at = AppTest.from_file(str(PAGE), default_timeout=timeout)
+    at.run()
+    assert not at.exception, at.exception
+    return at

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -135,3 +138,17 @@ def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # are no closer to X-rays than a document's, so the shifted sample would accept everything here.
     calibrate_bundle(bundle, sources["train"], sources["val"], quantile=0.99, n_components=8, shifts=False)
     return bundle
+
+
+def run_with_helpers(script: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh single-threaded Python whose ``sys.argv[1]`` is this folder (the test helpers).
+
+    For checks that cap the process (address space, memory) and must not cap pytest itself.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )

@@ -6,14 +6,12 @@ A short, derandomized run (the same examples every time, so CI is stable); the l
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import run_with_helpers
 from fuzz_strategies import (
     decode_and_preprocess,
     header_sizes,
@@ -100,12 +98,6 @@ def test_header_size_fuzz_stays_within_a_memory_cap() -> None:
         print("ok")
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(Path(__file__).parents[1])],  # the helpers live in tests/
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = run_with_helpers(script, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")

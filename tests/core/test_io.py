@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from bad_inputs import (
     set_png_size,
     xray_like,
 )
+from conftest import run_with_helpers
 from PIL import Image
 
 from pneumo.core.errors import InputTooLargeError, InvalidImageError, PneumoError, UnsupportedFormatError
@@ -139,13 +137,7 @@ def test_decompression_bombs_keep_memory_flat() -> None:
     )
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to measure the address space")
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(Path(__file__).parents[1])],  # the helpers live in tests/
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = run_with_helpers(script, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "too_many_pixels,too_many_pixels,too_many_pixels,(2000, 2000)"
 

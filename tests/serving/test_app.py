@@ -8,17 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_helpers import dicom_bytes, make_bundle, pneumo_log_handlers_restored, xray_array, xray_bytes
+from app_helpers import PAGE, dicom_bytes, make_bundle, open_page, pneumo_log_handlers_restored, xray_array, xray_bytes
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
-import pneumo
 from pneumo.cli import app as cli_app
 from pneumo.core.errors import PneumoError
 from pneumo.serving import app_support, model_info
 from pneumo.serving.inference import Predictor
-
-PAGE = Path(pneumo.__file__).parent / "serving" / "app.py"
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +25,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def page(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
-    monkeypatch.setenv(app_support.MODEL_ENV, str(bundle))
-    at = AppTest.from_file(str(PAGE), default_timeout=120)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_page(bundle, monkeypatch)
 
 
 def _upload(at: AppTest, *files: tuple[str, bytes]) -> AppTest:

@@ -10,13 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from app_helpers import make_bundle, xray_bytes
+from app_helpers import make_bundle, open_page, xray_bytes
 from streamlit.testing.v1 import AppTest
 
-import pneumo
 from pneumo.serving import app_support
 
-PAGE = Path(pneumo.__file__).parent / "serving" / "app.py"
 N_FILES = 70  # over the old cache's 64
 
 
@@ -45,11 +43,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def _page(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
-    monkeypatch.setenv(app_support.MODEL_ENV, str(bundle))
-    at = AppTest.from_file(str(PAGE), default_timeout=300)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_page(bundle, monkeypatch, timeout=300)
 
 
 def test_many_uploads_are_predicted_once_and_heatmaps_only_for_the_page_shown(
