@@ -83,7 +83,9 @@ def test_round_trip_auto_uses_the_bundles_onnx_file(exported: Path, monkeypatch:
     assert isinstance(predictor.model, torch.nn.Module)  # Grad-CAM still has the torch model
     options = predictor._onnx.session.get_session_options()
     assert options.intra_op_num_threads == available_cores()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # Workers spin within a run and stop when it returns (never burning a core between requests).
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     blob = xray_jpegs(2)[1]
     reference = Predictor(exported, backend="torch", check_ood=False).predict(blob)
     answer = predictor.predict(blob)

@@ -109,7 +109,7 @@ def test_int8_and_fp32_answer_the_same_on_synthetic_films() -> None:
 
 
 def test_quantize_bundle_writes_the_file_and_its_entry(tmp_path: Path) -> None:
-    from pneumo.modeling.quantize import quantize_bundle
+    from pneumo.modeling.quantize import quantize_bundle, runtime_convs
 
     data = write_tiny_dataset(tmp_path / "data", n_per_class=16)
     bundle = tiny_bundle(tmp_path / "bundle")
@@ -121,6 +121,28 @@ def test_quantize_bundle_writes_the_file_and_its_entry(tmp_path: Path) -> None:
     assert runner is not None and runner.kind == "int8"
     logits, features = runner(np.zeros((2, 3, 64, 64), np.float32))
     assert logits.shape == (2, 2) and features.ndim == 2
+    assert entry["convs_at_runtime"] == runtime_convs(path)
+
+
+def test_the_shipped_int8_graph_runs_in_the_precision_fp32_nodes_chose() -> None:
+    """What ONNX Runtime really runs in fp32 is what ``fp32_nodes`` kept, and bundle.json says so.
+
+    Until round 5 the depthwise convolutions were "kept in fp32" in the file and ONNX Runtime
+    quantized them at load (per tensor): 38 convolutions intended in fp32, 25 ran so.
+    """
+    import onnx
+
+    from pneumo.modeling.quantize import fp32_nodes, runtime_convs
+
+    folder = default_bundle_path()
+    fp32 = select_onnx_runner(folder, "onnx")
+    assert fp32 is not None
+    graph = onnx.load(str(fp32.path))
+    convs = {n.name for n in graph.graph.node if n.op_type == "Conv"}
+    kept = sum(name in convs for name in fp32_nodes(graph))
+    counts = runtime_convs(folder / INT8_FILE)
+    assert counts == {"fp32": kept, "int8": len(convs) - kept}
+    assert counts == read_meta(folder).files[INT8_FILE]["convs_at_runtime"]
 
 
 @pytest.mark.slow

@@ -78,8 +78,9 @@ def test_int8_cam_follows_grad_cam_for_the_answer_shown(
     """The int8 feature map carries quantization noise (shown answer, 14 originals).
 
     Measured: round-2 default median 0.99, minimum 0.82; round-3 default (Lite1) median 0.997,
-    minimum 0.78 (one film).
+    minimum 0.78 (one film); round-5 graph (depthwise convolutions int8 per channel instead of
+    per tensor) median 0.999, minimum 0.993.
     """
     found = _correlations(predictors[0], predictors[1], shared_data / "fullres_samples", ())
     values = sorted(value for value, _, _ in found)
-    assert values[len(values) // 2] >= 0.98 and values[0] >= 0.75, found
+    assert values[len(values) // 2] >= 0.99 and values[0] >= 0.98, found

@@ -21,7 +21,7 @@ Each backend runs in a fresh process (``isolate=True``), so its peak RSS is its 
 runtimes' thread pools never compete. Neither backend's thread settings are tuned by the bench:
 PyTorch uses its default (one thread per core; ``torch_threads`` changes it, to show how much
 eager PyTorch depends on it), ONNX Runtime the Predictor's session (one intra-op thread per core,
-no spin-waiting), which is what a user gets.
+spin-waiting within a run only), which is what a user gets.
 
 The result also states the **physical floor**: the model's FLOPs per image
 (:class:`torch.utils.flop_counter.FlopCounterMode`, 2 FLOPs per multiply-add) over the CPU's peak
