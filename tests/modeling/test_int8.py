@@ -122,6 +122,31 @@ def test_quantize_bundle_writes_the_file_and_its_entry(tmp_path: Path) -> None:
     logits, features = runner(np.zeros((2, 3, 64, 64), np.float32))
     assert logits.shape == (2, 2) and features.ndim == 2
     assert entry["convs_at_runtime"] == runtime_convs(path)
+    assert entry["tries"][-1]["fp32_early_convs"] == entry["fp32_early_convs"]
+    assert entry["heldout"]["n_images"] > 0  # training images outside the calibration sample
+
+
+@pytest.mark.parametrize("bar", [0.0, 1.01])
+def test_quantize_bundle_ships_the_first_prefix_that_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bar: float
+) -> None:
+    """Bar 0: the first (fastest) try ships. An impossible bar: every try is made, none ships unless forced."""
+    from pneumo.modeling import quantize
+
+    monkeypatch.setattr(quantize, "MIN_AGREEMENT", bar)
+    monkeypatch.setattr(quantize, "MAX_AUC_DELTA", 1.0)  # the bar alone decides
+    data = write_tiny_dataset(tmp_path / "data", n_per_class=16)
+    bundle = tiny_bundle(tmp_path / "bundle")
+    if bar > 1:
+        with pytest.raises(quantize.QuantizationError, match="Every INT8 graph tried"):
+            quantize.quantize_bundle(bundle, data, n_calibration=16)
+        assert not (bundle / INT8_FILE).exists() and INT8_FILE not in read_meta(bundle).files
+    quantize.quantize_bundle(bundle, data, n_calibration=16, force=True)
+    entry = read_meta(bundle).files[INT8_FILE]
+    tried = [t["fp32_early_convs"] for t in entry["tries"]]
+    expected = list(quantize.FP32_EARLY_CONVS) if bar > 1 else [quantize.FP32_EARLY_CONVS[0]]
+    assert tried == expected and entry["fp32_early_convs"] == expected[-1]
+    assert entry["passed_check"] is (bar == 0.0) and all(t["passed"] is (bar == 0.0) for t in entry["tries"])
 
 
 def test_the_shipped_int8_graph_runs_in_the_precision_fp32_nodes_chose() -> None:
@@ -139,10 +164,11 @@ def test_the_shipped_int8_graph_runs_in_the_precision_fp32_nodes_chose() -> None
     assert fp32 is not None
     graph = onnx.load(str(fp32.path))
     convs = {n.name for n in graph.graph.node if n.op_type == "Conv"}
-    kept = sum(name in convs for name in fp32_nodes(graph))
+    entry = read_meta(folder).files[INT8_FILE]
+    kept = sum(name in convs for name in fp32_nodes(graph, entry["fp32_early_convs"]))
     counts = runtime_convs(folder / INT8_FILE)
     assert counts == {"fp32": kept, "int8": len(convs) - kept}
-    assert counts == read_meta(folder).files[INT8_FILE]["convs_at_runtime"]
+    assert counts == entry["convs_at_runtime"]
 
 
 @pytest.mark.slow
