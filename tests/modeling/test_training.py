@@ -177,6 +177,23 @@ def test_robust_threshold_rule_runs_inside_training(tmp_path: Path) -> None:
     assert run["robustness"]["threshold_rule"]["threshold"] == pytest.approx(meta.threshold)
 
 
+def test_train_seed_changes_the_model_not_the_validation_children(tmp_path: Path) -> None:
+    """``train_seed`` alone moves initialization and shuffling; the patient split stays ``seed``'s."""
+    runs = {}
+    for train_seed in (1, 2):
+        (tmp_path / str(train_seed)).mkdir()
+        config = _tiny_config(
+            tmp_path / str(train_seed), "test_efficientnet", frozen_epochs=1, finetune_epochs=0, lr=1e-2,
+            train_seed=train_seed, robustness=False, int8=False,
+        )  # fmt: skip
+        bundle = fit(config)
+        assert bundle is not None
+        files, _, prob = _validation_predictions(Path(config.out))
+        runs[train_seed] = ([Path(f).name for f in files], prob)
+    assert runs[1][0] == runs[2][0]  # the same children in validation
+    assert not np.allclose(runs[1][1], runs[2][1])  # trained differently
+
+
 def _validation_predictions(out: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     rows = list(csv.DictReader((out / "validation" / "predictions.csv").open()))
     files = [r["file"] for r in rows]

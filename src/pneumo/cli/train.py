@@ -44,6 +44,8 @@ HELP = {
     "balance": "weighted_loss, sampler or none.",
     "augment.enabled": "true/false: training augmentation.",
     "val_fraction": "Share of patients carved out for validation.",
+    "seed": "Seed of the patient split (and of initialization etc. unless --train-seed is given).",
+    "train_seed": "Seed of initialization, shuffling and augmentation alone; the split stays --seed's.",
     "threshold_rule": "youden, sensitivity or f1 (on validation), or robust (MODEL_CARD.md: on the shifts too).",
     "feature_cache": "true/false: cache the frozen stages' outputs (fast on a CPU).",
     "cache_views": "Augmented views cached per image.",

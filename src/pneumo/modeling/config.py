@@ -87,7 +87,12 @@ class TrainConfig:
                                               contrast=0.2)
     )  # fmt: skip
     val_fraction: float = 0.15
+    # Seed of the patient split (and of the balanced sampler); bundles record it so that calibration,
+    # INT8 checks and evaluation find the same validation children again.
     seed: int = 0
+    # Seed of initialization, shuffling and augmentation (None: ``seed``). Set it alone to measure
+    # how much a recipe's results move from run to run on the *same* validation split.
+    train_seed: int | None = None
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.95
     # Mixup (Zhang et al., 2018) on the network's input, which is the cached activations on a CPU:

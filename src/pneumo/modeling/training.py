@@ -181,7 +181,7 @@ def fit(config: TrainConfig) -> Path | None:
 
     _validate(config)
     started = time.perf_counter()
-    L.seed_everything(config.seed, workers=True)
+    L.seed_everything(config.seed if config.train_seed is None else config.train_seed, workers=True)
     spec = get_spec(config.arch)
     labels = list(label_names(config.label_mode))
     meta = BundleMeta(
