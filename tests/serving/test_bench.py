@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from pneumo.cli import app
 from pneumo.serving.bench import BenchSettings, format_table, model_flops, physical_floor, run_bench, synthesize_xrays
+from pneumo.serving.bench_floor import SPEED_FLAGS
 
 METRICS = (
     "throughput_ips",
@@ -44,6 +45,8 @@ def test_pneumo_bench_writes_json_for_both_backends(exported_tiny_bundle: Path, 
         assert set(data[backend]["stage_p50_ms"]) == {"decode", "preprocess", "model"}
         assert data[backend]["failed"] == 0
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
+    if Path("/proc/cpuinfo").is_file() and data["machine"]["machine"] == "x86_64":  # x86-64 CPUs since 2013: FMA
+        assert data["machine"]["cpu_flags"] and set(data["machine"]["cpu_flags"]) <= set(SPEED_FLAGS)
     assert {"torch", "onnxruntime", "pillow", "python"} <= set(data["versions"])
     assert data["floor"]["gflops_per_image"] > 0
     assert data["speedup_onnx_vs_torch"]["throughput_ips"] == pytest.approx(
@@ -112,7 +115,7 @@ def test_format_table_lists_backends_and_marks_missing_values() -> None:
     result = {
         "torch": {"throughput_ips": 20.0, "latency_p50_ms": 40.0, "stage_p50_ms": {"model": 30.0}},
         "onnx": {"throughput_ips": 80.5, "latency_p50_ms": 12.25, "gradcam_p50_ms": 55.0},
-        "machine": {"cores": 2, "cpu_model": "Test CPU", "loadavg_1m": 0.1},
+        "machine": {"cores": 2, "cpu_model": "Test CPU", "cpu_flags": ["avx2", "avx512_vnni"], "loadavg_1m": 0.1},
         "floor": {"gflops_per_image": 0.77, "peak_gflops": None},
     }
     table = format_table(result)
@@ -121,4 +124,4 @@ def test_format_table_lists_backends_and_marks_missing_values() -> None:
     assert "| heatmap p50 (ms; CAM from ONNX, Grad-CAM on torch) | 55 | - |" in table
     assert "|   model p50 (ms) | - | 30 |" in table
     assert "peak RSS" not in table  # rows with no value at all are left out
-    assert "2 cores, Test CPU" in table
+    assert "2 cores, Test CPU (avx2, avx512_vnni)" in table  # the INT8 speed depends on VNNI

@@ -410,7 +410,9 @@ def format_table(result: dict[str, Any]) -> str:
     for backend, why in result.get("skipped", {}).items():
         lines.append(f"Skipped {backend}: {why}.")
     lines.append("")
-    lines.append(f"Machine: {machine['cores']} cores, {machine['cpu_model']}, load average {machine['loadavg_1m']}.")
+    flags = ", ".join(machine.get("cpu_flags") or []) or "flags unknown"
+    load = machine["loadavg_1m"]
+    lines.append(f"Machine: {machine['cores']} cores, {machine['cpu_model']} ({flags}), load average {load}.")
     if floor.get("peak_gflops"):
         lines.append(
             f"Floor: {floor['gflops_per_image']} GFLOP/image at {floor['peak_gflops']} GFLOP/s peak "

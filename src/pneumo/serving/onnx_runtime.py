@@ -186,13 +186,13 @@ class OnnxRunner:
     between nodes), all graph optimizations (Conv+BN+activation fusion, constant folding), and
     worker threads that spin-wait *during* a run but stop when it returns
     (``session.force_spinning_stop``). Without spinning, each of the ~100 parallel sections of a
-    forward pass wakes the sleeping worker (measured: 5.6 vs 4.7 ms per image for the round-5 INT8
-    graph, idle); with ONNX Runtime's default, the workers keep spinning *after* each run, which
-    on a 2-core machine takes the core the next image's decoding needs and starves everything
-    else (single-image latency on 2 loaded cores: 61 ms without spinning, 140 ms with it). Stopping
-    at the end of each run keeps the first gain without the second cost (loaded, 2 busy processes:
-    p50 11.7 ms vs 12.0 ms without spinning and 14.3 ms always spinning). ``run`` is thread-safe,
-    so one runner serves every request of the API.
+    forward pass wakes the sleeping worker; with ONNX Runtime's default, the workers keep spinning
+    *after* each run, which on a 2-core machine takes the core the next image's decoding needs and
+    starves everything else (single-image latency on 2 loaded cores: 61 ms without spinning, 140 ms
+    with it). Stopping at the end of each run keeps the first gain without the second cost.
+    Measured with the round-5 INT8 graph at batch 1, 3 ms between runs, p50 without spinning /
+    spinning within runs / always spinning: idle 6.3 / 5.3 / 5.2 ms, beside two busy processes
+    12.0 / 11.7 / 14.3 ms. ``run`` is thread-safe, so one runner serves every request of the API.
 
     Args:
         path: the exported ``.onnx`` file.
