@@ -225,15 +225,16 @@ def calibrate_bundle(
     features_train, _ = extract_features(predictor, train_files, batch_size)
     features_val, _ = extract_features(predictor, val_files, batch_size)
     gate = fit_ood(features_train, features_val, quantile=quantile, n_components=n_components)
+    meta = read_meta(predictor.bundle_dir)
     if shifts:  # the threshold as training sets it (see _threshold_on_shifts)
         size = predictor.preprocess_config.input_size  # keyed by file name, as training keys the shifts' seeds
         images = [(Path(f).name if isinstance(f, str | Path) else str(i), read_image(f, draft_size=size).image)
                   for i, f in enumerate(val_files)]  # fmt: skip
         scores: list[np.ndarray] = []
         robustness.shifted_probabilities(robustness.predictor_prob_fn(predictor, gate, scores), images)
-        gate.set_threshold(np.concatenate(scores), quantile, "validation X-rays and their robustness shifts")
-    meta = read_meta(predictor.bundle_dir)
-    meta.ood = gate.save(predictor.bundle_dir)
+        meta.ood = _threshold_on_shifts(predictor.bundle_dir, gate, scores)
+    else:
+        meta.ood = gate.save(predictor.bundle_dir)
     write_meta(predictor.bundle_dir, meta)
     log.info(
         "OOD gate written to %s: threshold %.3f refuses %.2f%% of %d validation X-rays.",

@@ -252,8 +252,7 @@ def fit(config: TrainConfig) -> Path | None:
         "train_data": dataset_summary(images.train_samples, config.label_mode),
         "val_data": dataset_summary(images.val_samples, config.label_mode),
         "epochs_run": trainer.current_epoch,  # after fit: the number of completed epochs (early stop included)
-        "best_epoch": _best_epoch(out),
-        "epoch_seconds": _epoch_seconds(out),
+        **_epoch_record(out),
         "trainable_parameters_phase2": sum(p.numel() for m in head + unfrozen for p in m.parameters()),
         "parameters": count_parameters(model),
         "cache_seconds": round(cache_seconds, 1),
@@ -267,13 +266,14 @@ def fit(config: TrainConfig) -> Path | None:
     return finish_run(model, meta, config, images, feature_fn, record, started=started)
 
 
-def _best_epoch(out: Path) -> int | None:
-    aucs = read_metrics_csv(out / "logs" / "metrics.csv").get("val_auc", [])
-    return max(aucs, key=lambda pair: pair[1])[0] if aucs else None
-
-
-def _epoch_seconds(out: Path) -> list[float]:
-    return [round(seconds, 2) for _, seconds in read_metrics_csv(out / "logs" / "metrics.csv").get("epoch_seconds", [])]
+def _epoch_record(out: Path) -> dict[str, Any]:
+    """``best_epoch`` (highest validation AUC) and ``epoch_seconds`` from the run's metrics.csv, read once."""
+    series = read_metrics_csv(out / "logs" / "metrics.csv")
+    aucs = series.get("val_auc", [])
+    return {
+        "best_epoch": max(aucs, key=lambda pair: pair[1])[0] if aucs else None,
+        "epoch_seconds": [round(seconds, 2) for _, seconds in series.get("epoch_seconds", [])],
+    }
 
 
 def _image_features(model: nn.Module, dm: XrayDataModule) -> Any:
