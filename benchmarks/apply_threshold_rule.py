@@ -49,7 +49,7 @@ def main() -> None:
 
     bundle = args.run / "bundle"
     meta = read_meta(bundle)
-    split = meta.training.get("split", "the validation split")
+    split = meta.training.split or "the validation split"
     meta.threshold = threshold
     meta.threshold_rule = (
         f"{chosen['description']} ({split}), after temperature scaling; chosen among "

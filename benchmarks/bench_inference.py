@@ -2,7 +2,7 @@
 
     python benchmarks/bench_inference.py [--bundle BUNDLE] [--images DIR] [--gradcam] [--out FILE]
 
-Same measurement as ``pneumo bench`` (see :mod:`pneumo.serving.bench` for what is timed and how); this
+Same measurement as ``pneumo bench`` (see :mod:`pneumo.inference.bench` for what is timed and how); this
 script adds the defaults used for the published table (more latency passes) and writes
 ``benchmarks/results/bench_inference.json``. Run it on an otherwise idle machine: the JSON
 records the load average at the end of the run, so a noisy result can be recognised.
@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pneumo.serving.bench import BenchSettings, format_table, run_bench
+from pneumo.inference.bench import BenchSettings, format_table, run_bench
 
 REPO = Path(__file__).resolve().parents[1]
 

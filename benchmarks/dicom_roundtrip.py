@@ -75,7 +75,7 @@ def _instances(films: list[np.ndarray]) -> tuple[str, list[bytes]]:
 def _report_uid(data: bytes, model: Any) -> str:
     import pydicom
 
-    from pneumo.serving.dicom_sr import derived_uid
+    from pneumo.dicom.sr import derived_uid
 
     uid = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
     return derived_uid(uid, "pneumo-sr", model.name, model.version)
@@ -95,8 +95,8 @@ def _wait(pacs: Orthanc, report_uids: list[str], timeout: float = 300) -> float:
 
 
 def _measure(pacs: Orthanc, predictor: Any, heatmap: bool, n: int, films: list[np.ndarray], spool: Path) -> dict:
-    from pneumo.serving.dicom_analysis import Analyser
-    from pneumo.serving.dicom_node import Destination, DicomNode, NodeConfig
+    from pneumo.dicom.analysis import Analyser
+    from pneumo.dicom.node import Destination, DicomNode, NodeConfig
 
     analyser = Analyser.from_predictor(predictor, heatmap=heatmap)
     destination = Destination(ORTHANC_AET, "127.0.0.1", pacs.dicom_port)
@@ -146,7 +146,7 @@ def main() -> int:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
 
-    from pneumo.serving.inference import Predictor
+    from pneumo.inference.predictor import Predictor
 
     predictor = Predictor(args.model)
     films = _films(args.data, args.n)

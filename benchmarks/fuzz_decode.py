@@ -1,4 +1,4 @@
-"""The long fuzzing run of bytes -> pneumo.core.io.read_image -> preprocess (the suite runs a short one).
+"""The long fuzzing run of bytes -> pneumo.core.decode.read_image -> preprocess (the suite runs a short one).
 
     python benchmarks/fuzz_decode.py --examples 20000            # hypothesis, random seed
     python benchmarks/fuzz_decode.py --engine atheris --seconds 600   # coverage-guided (pip install atheris)

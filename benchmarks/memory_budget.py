@@ -4,7 +4,7 @@
 
 Each input (made by ``tests/hostile_inputs.py``: a Deflated DICOM whose private element inflates
 to 1 GB, a DICOM whose JPEG frame declares 13000 x 13000, flat 16-bit PNG, float TIFF and RGBA
-PNG of 6000 x 6000) is decoded by ``pneumo.core.io.read_image`` in a child interpreter whose
+PNG of 6000 x 6000) is decoded by ``pneumo.core.decode.read_image`` in a child interpreter whose
 high-water mark is reset just before the call; the figure is that peak minus the RSS before it.
 ``--before-src`` measures another checkout's ``src`` too (e.g. ``git archive d910f73 src | tar -x
 -C /tmp/before``), so before/after sit side by side. The budget is 300 MB (docs/reliability.md).

@@ -8,15 +8,15 @@ What it does, with the bundle's own model (default: the bundle shipped in the pa
    (the split training uses, same defaults);
 2. computes pooled backbone features of every image (cached under ``--cache``, keyed by the
    weights' hash, so reruns take seconds);
-3. fits the gate (:func:`pneumo.serving.ood.fit_ood`) on the train features, threshold on validation; a
+3. fits the gate (:func:`pneumo.modeling.ood_fit.fit_ood`) on the train features, threshold on validation; a
    decision counts the feature distance *and* the blank-image check (gray-level std under
-   ``pneumo.serving.ood.MIN_PIXEL_STD``), as :meth:`pneumo.serving.ood.OodGate.check` does in the Predictor;
+   ``pneumo.inference.ood.MIN_PIXEL_STD``), as :meth:`pneumo.inference.ood.OodGate.check` does in the Predictor;
 4. **false refusals**: fraction of validation X-rays refused. The in-sample figure is
    ~``1 - quantile`` by construction, so the honest figure is 2-fold by patient: threshold on one
    half of the validation patients, count refusals on the other half, and swap;
 5. **acceptance of non-X-rays**: fraction of the set built by ``ood_nonxray.build_nonxray_set``
    (photos, faces, documents, screenshots, noise, gradients, other modalities) that the gate
-   accepts, per category; images already refused by ``pneumo.core.io`` count as refused (and are
+   accepts, per category; images already refused by ``pneumo.core.decode`` count as refused (and are
    listed). X-ray look-alikes (a photo of an X-ray on a screen, inverted, rotated) are reported
    apart, as is acceptance of the 14 full-resolution originals in ``fullres_samples``;
 6. ``--compare``: the same figures for other gate variants (number of components, leading
@@ -45,9 +45,9 @@ from ood_nonxray import build_nonxray_set, hard_cases
 
 from pneumo.core.dataset import Sample, train_val_samples
 from pneumo.core.errors import PneumoError
-from pneumo.modeling.calibration import extract_features
-from pneumo.serving.inference import Predictor
-from pneumo.serving.ood import DEFAULT_COMPONENTS, DEFAULT_QUANTILE, MIN_PIXEL_STD, fit_ood
+from pneumo.modeling.ood_fit import extract_features, fit_ood
+from pneumo.inference.predictor import Predictor
+from pneumo.inference.ood import DEFAULT_COMPONENTS, DEFAULT_QUANTILE, MIN_PIXEL_STD
 
 log = logging.getLogger("ood_eval")
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def _halves(samples: list[Sample], seed: int) -> np.ndarray:
 
 
 def pixel_stds(predictor: Predictor, sources: list[Any]) -> np.ndarray:
-    """Gray-level standard deviation of each decoded input (NaN where pneumo.core.io refuses it): the blank check."""
+    """Gray-level standard deviation of each decoded input (NaN where pneumo.core.decode refuses it): the blank check."""
     from PIL import ImageStat
 
     stds = []
@@ -117,7 +117,7 @@ def false_refusals(
 def nonxray_features(
     predictor: Predictor, items: list[tuple[str, str, bytes]], cache: Path, tag: str
 ) -> tuple[np.ndarray, list[int], dict]:
-    """Features of the items that decode (cached); the others are refusals by ``pneumo.core.io`` (name -> code)."""
+    """Features of the items that decode (cached); the others are refusals by ``pneumo.core.decode`` (name -> code)."""
     digest = hashlib.sha256(b"".join(hashlib.sha256(data).digest() for _, _, data in items)).hexdigest()[:12]
     file = cache / f"{tag}-{_weights_key(predictor)}-{digest}.npz"
     if file.is_file():
@@ -229,7 +229,7 @@ def compare(
 
 
 def _write_copy(bundle_dir: Path, target: Path, gate: Any) -> None:
-    """A copy of the bundle with ``gate`` in it (the same result as ``pneumo ood calibrate``)."""
+    """A copy of the bundle with ``gate`` in it (the same result as ``pneumo ood fit``)."""
     import shutil
 
     from pneumo.core.bundle import read_meta, write_meta

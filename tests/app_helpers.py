@@ -1,4 +1,4 @@
-"""Helpers shared by the explain, API, app and DICOM tests: tiny bundles and encoded test images."""
+"""Helpers shared by the explain, API, app and DICOM tests: encoded test images and the app page."""
 
 from __future__ import annotations
 
@@ -11,37 +11,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from conftest import synthetic_xray
-from model_helpers import tiny_bundle
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 from streamlit.testing.v1 import AppTest
 
 import pneumo
-from pneumo.modeling.models import create_model
-from pneumo.serving import app_support
+from pneumo.app import support as app_support
 
 #: The Streamlit page the app tests drive.
-PAGE = Path(pneumo.__file__).parent / "serving" / "app.py"
-
-
-def make_bundle(
-    folder: Path, arch: str = "efficientnet_lite0", input_size: int = 64, seed: int = 0, **meta: Any
-) -> Path:
-    """A randomly initialised (seeded) bundle with a small input size: fast, and says nothing about X-rays."""
-    labels = meta.get("labels", ["NORMAL", "PNEUMONIA"])
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the same weights every run: tests on a random model stay deterministic
-        model = create_model(arch, num_classes=len(labels), pretrained=False)
-        # create_model starts the head near zero (right for training); a served random model needs
-        # a head of ordinary scale, or every probability is ~0.5 and every Grad-CAM map is flat.
-        torch.nn.init.normal_(model.get_classifier().weight, std=0.5)
-    defaults: dict[str, Any] = {"name": "tiny-test", "version": "9.9.9"}
-    defaults["metrics"] = {"roc_auc": 0.5, "sensitivity": 0.25}
-    extra = {k: v for k, v in meta.items() if k != "labels"}
-    return tiny_bundle(folder, model, arch=arch, labels=labels, input_size=input_size, **{**defaults, **extra})[0]
+PAGE = Path(pneumo.__file__).parent / "app" / "page.py"
 
 
 def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:

@@ -98,15 +98,14 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _torch_backend_and_private_onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep ``Predictor(backend="auto")`` on PyTorch in tests, and ONNX exports out of ``~/.cache``.
+def _production_backend_and_private_onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run the backend production runs (``auto``: the INT8 graph, else the fp32 graph); exports in a private cache.
 
-    Under "auto" a bundle without ``model.onnx`` is exported to ONNX once (10-40 s for a real
-    backbone on 2 cores); tests build fresh random bundles, so every Predictor would export. Tests
-    of the ONNX backend ask for it explicitly (``backend="onnx"``), which this does not override.
+    No ``PNEUMO_BACKEND`` from the caller's shell leaks in; the test bundles' fp32 exports
+    (:func:`model_helpers.tiny_bundle`) go to a session folder, not ``~/.cache``.
     """
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PNEUMO_BACKEND", "torch")
+        patch.delenv("PNEUMO_BACKEND", raising=False)
         patch.setenv("PNEUMO_CACHE", str(tmp_path_factory.mktemp("pneumo-cache")))
         yield
 
@@ -119,12 +118,12 @@ def noise_image(seed: int, side: int = 96) -> Image.Image:
 @pytest.fixture(scope="session")
 def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight bundle whose OOD gate is calibrated on synthetic X-rays (the real gate code)."""
-    from app_helpers import make_bundle
+    from model_helpers import SURFACE_META, tiny_bundle
 
-    from pneumo.modeling.calibration import calibrate_bundle
+    from pneumo.modeling.ood_fit import refit_gate
 
     root = tmp_path_factory.mktemp("gated")
-    bundle = make_bundle(root / "bundle")
+    bundle = tiny_bundle(root / "bundle", head="wide", **SURFACE_META)[0]
     sources = {}
     for split, count, parity in (("train", 96, 0), ("val", 48, 1)):
         folder = root / split
@@ -136,7 +135,7 @@ def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
             sources.setdefault(split, []).append(path)
     # Clean validation images only: a random-weight model's features of shifted synthetic films (noise, text)
     # are no closer to X-rays than a document's, so the shifted sample would accept everything here.
-    calibrate_bundle(bundle, sources["train"], sources["val"], quantile=0.99, n_components=8, shifts=False)
+    refit_gate(bundle, sources["train"], sources["val"], quantile=0.99, n_components=8, shifts=False)
     return bundle
 
 

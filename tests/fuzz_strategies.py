@@ -1,4 +1,4 @@
-"""Hypothesis strategies for fuzzing bytes -> pneumo.core.io.read_image -> preprocess, and the property checked.
+"""Hypothesis strategies for fuzzing bytes -> pneumo.core.decode.read_image -> preprocess, and the property checked.
 
 Shared by tests/core/test_fuzz.py (a short, deterministic run) and benchmarks/fuzz_decode.py (the long run).
 Random bytes alone rarely get past a decoder's first check, so most strategies start from *valid*
@@ -18,8 +18,8 @@ from bad_inputs import dicom_xray, encode, set_jpeg_size, xray_like
 from hypothesis import strategies as st
 from PIL import Image
 
+from pneumo.core.decode import Limits, read_image
 from pneumo.core.errors import PneumoError
-from pneumo.core.io import Limits, read_image
 
 #: Small caps keep every example cheap; the checks are the same at any cap.
 FUZZ_LIMITS = Limits(max_bytes=1 * 2**20, max_pixels=2_000_000, min_side=64, max_aspect_ratio=4.0)

@@ -136,7 +136,7 @@ import json, resource, sys
 from pathlib import Path
 try:
     from pneumo.core.errors import PneumoError
-    from pneumo.core.io import read_image
+    from pneumo.core.decode import read_image
 except ImportError:  # the flat layout of earlier releases (benchmarks/memory_budget.py --before-src)
     from pneumo.errors import PneumoError
     from pneumo.io import read_image

@@ -51,10 +51,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 def test_train_writes_a_bundle_of_the_default_arch(trained: Trained) -> None:
     meta = read_meta(trained.bundle)
     assert meta.arch == "efficientnet_lite0" and meta.name == "cli-test"
-    config = meta.training["config"]
+    config = meta.training.config
     assert config["frozen_epochs"] == 1 and config["finetune_epochs"] == 0 and config["pretrained"] is True
     assert config["cache_views"] == 1 and config["batch_size"] == 8
-    assert meta.training["epochs_run"] == 1
+    assert meta.training.epochs_run == 1
     assert (trained.run / "run.json").is_file() and (trained.run / "curves.png").is_file()
 
 

@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from app_helpers import make_bundle, xray_bytes
+from app_helpers import xray_bytes
+from model_helpers import SURFACE_META, tiny_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("bundle"))
+    return tiny_bundle(tmp_path_factory.mktemp("bundle"), head="wide", **SURFACE_META)[0]
 
 
 def _as_user() -> list[str]:

@@ -25,8 +25,9 @@ from pneumo.core.bundle import (
 )
 from pneumo.core.errors import BundleError
 from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.inference import Predictor
+from pneumo.modeling.torch_backend import torch_predictor
 from pneumo.modeling.weights import load_bundle, save_bundle
-from pneumo.serving.inference import Predictor
 
 
 def _png(name: str, pneumonia: bool) -> bytes:
@@ -48,14 +49,14 @@ def test_round_trip_gives_identical_weights_and_predictions(tmp_path: Path) -> N
     save_bundle(tmp_path / "b2", loaded, meta)
     image = _png("roundtrip", True)
     # backend="torch": bit-identity is a property of the same engine on the same weights (ONNX has its own tests).
-    first = Predictor(folder, backend="torch").predict(image)
-    second = Predictor(tmp_path / "b2", backend="torch").predict(image)
+    first = torch_predictor(folder).predict(image)
+    second = torch_predictor(tmp_path / "b2").predict(image)
     assert first.probability == second.probability
     assert first.probabilities == second.probabilities
     assert first.threshold == second.threshold == 0.42
 
     # And the bundle's logits are exactly what the in-memory model computed before saving.
-    predictor = Predictor(folder, backend="torch")
+    predictor = torch_predictor(folder)
     batch = predictor.prepare(predictor.decode(image))[None]
     with torch.inference_mode():
         expected = model.eval()(torch.from_numpy(batch)).numpy()
@@ -76,12 +77,17 @@ def test_meta_round_trip_keeps_every_field_and_unknown_keys(tmp_path: Path) -> N
         temperature=2.5,
         training={"epochs_run": 3},
         metrics={"validation": {"roc_auc": 0.9}},
-        ood={"method": "x", "threshold": 4.0},
+        ood={"threshold": 4.0, "noise_variance": 0.01, "components": 8, "feature_dim": 1280},
+        export=False,
     )
     meta = read_meta(folder)
     assert meta.threshold == 0.3 and meta.temperature == 2.5 and meta.threshold_rule == "youden"
-    assert meta.training == {"epochs_run": 3} and meta.metrics["validation"]["roc_auc"] == 0.9
-    assert meta.ood == {"method": "x", "threshold": 4.0}
+    assert meta.training.epochs_run == 3 and meta.metrics["validation"]["roc_auc"] == 0.9
+    assert meta.ood is not None and (meta.ood.threshold, meta.ood.components, meta.ood.method) == (
+        4.0,
+        8,
+        "ppca-mahalanobis",
+    )
     assert meta.preprocess == PreprocessConfig(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert meta.versions["torch"] == torch.__version__ and meta.created
 
@@ -167,9 +173,10 @@ def test_unknown_optional_keys_and_a_files_mapping_are_kept(tmp_path: Path) -> N
     (tmp_path / META_FILE).write_text(json.dumps(data))
     meta = read_meta(tmp_path)
     assert meta.extra == {"robustness": {"blur": 0.9}}
-    assert meta.files == files
+    assert meta.int8 is not None and meta.int8.sha256 == "0" * 64 and meta.int8.passed_check is False
     assert meta.metrics["robustness"] == {"jpeg_q10": {"roc_auc": 0.8}}
-    assert meta.to_dict()["files"] == files
+    written = meta.to_dict()["files"]["model_int8.onnx"]
+    assert {k: written[k] for k in files["model_int8.onnx"]} == files["model_int8.onnx"]
 
 
 def test_read_meta_accepts_the_minimal_good_file(tmp_path: Path) -> None:
@@ -202,7 +209,7 @@ def test_weights_of_another_architecture_are_a_bundle_error(tmp_path: Path) -> N
 def test_three_class_bundle_round_trip(tmp_path: Path) -> None:
     labels = ["NORMAL", "BACTERIA", "VIRUS"]
     folder, model = tiny_bundle(tmp_path / "b", labels=labels, positive_labels=["BACTERIA", "VIRUS"])
-    predictor = Predictor(folder, backend="torch")
+    predictor = torch_predictor(folder)
     result = predictor.predict(_png("three", False))
     assert set(result.probabilities) == set(labels)
     assert result.probability == pytest.approx(result.probabilities["BACTERIA"] + result.probabilities["VIRUS"])

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo.core.io import read_image
+from pneumo.core.decode import read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
-from pneumo.serving.bench import synthesize_xrays
-from pneumo.serving.inference import Predictor
+from pneumo.inference.bench import synthesize_xrays
+from pneumo.modeling.torch_backend import torch_predictor
 
 MEAN_TOLERANCE = 0.01
 MAX_TOLERANCE = 0.5
@@ -54,7 +54,7 @@ def test_draft_decode_is_within_tolerance_on_the_full_resolution_samples(shared_
     originals = sorted((shared_data / "fullres_samples").glob("*/*.jpeg"))
     if not originals:
         pytest.skip("no full-resolution samples")
-    predictor = Predictor(None, backend="torch", check_ood=False)
+    predictor = torch_predictor(None, check_ood=False)
     assert predictor.decode(originals[0]).image.size < read_image(originals[0]).image.size  # the fast path is on
     rows, batches = [], []
     for path in originals:

@@ -19,8 +19,8 @@ from hostile_inputs import HOSTILE, deflated_dicom_bomb, lying_jpeg_dicom, measu
 from PIL import Image
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
 
+from pneumo.core.decode import read_image
 from pneumo.core.errors import PneumoError
-from pneumo.core.io import read_image
 
 #: Peak extra memory of one decode, for any input under the default limits (docs/reliability.md).
 BUDGET_MB = 300
@@ -122,8 +122,8 @@ def test_exif_rotation_still_applies_after_the_gray_conversion() -> None:
 
 def test_deflate_cap_is_enforced_on_the_stream_not_on_the_file_size() -> None:
     """A stream just over the cap is refused, although its file is tiny."""
-    from pneumo.core.decode_budget import inflate_cap
-    from pneumo.core.io import Limits
+    from pneumo.core.decode import Limits
+    from pneumo.core.decode.dicom import inflate_cap
 
     limits = Limits(max_pixels=1_000_000)
     bomb = deflated_dicom_bomb(inflated=inflate_cap(limits.max_pixels) + 1)

@@ -12,8 +12,8 @@ import torch
 
 from pneumo.core import dataset
 from pneumo.core.dataset import Sample, dataset_summary, discover, patient_id, patient_split, train_val_samples
+from pneumo.core.decode import read_image
 from pneumo.core.errors import DataError, InvalidImageError
-from pneumo.core.io import read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
 from pneumo.modeling.config import AugmentConfig
 from pneumo.modeling.data import XrayDataModule, XrayDataset, balanced_sampler, build_augment, class_weights

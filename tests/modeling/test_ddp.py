@@ -53,12 +53,12 @@ def test_two_process_ddp_on_cpu_trains_and_rank_zero_alone_writes_the_bundle(tmp
     bundle = run / "bundle"
     meta = read_meta(bundle)
     assert (bundle / "weights.safetensors").is_file() and meta.arch == "test_efficientnet"
-    assert meta.training["config"]["devices"] == "2" and meta.training["config"]["strategy"] == "ddp"
-    assert meta.training["epochs_run"] == 1
+    assert meta.training.config["devices"] == "2" and meta.training.config["strategy"] == "ddp"
+    assert meta.training.epochs_run == 1
     # Validation metrics of the bundle cover the whole validation split, not one rank's shard.
-    assert meta.metrics["validation"]["n_images"] == meta.training["val_data"]["n_images"]
+    assert meta.metrics["validation"]["n_images"] == meta.training.val_data["n_images"]
     val_rows = list(csv.DictReader((run / "validation" / "predictions.csv").open()))
-    assert len(val_rows) == meta.training["val_data"]["n_images"]
+    assert len(val_rows) == meta.training.val_data["n_images"]
     assert json.loads((run / "run.json").read_text())["bundle"] == str(bundle)
     metrics_lines = (run / "logs" / "metrics.csv").read_text().splitlines()
     assert sum(line.startswith("epoch,") for line in metrics_lines) == 1  # a single logger wrote it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -11,28 +12,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import (
-    exported_tiny_bundle_fixture,  # noqa: F401 (session fixture)
-    tiny_bundle,
-    xray_jpegs,
-)
+from export_helpers import exported_tiny_bundle_fixture  # noqa: F401 session fixture
+from model_helpers import tiny_bundle, xray_jpegs
 from onnx import TensorProto, helper
 
+from pneumo.core.bundle import ONNX_FILE, WEIGHTS_SHA_KEY, read_meta, write_meta
 from pneumo.core.environment import available_cores
 from pneumo.core.errors import PneumoError
+from pneumo.inference import Predictor
+from pneumo.inference import runners as onnx_runtime
+from pneumo.inference.runners import BackendError, cached_onnx_path, find_onnx, weights_sha256
 from pneumo.modeling import export
+from pneumo.modeling.torch_backend import torch_predictor
 from pneumo.modeling.weights import load_bundle, save_bundle
-from pneumo.serving import onnx_runtime
-from pneumo.serving.inference import Predictor
-from pneumo.serving.onnx_runtime import (
-    ONNX_FILE,
-    WEIGHTS_SHA_KEY,
-    OnnxBackendError,
-    cached_onnx_path,
-    find_onnx,
-    select_onnx_runner,
-    weights_sha256,
-)
 
 
 @pytest.fixture
@@ -58,36 +50,34 @@ def test_export_writes_a_dynamic_batch_graph_with_logits_and_features(exported: 
 
 def test_onnx_and_torch_agree_on_32_images(exported: Path) -> None:
     blobs = xray_jpegs(32)
-    torch_predictor = Predictor(exported, backend="torch", check_ood=False)
-    onnx_predictor = Predictor(exported, backend="onnx", check_ood=False)
-    assert (torch_predictor.backend, onnx_predictor.backend) == ("torch", "onnx")
-    p_torch = np.array([r.probability for r in torch_predictor.predict_many(blobs)])  # type: ignore[union-attr]
-    p_onnx = np.array([r.probability for r in onnx_predictor.predict_many(blobs)])  # type: ignore[union-attr]
+    torch_side = torch_predictor(exported, check_ood=False)
+    onnx_side = Predictor(exported, backend="fp32", check_ood=False)
+    assert (torch_side.backend, onnx_side.backend) == ("torch", "fp32")
+    p_torch = np.array([r.probability for r in torch_side.predict_many(blobs)])  # type: ignore[union-attr]
+    p_onnx = np.array([r.probability for r in onnx_side.predict_many(blobs)])  # type: ignore[union-attr]
     assert p_torch.shape == (32,)
     assert p_torch.std() > 0.1  # spread over (0, 1): the comparison is not made at a single flat point
     np.testing.assert_allclose(p_onnx, p_torch, rtol=0, atol=1e-4)
     # the features feed the OOD gate: they must match too
-    batch = np.stack([torch_predictor.prepare(torch_predictor.decode(b)) for b in blobs[:8]])
-    (lt, ft), (lo, fo) = torch_predictor.forward(batch), onnx_predictor.forward(batch)
-    assert fo.shape == ft.shape == (8, torch_predictor.model.num_features)  # type: ignore[union-attr]
+    batch = np.stack([torch_side.prepare(torch_side.decode(b)) for b in blobs[:8]])
+    (lt, ft), (lo, fo) = torch_side.forward(batch), onnx_side.forward(batch)
+    assert fo.shape == ft.shape == (8, torch_side.runner.model.num_features)  # type: ignore[attr-defined]
     np.testing.assert_allclose(fo, ft, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(lo, lt, rtol=1e-4, atol=1e-4)
 
 
-def test_round_trip_auto_uses_the_bundles_onnx_file(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PNEUMO_BACKEND", raising=False)
-    predictor = Predictor(exported, check_ood=False)  # backend="auto"
-    assert predictor.backend == "onnx"
-    assert predictor.describe()["backend"] == "onnx"
-    assert predictor._onnx is not None and predictor._onnx.path == exported / ONNX_FILE
-    assert isinstance(predictor.model, torch.nn.Module)  # Grad-CAM still has the torch model
-    options = predictor._onnx.session.get_session_options()
+def test_round_trip_auto_uses_the_bundles_onnx_file(exported: Path) -> None:
+    predictor = Predictor(exported, check_ood=False)  # backend="auto": no INT8 graph, so the fp32 one
+    assert predictor.backend == "fp32"
+    assert predictor.describe()["backend"] == "fp32"
+    assert predictor.onnx_runner is not None and predictor.onnx_runner.path == exported / ONNX_FILE
+    options = predictor.onnx_runner.session.get_session_options()
     assert options.intra_op_num_threads == available_cores()
     # Workers spin within a run and stop when it returns (never burning a core between requests).
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     blob = xray_jpegs(2)[1]
-    reference = Predictor(exported, backend="torch", check_ood=False).predict(blob)
+    reference = torch_predictor(exported, check_ood=False).predict(blob)
     answer = predictor.predict(blob)
     assert answer.label == reference.label
     assert abs(answer.probability - reference.probability) <= 1e-4
@@ -96,21 +86,18 @@ def test_round_trip_auto_uses_the_bundles_onnx_file(exported: Path, monkeypatch:
 def test_pneumo_backend_environment_variable_overrides_auto_only(
     exported: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PNEUMO_BACKEND", "torch")
+    monkeypatch.setenv("PNEUMO_BACKEND", "torch")  # registered: this module imported the training stack's backend
     assert Predictor(exported, check_ood=False).backend == "torch"
-    assert Predictor(exported, backend="onnx", check_ood=False).backend == "onnx"
+    assert Predictor(exported, backend="fp32", check_ood=False).backend == "fp32"
     monkeypatch.setenv("PNEUMO_BACKEND", "tensorflow")
-    with pytest.raises(OnnxBackendError, match="PNEUMO_BACKEND"):
+    with pytest.raises(BackendError, match="PNEUMO_BACKEND"):
         Predictor(exported, check_ood=False)
 
 
-def test_unknown_backend_and_onnx_on_a_gpu_are_refused(exported: Path) -> None:
-    with pytest.raises(PneumoError, match="Unknown backend 'tensorrt'") as info:
-        select_onnx_runner(exported, "tensorrt")
+def test_unknown_backend_is_refused_naming_the_known_ones(exported: Path) -> None:
+    with pytest.raises(PneumoError, match="Unknown backend 'tensorrt'; use one of auto, int8, fp32") as info:
+        Predictor(exported, backend="tensorrt")
     assert info.value.code == "bad_backend"
-    with pytest.raises(OnnxBackendError, match="runs on the CPU"):
-        select_onnx_runner(exported, "onnx", device="cuda")
-    assert select_onnx_runner(exported, "auto", device="cuda") is None
 
 
 def test_stale_onnx_file_is_ignored(exported: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -121,65 +108,53 @@ def test_stale_onnx_file_is_ignored(exported: Path, tmp_path: Path, caplog: pyte
     with torch.no_grad():
         model.get_classifier().bias.add_(1.0)  # type: ignore[operator, union-attr]
     save_bundle(folder, model, meta)
-    with caplog.at_level(logging.WARNING, logger="pneumo.serving.onnx_runtime"):
-        assert find_onnx(folder) is None
+    with caplog.at_level(logging.WARNING, logger="pneumo.inference.runners"):
+        assert find_onnx(folder, meta) is None
     assert "not exported from this bundle's weights" in caplog.text
-    assert find_onnx(exported) == exported / ONNX_FILE
+    assert find_onnx(exported, read_meta(exported)) == exported / ONNX_FILE
 
 
-def test_auto_exports_once_into_the_cache_and_reuses_it(
+def test_a_graph_of_another_input_size_is_ignored(exported: Path, tmp_path: Path) -> None:
+    """The graph's spatial size is fixed at export: the same weights at another input size need their own graph."""
+    folder = tmp_path / "resized"
+    shutil.copytree(exported, folder)
+    meta = read_meta(folder)
+    meta.preprocess = dataclasses.replace(meta.preprocess, input_size=96)
+    write_meta(folder, meta)
+    assert find_onnx(folder, meta) is None
+    with pytest.raises(BackendError, match="pneumo export onnx"):
+        Predictor(folder, check_ood=False)
+
+
+def test_the_predictor_never_exports_and_says_how_to(
     exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No model.onnx in the bundle: "auto" exports into the user cache once, later starts reuse it.
-
-    The export itself is the module fixture's (real, tested above); here it is replayed by copying
-    its file, which keeps this test at a fraction of a second.
-    """
-    monkeypatch.delenv("PNEUMO_BACKEND", raising=False)
-    monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "cache"))
+    """No graph in the bundle or the cache: a clear error naming the command, and nothing written anywhere."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PNEUMO_CACHE", str(cache))
     folder = tmp_path / "bundle"
     shutil.copytree(exported, folder, ignore=shutil.ignore_patterns(ONNX_FILE))
-    calls: list[tuple[Path, Path | None]] = []
-
-    def replay_export(bundle_dir: Path, out: Path | None = None, opset: int = 18) -> Path:
-        calls.append((Path(bundle_dir), out))
-        assert out is not None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(exported / ONNX_FILE, out)
-        return out
-
-    monkeypatch.setattr(export, "export_onnx", replay_export)
-    first = Predictor(folder, check_ood=False)
-    cached = cached_onnx_path(folder)
-    assert first.backend == "onnx"
-    assert calls == [(folder, cached)]
-    assert cached.parent == tmp_path / "cache" / "onnx" and cached.name == f"{weights_sha256(folder)}.fm.onnx"
-    assert not (folder / ONNX_FILE).exists()  # the bundle is left as it was
-    second = Predictor(folder, check_ood=False)
-    assert len(calls) == 1  # not exported again
-    assert second.backend == "onnx" and second._onnx is not None and second._onnx.path == cached
+    for backend in ("auto", "fp32"):
+        with pytest.raises(BackendError, match=f"pneumo export onnx --model {folder}") as info:
+            Predictor(folder, backend=backend, check_ood=False)
+        assert info.value.code == "backend_unavailable"
+    assert not cache.exists() and sorted(p.name for p in folder.iterdir()) == ["bundle.json", "weights.safetensors"]
 
 
-def test_failed_export_falls_back_to_torch_under_auto_and_raises_under_onnx(
-    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_failing_export_is_an_error_not_a_fallback(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("PNEUMO_BACKEND", raising=False)
-    monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "empty-cache"))
     folder = tmp_path / "no-onnx"
     shutil.copytree(exported, folder, ignore=shutil.ignore_patterns(ONNX_FILE))
 
-    def broken(*args: object, **kwargs: object) -> Path:
-        raise OnnxBackendError("simulated exporter crash", code="onnx_export_failed")
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated exporter crash")
 
-    monkeypatch.setattr(export, "export_onnx", broken)
-    with caplog.at_level(logging.WARNING, logger="pneumo.serving.onnx_runtime"):
-        predictor = Predictor(folder, check_ood=False)
-    assert predictor.backend == "torch"
-    assert "falling back to PyTorch" in caplog.text
-    assert 0.0 <= predictor.predict(xray_jpegs(1)[0]).probability <= 1.0
-    with pytest.raises(OnnxBackendError, match="simulated exporter crash") as info:
-        Predictor(folder, backend="onnx", check_ood=False)
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(BackendError, match="ONNX export failed: RuntimeError: simulated exporter crash") as info:
+        export.export_onnx(folder)
     assert info.value.code == "onnx_export_failed"
+    assert not (folder / ONNX_FILE).exists()
 
 
 def test_foreign_onnx_file_is_refused_by_the_runner(tmp_path: Path) -> None:
@@ -192,7 +167,7 @@ def test_foreign_onnx_file_is_refused_by_the_runner(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
-    with pytest.raises(OnnxBackendError, match="expected") as info:
+    with pytest.raises(BackendError, match="expected") as info:
         onnx_runtime.OnnxRunner(path)
     assert info.value.code == "onnx_load_failed"
 
@@ -202,13 +177,13 @@ def test_default_bundle_export_goes_to_the_cache_not_into_the_package(
 ) -> None:
     """Exporting the shipped bundle must not add 13 MB to the installed package (a real export of a tiny bundle)."""
     shipped = tmp_path / "shipped"
-    tiny_bundle(shipped)
+    tiny_bundle(shipped, export=False)
     monkeypatch.setattr(export, "default_bundle_path", lambda: shipped)  # this folder plays the installed bundle
     monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "cache"))
     target = export.export_onnx(shipped)
-    assert target == cached_onnx_path(shipped) and target.is_file()
+    assert target == cached_onnx_path(shipped, 64) and target.is_file()
     assert target.parent == tmp_path / "cache" / "onnx"
-    assert find_onnx(shipped) == target  # stamped with the weights' hash, so the Predictor will use it
+    assert find_onnx(shipped, read_meta(shipped)) == target  # stamped with the weights' hash and the input size
     assert {p.name for p in shipped.iterdir()} == {"bundle.json", "weights.safetensors"}  # nothing added
 
 

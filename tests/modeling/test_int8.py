@@ -3,35 +3,38 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import write_tiny_dataset
-from export_helpers import tiny_bundle
+from model_helpers import tiny_bundle, xray_jpegs
 
-from pneumo.core.bundle import default_bundle_path, read_meta
-from pneumo.serving.inference import Predictor
-from pneumo.serving.onnx_runtime import (
-    INT8_FILE,
-    OnnxBackendError,
-    OnnxRunner,
-    file_sha256,
-    find_int8,
-    select_onnx_runner,
-    weights_sha256,
-)
+from pneumo.core.bundle import INT8_FILE, default_bundle_path, read_meta, write_meta
+from pneumo.inference import Predictor
+from pneumo.inference.runners import BackendError, OnnxRunner, file_sha256, find_int8, find_onnx, weights_sha256
+from pneumo.modeling.export import export_onnx
+from pneumo.modeling.torch_backend import torch_predictor
+
+
+@pytest.fixture(scope="module")
+def default_fp32() -> Path:
+    """The default bundle's fp32 graph, exported once into the session's cache (an explicit step, as a user does)."""
+    folder = default_bundle_path()
+    return find_onnx(folder, read_meta(folder)) or export_onnx(folder)
 
 
 def test_default_bundle_lists_its_int8_graph_with_checksums() -> None:
     folder = default_bundle_path()
-    entry = read_meta(folder).files[INT8_FILE]
-    assert entry["sha256"] == file_sha256(folder / INT8_FILE)
-    assert entry["weights_sha256"] == weights_sha256(folder)
-    figures = entry["validation"]
+    entry = read_meta(folder).int8
+    assert entry is not None
+    assert entry.sha256 == file_sha256(folder / INT8_FILE)
+    assert entry.weights_sha256 == weights_sha256(folder)
+    figures = entry.validation
     passes = figures["decision_agreement"] >= 0.995 and abs(figures["auc_delta"]) <= 0.002
-    assert entry["passed_check"] is passes  # the recorded verdict is the bar applied to the recorded figures
+    assert entry.passed_check is passes  # the recorded verdict is the bar applied to the recorded figures
     total = sum(f.stat().st_size for f in folder.iterdir())
     assert total < 25 * 2**20, f"default bundle is {total / 2**20:.1f} MB"
 
@@ -45,61 +48,52 @@ def _checked_copy(tmp_path: Path, passed: bool) -> Path:
     return folder
 
 
-def test_auto_serves_int8_only_when_it_passed_its_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PNEUMO_BACKEND", "auto")
+def test_auto_serves_int8_only_when_it_passed_its_check(tmp_path: Path, default_fp32: Path) -> None:
     assert Predictor(_checked_copy(tmp_path, True), check_ood=False).backend == "int8"
-    # A graph written with --force after missing the bar: the exporter is here, so fp32 ONNX answers.
-    assert Predictor(_checked_copy(tmp_path, False), check_ood=False).backend == "onnx"
+    # A graph written with --force after missing the bar: the fp32 graph was exported, so it answers.
+    assert Predictor(_checked_copy(tmp_path, False), check_ood=False).backend == "fp32"
 
 
-def test_without_an_exporter_auto_serves_an_unchecked_int8_graph_rather_than_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_without_an_fp32_graph_auto_serves_an_unchecked_int8_graph_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import pneumo.modeling.export as export
-
-    def no_exporter(*args: object, **kwargs: object) -> Path:
-        raise ImportError("no torch in a base install")
-
-    monkeypatch.setenv("PNEUMO_BACKEND", "auto")
+    """A base install has no exporter: an INT8 graph that missed the bar beats no model, and the log says so."""
     monkeypatch.setenv("PNEUMO_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(export, "export_onnx", no_exporter)
-    runner = select_onnx_runner(_checked_copy(tmp_path, False), "auto")
-    assert runner is not None and runner.kind == "int8"
+    with caplog.at_level(logging.WARNING, logger="pneumo.inference.runners"):
+        predictor = Predictor(_checked_copy(tmp_path, False), check_ood=False)
+    assert predictor.backend == "int8"
+    assert "did not pass the agreement check" in caplog.text
 
 
 def test_auto_picks_int8_and_the_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PNEUMO_BACKEND", "auto")
     predictor = Predictor()
-    expected = "int8" if read_meta(default_bundle_path()).files[INT8_FILE]["passed_check"] else "onnx"
-    assert predictor.backend == expected
-    assert predictor.onnx_runner is not None
+    assert predictor.backend == "int8" and predictor.onnx_runner is not None
     monkeypatch.setenv("PNEUMO_BACKEND", "int8")
     assert Predictor(backend="auto").backend == "int8"
-    monkeypatch.setenv("PNEUMO_BACKEND", "torch")
+    monkeypatch.setenv("PNEUMO_BACKEND", "torch")  # registered: this module imports the training stack's backend
     assert Predictor(backend="int8").backend == "int8"  # an explicit choice is not overridden
     assert Predictor().backend == "torch"
 
 
-def test_a_damaged_or_stale_int8_file_is_never_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_damaged_or_stale_int8_file_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_fp32: Path
+) -> None:
     folder = shutil.copytree(default_bundle_path(), tmp_path / "bundle")
     data = bytearray((folder / INT8_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (folder / INT8_FILE).write_bytes(bytes(data))
-    assert find_int8(folder) is None
-    with pytest.raises(OnnxBackendError, match=r"no valid model_int8\.onnx"):
-        select_onnx_runner(folder, "int8")
-    monkeypatch.setenv("PNEUMO_BACKEND", "auto")
-    assert Predictor(folder, backend="auto").backend in ("onnx", "torch")  # falls back, never the damaged file
-    meta = json.loads((folder / "bundle.json").read_text())
-    del meta["files"]
-    (folder / "bundle.json").write_text(json.dumps(meta))
-    assert find_int8(folder) is None  # not listed in bundle.json: not trusted
+    meta = read_meta(folder)
+    assert find_int8(folder, meta) is None
+    with pytest.raises(BackendError, match=r"no valid model_int8\.onnx"):
+        Predictor(folder, backend="int8")
+    assert Predictor(folder, backend="auto").backend == "fp32"  # falls back, never the damaged file
+    meta.files = {}
+    write_meta(folder, meta)
+    assert find_int8(folder, meta) is None  # not listed in bundle.json: not trusted
 
 
 def test_int8_and_fp32_answer_the_same_on_synthetic_films() -> None:
-    from export_helpers import xray_jpegs
-
-    int8, fp32 = Predictor(backend="int8", check_ood=False), Predictor(backend="torch", check_ood=False)
+    int8, fp32 = Predictor(backend="int8", check_ood=False), torch_predictor(check_ood=False)
     # Same decisions, probabilities close: the validation split measured at most 0.27 of difference on
     # one film (bundle.json), so 0.3 bounds it; a wrong graph (other weights, lost head) misses both.
     for blob in xray_jpegs(4, size=256):
@@ -112,18 +106,22 @@ def test_quantize_bundle_writes_the_file_and_its_entry(tmp_path: Path) -> None:
     from pneumo.modeling.quantize import quantize_bundle, runtime_convs
 
     data = write_tiny_dataset(tmp_path / "data", n_per_class=16)
-    bundle = tiny_bundle(tmp_path / "bundle")
-    path = quantize_bundle(bundle, data, n_calibration=16, force=True)
-    entry = read_meta(bundle).files[INT8_FILE]
-    assert path == bundle / INT8_FILE and entry["sha256"] == file_sha256(path)
-    assert entry["validation"]["n_images"] > 0 and entry["kind"] == "onnx-int8-qdq"
-    runner = select_onnx_runner(bundle, "int8")
-    assert runner is not None and runner.kind == "int8"
-    logits, features = runner(np.zeros((2, 3, 64, 64), np.float32))
+    bundle = tiny_bundle(tmp_path / "bundle", arch="test_efficientnet", export=False)[0]
+    meta = read_meta(bundle)
+    entry = quantize_bundle(bundle, data, n_calibration=16, force=True)
+    path = bundle / INT8_FILE
+    assert entry.sha256 == file_sha256(path) and entry.weights_sha256 == weights_sha256(bundle)
+    assert entry.validation["n_images"] > 0 and entry.kind == "onnx-int8-qdq"
+    assert read_meta(bundle) == meta  # the caller lists the entry: nothing rewrote bundle.json
+    meta.files[INT8_FILE] = entry
+    write_meta(bundle, meta)
+    predictor = Predictor(bundle, backend="int8", check_ood=False)
+    assert predictor.backend == "int8"
+    logits, features = predictor.forward(np.zeros((2, 3, 64, 64), np.float32))
     assert logits.shape == (2, 2) and features.ndim == 2
-    assert entry["convs_at_runtime"] == runtime_convs(path)
-    assert entry["tries"][-1]["fp32_early_convs"] == entry["fp32_early_convs"]
-    assert entry["heldout"]["n_images"] > 0  # training images outside the calibration sample
+    assert entry.convs_at_runtime == runtime_convs(path)
+    assert entry.tries[-1]["fp32_early_convs"] == entry.fp32_early_convs
+    assert entry.heldout["n_images"] > 0  # training images outside the calibration sample
 
 
 @pytest.mark.parametrize("bar", [0.0, 1.01])
@@ -136,20 +134,19 @@ def test_quantize_bundle_ships_the_first_prefix_that_passes(
     monkeypatch.setattr(quantize, "MIN_AGREEMENT", bar)
     monkeypatch.setattr(quantize, "MAX_AUC_DELTA", 1.0)  # the bar alone decides
     data = write_tiny_dataset(tmp_path / "data", n_per_class=16)
-    bundle = tiny_bundle(tmp_path / "bundle")
+    bundle = tiny_bundle(tmp_path / "bundle", arch="test_efficientnet", export=False)[0]
     if bar > 1:
         with pytest.raises(quantize.QuantizationError, match="Every INT8 graph tried"):
             quantize.quantize_bundle(bundle, data, n_calibration=16)
-        assert not (bundle / INT8_FILE).exists() and INT8_FILE not in read_meta(bundle).files
-    quantize.quantize_bundle(bundle, data, n_calibration=16, force=True)
-    entry = read_meta(bundle).files[INT8_FILE]
-    tried = [t["fp32_early_convs"] for t in entry["tries"]]
+        assert not (bundle / INT8_FILE).exists()
+    entry = quantize.quantize_bundle(bundle, data, n_calibration=16, force=True)
+    tried = [t["fp32_early_convs"] for t in entry.tries]
     expected = list(quantize.FP32_EARLY_CONVS) if bar > 1 else [quantize.FP32_EARLY_CONVS[0]]
-    assert tried == expected and entry["fp32_early_convs"] == expected[-1]
-    assert entry["passed_check"] is (bar == 0.0) and all(t["passed"] is (bar == 0.0) for t in entry["tries"])
+    assert tried == expected and entry.fp32_early_convs == expected[-1]
+    assert entry.passed_check is (bar == 0.0) and all(t["passed"] is (bar == 0.0) for t in entry.tries)
 
 
-def test_the_shipped_int8_graph_runs_in_the_precision_fp32_nodes_chose() -> None:
+def test_the_shipped_int8_graph_runs_in_the_precision_fp32_nodes_chose(default_fp32: Path) -> None:
     """What ONNX Runtime really runs in fp32 is what ``fp32_nodes`` kept, and bundle.json says so.
 
     Until round 5 the depthwise convolutions were "kept in fp32" in the file and ONNX Runtime
@@ -160,38 +157,40 @@ def test_the_shipped_int8_graph_runs_in_the_precision_fp32_nodes_chose() -> None
     from pneumo.modeling.quantize import fp32_nodes, runtime_convs
 
     folder = default_bundle_path()
-    fp32 = select_onnx_runner(folder, "onnx")
-    assert fp32 is not None
-    graph = onnx.load(str(fp32.path))
+    graph = onnx.load(str(default_fp32))
     convs = {n.name for n in graph.graph.node if n.op_type == "Conv"}
-    entry = read_meta(folder).files[INT8_FILE]
-    kept = sum(name in convs for name in fp32_nodes(graph, entry["fp32_early_convs"]))
+    entry = read_meta(folder).int8
+    assert entry is not None and entry.fp32_early_convs is not None
+    kept = sum(name in convs for name in fp32_nodes(graph, entry.fp32_early_convs))
     counts = runtime_convs(folder / INT8_FILE)
     assert counts == {"fp32": kept, "int8": len(convs) - kept}
-    assert counts == entry["convs_at_runtime"]
+    assert counts == entry.convs_at_runtime
 
 
 @pytest.mark.slow
-def test_shipped_int8_agrees_with_fp32_on_validation(shared_data: Path) -> None:
+def test_shipped_int8_agrees_with_fp32_on_validation(shared_data: Path, default_fp32: Path) -> None:
     """The INT8 graph measured again on the real validation split: its recorded figures and verdict hold."""
     from pneumo.modeling.data import train_val_samples
-    from pneumo.modeling.quantize import compare_graphs, load_arrays
+    from pneumo.modeling.quantize import compare_probabilities, graph_probability, load_arrays
 
     folder = default_bundle_path()
     meta = read_meta(folder)
-    config = meta.training["config"]
+    config = meta.training.config
     _, val, _ = train_val_samples(
         shared_data / "chest_xray_224", val_fraction=config["val_fraction"], seed=config["seed"]
     )
-    fp32 = select_onnx_runner(folder, "onnx")
-    int8 = select_onnx_runner(folder, "int8")
-    assert isinstance(fp32, OnnxRunner) and isinstance(int8, OnnxRunner)
-    report = compare_graphs(
-        fp32, int8, load_arrays([s.path for s in val], folder), np.array([s.label for s in val]), meta
+    arrays = load_arrays([s.path for s in val], meta.preprocess)
+    fp32, int8 = OnnxRunner(default_fp32), OnnxRunner(folder / INT8_FILE)
+    report = compare_probabilities(
+        graph_probability(fp32, arrays, meta),
+        graph_probability(int8, arrays, meta),
+        np.array([s.label for s in val]),
+        meta,
     )
     assert report["n_images"] > 700
     # The figures in bundle.json (which the verdict is computed from) are what the graph really does.
-    recorded = meta.files[INT8_FILE]["validation"]
+    assert meta.int8 is not None
+    recorded = meta.int8.validation
     assert report["decision_agreement"] == pytest.approx(recorded["decision_agreement"], abs=2 / report["n_images"])
     assert report["auc_int8"] == pytest.approx(recorded["auc_int8"], abs=1e-3)
     assert abs(report["auc_delta"]) <= 0.002  # the ranking survives quantization whatever the verdict

@@ -28,8 +28,8 @@ from pneumo.evaluation.metrics import select_threshold
 from pneumo.modeling import training
 from pneumo.modeling.config import AugmentConfig, TrainConfig
 from pneumo.modeling.models import create_model, stage_modules
+from pneumo.modeling.torch_backend import torch_predictor
 from pneumo.modeling.training import fit
-from pneumo.serving.inference import Predictor
 
 
 def _save_start_weights(arch: str, path: Path) -> Path:
@@ -202,7 +202,7 @@ def _validation_predictions(out: Path) -> tuple[list[str], np.ndarray, np.ndarra
 
 def test_bundle_threshold_is_the_rule_applied_to_validation_predictions(cached_run: Run) -> None:
     files, y_true, prob = _validation_predictions(Path(cached_run.config.out))
-    assert len(files) == read_meta(cached_run.bundle).training["val_data"]["n_images"]
+    assert len(files) == read_meta(cached_run.bundle).training.val_data["n_images"]
     assert set(y_true) == {0, 1}
     assert all("/PNEUMONIA/" in f for f, y in zip(files, y_true) if y == 1)
     expected = select_threshold(y_true, prob, "youden")
@@ -212,7 +212,7 @@ def test_bundle_threshold_is_the_rule_applied_to_validation_predictions(cached_r
 def test_validation_probabilities_are_what_the_predictor_gives(cached_run: Run) -> None:
     """The threshold was chosen on these numbers; it is only right if the Predictor reproduces them."""
     files, _, prob = _validation_predictions(Path(cached_run.config.out))
-    predictor = Predictor(cached_run.bundle, backend="torch", check_ood=False)
+    predictor = torch_predictor(cached_run.bundle, check_ood=False)
     served = np.array([predictor.predict(Path(f)).probability for f in files])
     # The cache stores the frozen prefix's output as float16, hence a tolerance (measured: 2e-5); it
     # must stay well below the spread of the probabilities, or a threshold between them would be moot.
@@ -282,7 +282,7 @@ def test_training_without_the_cache_unfreezes_any_timm_model(tmp_path: Path) -> 
     stats = _batchnorm_keys(create_model("test_resnet", pretrained=False), buffers_only=True)
     assert all(not torch.equal(saved[k], start[k]) for k in last if k.endswith("weight"))
     assert all(torch.equal(saved[k], start[k]) for k in last if k in stats), "BatchNorm statistics stay ImageNet's"
-    Predictor(bundle, backend="torch", check_ood=False)  # loads
+    torch_predictor(bundle, check_ood=False)  # loads
 
 
 def test_feature_cache_refuses_to_fine_tune_a_model_it_cannot_split(tmp_path: Path) -> None:

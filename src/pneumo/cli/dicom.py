@@ -1,6 +1,6 @@
-"""The ``pneumo dicom listen`` and ``pneumo dicomweb`` commands (registered on the main typer app in cli.py).
+"""The ``pneumo dicom listen`` and ``pneumo dicomweb`` commands (registered on the main typer app in :mod:`pneumo.cli`).
 
-Thin, like every command: parse options, build the :class:`~pneumo.serving.dicom_analysis.Analyser`
+Thin, like every command: parse options, build the :class:`~pneumo.dicom.analysis.Analyser`
 over the one Predictor, run the node or the DICOMweb worker until Ctrl-C or SIGTERM.
 """
 
@@ -9,17 +9,16 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
+from pneumo.cli.common import ModelOption, fail
+
 dicom_app = typer.Typer(help="pneumo as a DICOM node: a Storage SCP that answers with structured reports.")
 
-_Model = Annotated[
-    Path | None, typer.Option("--model", "-m", help="Model bundle folder; default: the bundle shipped with pneumo.")
-]
 _Heatmap = Annotated[
-    bool, typer.Option("--heatmap", help="Also send a Secondary Capture of the Grad-CAM overlay (new series).")
+    bool, typer.Option("--heatmap", help="Also send a Secondary Capture of the heatmap overlay (new series).")
 ]
 _Audit = Annotated[Path | None, typer.Option("--audit-log", help="Append one JSON line per answered instance here.")]
 _NoOod = Annotated[
@@ -27,20 +26,15 @@ _NoOod = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def _analyser(model: Path | None, heatmap: bool, no_ood: bool) -> Any:
     from pneumo.core.errors import PneumoError
-    from pneumo.serving.dicom_analysis import Analyser
-    from pneumo.serving.inference import Predictor
+    from pneumo.dicom.analysis import Analyser
+    from pneumo.inference import Predictor
 
     try:
         return Analyser.from_predictor(Predictor(model, check_ood=not no_ood), heatmap=heatmap)
     except PneumoError as err:
-        _fail(err.message)
+        fail(err.message)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -68,18 +62,18 @@ def listen(
     ),
     audit_log: _Audit = None,
     heatmap: _Heatmap = False,
-    model: _Model = None,
+    model: ModelOption = None,
     no_ood: _NoOod = False,
 ) -> None:
     """Receive chest X-rays by C-STORE and send a structured report for each to --destination."""
-    from pneumo.serving.dicom_node import Destination, DicomNode, NodeConfig
+    from pneumo.dicom.node import Destination, DicomNode, NodeConfig
 
     try:
         target = Destination.parse(destination)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     if not 0 <= port < 65536 or not 0 < len(ae_title) <= 16:
-        _fail("--port must be 0-65535 and --ae-title 1 to 16 characters.")
+        fail("--port must be 0-65535 and --ae-title 1 to 16 characters.")
     config = NodeConfig(
         destination=target,
         spool=spool,
@@ -94,7 +88,7 @@ def listen(
     try:
         node.start()
     except OSError as err:
-        _fail(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port.")
+        fail(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port.")
     typer.echo(f"pneumo DICOM node {ae_title} on {host}:{node.port}, reports to {target}", err=True)
     try:
         while not stop.wait(0.5):
@@ -115,25 +109,25 @@ def dicomweb(
     poll: Annotated[float, typer.Option(help="Seconds between polls; 0 runs once and exits.")] = 0.0,
     audit_log: _Audit = None,
     heatmap: _Heatmap = False,
-    model: _Model = None,
+    model: ModelOption = None,
     no_ood: _NoOod = False,
 ) -> None:
     """Classify studies on a DICOMweb server (WADO-RS) and store a report for each instance back (STOW-RS)."""
     import re
 
     from pneumo.core.errors import PneumoError
-    from pneumo.serving.dicom_analysis import AuditLog
-    from pneumo.serving.dicomweb import DicomWebWorker, connect
+    from pneumo.dicom.analysis import AuditLog
+    from pneumo.dicom.dicomweb import DicomWebWorker, connect
 
     if not study and since is None:
-        _fail("give --study UID (repeatable) and/or --since YYYYMMDD.")
+        fail("give --study UID (repeatable) and/or --since YYYYMMDD.")
     if since is not None and not re.fullmatch(r"\d{8}", since):
-        _fail(f"--since must be a date YYYYMMDD, got {since!r}.")
+        fail(f"--since must be a date YYYYMMDD, got {since!r}.")
     worker = DicomWebWorker(connect(url), _analyser(model, heatmap, no_ood), AuditLog(audit_log))
     try:
         outcomes = worker.run(study or [], since, poll, _stop_on_signals())
     except PneumoError as err:
-        _fail(err.message, code=1)
+        fail(err.message, code=1)
     for outcome in outcomes:
         answer = f"{outcome.label} p={outcome.probability:.3f}" if outcome.label else f"no result ({outcome.code})"
         typer.echo(f"{outcome.sop_instance_uid}\t{answer}")

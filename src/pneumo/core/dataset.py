@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pneumo.core.decode import IMAGE_EXTENSIONS
 from pneumo.core.errors import DataError
-from pneumo.core.io import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ class PneumoError(Exception):
 
 
 class InvalidImageError(PneumoError):
-    """The input cannot be turned into an image the model may see (see ``pneumo.core.io``)."""
+    """The input cannot be turned into an image the model may see (see ``pneumo.core.decode``)."""
 
     code = "invalid_image"
     http_status = 400
@@ -60,7 +60,7 @@ class DicomError(InvalidImageError):
 
 
 class NotAChestXrayError(PneumoError):
-    """The image decoded fine but does not look like a frontal chest X-ray (``pneumo.serving.ood``)."""
+    """The image decoded fine but does not look like a frontal chest X-ray (``pneumo.inference.ood``)."""
 
     code = "not_a_chest_xray"
     http_status = 422

@@ -1,6 +1,6 @@
 """The one preprocessing path shared by training, evaluation and inference (NumPy only, no torch).
 
-A decoded grayscale image (see :mod:`pneumo.core.io`) becomes the model's input in three steps:
+A decoded grayscale image (see :mod:`pneumo.core.decode`) becomes the model's input in three steps:
 :func:`resize` (squash to ``input_size`` x ``input_size``, as the dataset was made),
 :func:`to_unit_array` (1 x H x W floats in [0, 1]) and :func:`normalize` (3 channels, the
 backbone's mean/std). Training inserts augmentation between the last two steps (and turns the
@@ -16,15 +16,19 @@ pooled op waits for a descheduled thread: measured 40-90 ms instead of ~1 ms on 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from PIL import Image
-from pydantic import ConfigDict, PositiveFloat, PositiveInt
+from pydantic import ConfigDict, Field
 
 #: Antialiased bilinear resampling: Pillow widens the filter support when downscaling, so a
 #: 2000 px film shrunk to 224 px matches the dataset's 224 px copies (checked in the slow tests).
 RESAMPLE = Image.Resampling.BILINEAR
+
+
+_Level = Annotated[float, Field(ge=-10.0, le=10.0)]
+_Spread = Annotated[float, Field(gt=1e-3, le=10.0)]
 
 
 @dataclass(frozen=True)
@@ -32,15 +36,16 @@ class PreprocessConfig:
     """What the model expects: square input side and the per-channel normalization.
 
     The annotations double as the bundle's schema: :class:`pneumo.core.bundle.BundleMeta` validates
-    ``bundle.json``'s ``preprocess`` section against them (a positive side, three positive stds,
-    no unknown keys). Plain construction in code is not checked.
+    ``bundle.json``'s ``preprocess`` section against them (a side of 16-1024 pixels, three finite
+    means and positive stds, no unknown keys). Plain construction in code is not checked.
     """
 
-    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    input_size: PositiveInt = 224
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.5, 0.5, 0.5)
+    # Capped: a tampered bundle asking for 60000 px inputs would allocate gigabytes per image.
+    input_size: Annotated[int, Field(ge=16, le=1024)] = 224
+    mean: tuple[_Level, _Level, _Level] = (0.5, 0.5, 0.5)
+    std: tuple[_Spread, _Spread, _Spread] = (0.5, 0.5, 0.5)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,6 @@
 """``pneumo evaluate``: a labelled folder through the one inference path, into an honest report.
 
-The images go through :class:`pneumo.serving.inference.Predictor` exactly as a clinician's upload would
+The images go through :class:`pneumo.inference.predictor.Predictor` exactly as a clinician's upload would
 (decode, preprocess, calibrated probability, the bundle's threshold), so the numbers describe the
 shipped behaviour. The out-of-distribution gate is not applied here: evaluation measures the
 classifier on every X-ray of the labelled folder.
@@ -43,7 +43,7 @@ def evaluate_folder(
             ``evaluation/``.
         n_boot: bootstrap resamples for the confidence intervals.
     """
-    from pneumo.serving.inference import Predictor
+    from pneumo.inference.predictor import Predictor
 
     root = Path(data)
     split = "test" if (root / "test").is_dir() else None

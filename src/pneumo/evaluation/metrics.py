@@ -31,12 +31,15 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pneumo.core.bundle import NEGATIVE, POSITIVE, ThresholdRule, is_positive
 from pneumo.core.errors import PneumoError
 
 logger = logging.getLogger(__name__)
 
-LABEL_NAMES = ("NORMAL", "PNEUMONIA")
-THRESHOLD_RULES = ("youden", "sensitivity", "f1")
+LABEL_NAMES = (NEGATIVE, POSITIVE)
+#: The rules :func:`select_threshold` computes from one set of probabilities (``robust`` needs the
+#: shifted ones too: :func:`pneumo.evaluation.robustness.robust_threshold`).
+SINGLE_SET_RULES = (ThresholdRule.YOUDEN, ThresholdRule.SENSITIVITY, ThresholdRule.F1)
 #: Metrics that :func:`evaluation_report` gives a confidence interval by default.
 REPORT_CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "roc_auc", "pr_auc")
 #: Every metric :func:`bootstrap_ci` can resample (all vectorized over resamples).
@@ -128,7 +131,7 @@ def _reliability_bins(
 
 
 def select_threshold(
-    y_true: np.ndarray, prob: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.95
+    y_true: np.ndarray, prob: np.ndarray, rule: ThresholdRule | str = "youden", target_sensitivity: float = 0.95
 ) -> float:
     """Choose the decision threshold on validation data (never on the test set).
 
@@ -147,8 +150,8 @@ def select_threshold(
         largest probability is returned instead, so it stays finite and JSON-serializable.
     """
     y, p = _check_binary(y_true, prob)
-    if rule not in THRESHOLD_RULES:
-        raise MetricsInputError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+    if rule not in SINGLE_SET_RULES:
+        raise MetricsInputError(f"unknown threshold rule {rule!r}; choose one of {', '.join(SINGLE_SET_RULES)}")
     if not _both_classes(y):
         raise MetricsInputError(
             f"choosing a threshold needs both NORMAL and PNEUMONIA images, got {int(y.sum())} positive "
@@ -240,7 +243,7 @@ def compute_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> d
     """
     y, p = _check_binary(y_true, prob)
     thr = _check_threshold(threshold)
-    (tn, fp), (fn, tp) = confusion_matrix(y, (p >= thr).astype(np.int64), labels=[0, 1])
+    (tn, fp), (fn, tp) = confusion_matrix(y, is_positive(p, thr).astype(np.int64), labels=[0, 1])
     both = _both_classes(y)
     out: dict[str, Any] = {
         "n_images": int(y.size),
@@ -293,7 +296,7 @@ def _metric_rows(
     """Each metric for each row of ``probs`` (shape (B, N)); all rows share the labels ``y`` (shape (N,))."""
     pos = y == 1
     n_pos = int(pos.sum())
-    called = probs >= threshold
+    called = is_positive(probs, threshold)
     tp = called[:, pos].sum(axis=1)
     fp = called[:, ~pos].sum(axis=1)
     rates = _rates(tp, fp, (y.size - n_pos) - fp, n_pos - tp)

@@ -139,9 +139,9 @@ def shift_image(image: Image.Image, shift: str, key: str) -> Image.Image:
 
 
 def predictor_prob_fn(predictor: Any, gate: Any = None, gate_scores: list[np.ndarray] | None = None) -> ProbFn:
-    """P(pneumonia) through a :class:`pneumo.serving.inference.Predictor` (its preprocessing, backend, calibration).
+    """P(pneumonia) through a :class:`pneumo.inference.predictor.Predictor` (its preprocessing, backend, calibration).
 
-    With an OOD ``gate`` (:class:`pneumo.serving.ood.OodGate`), the gate's score of every image is
+    With an OOD ``gate`` (:class:`pneumo.inference.ood.OodGate`), the gate's score of every image is
     appended to ``gate_scores`` on the way, from the same forward pass.
     """
     from pneumo.core.preprocess import preprocess
@@ -304,8 +304,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 
 def load_images(samples: Sequence[Any], input_size: int) -> list[tuple[str, Image.Image]]:
-    """Decode samples once (through :func:`pneumo.core.io.read_image`, as the model sees them), keyed by file name."""
-    from pneumo.core.io import read_image
+    """Decode samples once (:func:`pneumo.core.decode.read_image`, as the model sees them), keyed by file name."""
+    from pneumo.core.decode import read_image
 
     return [(s.path.name, read_image(s.path, draft_size=input_size).image) for s in samples]
 
@@ -326,7 +326,7 @@ def evaluate_bundle(
     so a bundle trained on ``data`` is never scored on a child it trained on.
     """
     from pneumo.core.dataset import train_val_samples
-    from pneumo.serving.inference import Predictor
+    from pneumo.inference.predictor import Predictor
 
     _, val, description = train_val_samples(data, "binary", val_fraction, seed)
     predictor = Predictor(bundle, check_ood=False)

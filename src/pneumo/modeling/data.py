@@ -1,6 +1,6 @@
 """Training data for Lightning: the Dataset and the DataModule (augmentation is :mod:`pneumo.modeling.augment`).
 
-Images reach the model through :mod:`pneumo.core.io` and :mod:`pneumo.core.preprocess`, the same path as
+Images reach the model through :mod:`pneumo.core.decode` and :mod:`pneumo.core.preprocess`, the same path as
 inference; augmentation is applied only to training samples, between ``to_unit_array`` and
 ``normalize``. Finding the images, their labels and the patient-level split is
 :mod:`pneumo.core.dataset` (no torch).
@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pneumo.core import preprocess
 from pneumo.core.dataset import Sample, _counts, dataset_summary, discover, label_names, train_val_samples
+from pneumo.core.decode import read_image
 from pneumo.core.errors import DataError, InvalidImageError
-from pneumo.core.io import read_image
 from pneumo.core.preprocess import PreprocessConfig
 from pneumo.modeling.augment import build_augment
 from pneumo.modeling.config import AugmentConfig

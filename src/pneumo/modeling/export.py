@@ -1,4 +1,6 @@
-"""ONNX export of a model bundle (run by :mod:`pneumo.serving.onnx_runtime`, which says where files live).
+"""ONNX export of a model bundle: an explicit step (``pneumo export onnx``, the end of training), never implicit.
+
+:mod:`pneumo.inference.runners` says where the graphs live and how a backend finds them.
 
 The exporter is ``torch.onnx.export(..., dynamo=True)``: it specializes the TensorFlow-style
 "same" padding of the ``tf_`` EfficientNets to the bundle's fixed input size, giving a graph of
@@ -25,22 +27,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumo.core.bundle import default_bundle_path, resolve_bundle
-from pneumo.core.probability import temperature_softmax
-from pneumo.modeling.models import logits_and_features
-from pneumo.modeling.weights import load_bundle
-from pneumo.serving.onnx_runtime import (
+from pneumo.core.bundle import (
     CAM_HEAD_KEY,
     FEATURE_MAP_OUTPUT,
     INPUT_NAME,
+    INPUT_SIZE_KEY,
     ONNX_FILE,
     OUTPUT_NAMES,
     WEIGHTS_SHA_KEY,
-    OnnxBackendError,
+    BundleMeta,
+    default_bundle_path,
+    read_meta,
+    resolve_bundle,
+)
+from pneumo.core.probability import temperature_softmax
+from pneumo.inference.runners import (
+    BackendError,
     OnnxRunner,
+    cache_dir,
     cached_onnx_path,
+    prune_cache,
     weights_sha256,
 )
+from pneumo.modeling.models import logits_and_features
+from pneumo.modeling.weights import load_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +65,12 @@ EXPORT_TOLERANCE = 1e-4
 
 
 def export_onnx(
-    bundle_dir: str | Path | None = None, out: str | Path | None = None, opset: int = DEFAULT_OPSET
+    bundle: str | Path | None = None,
+    out: str | Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    *,
+    model: nn.Module | None = None,
+    meta: BundleMeta | None = None,
 ) -> Path:
     """Export a bundle's model to ONNX (dynamic batch axis, outputs ``logits`` and ``features``).
 
@@ -63,32 +78,36 @@ def export_onnx(
     written atomically (temporary file + rename), so concurrent processes never read half a file.
 
     Args:
-        bundle_dir: the bundle; ``None`` is the default bundle shipped with pneumo.
+        bundle: the bundle; ``None`` is the default bundle shipped with pneumo.
         out: destination file. Default: ``model.onnx`` inside the bundle, except for the shipped
             default bundle, whose export goes to the user cache (see the module docstring).
         opset: ONNX opset version.
+        model: the bundle's network when the caller holds it already (the end of training), with ``meta``;
+            its weights must be the bundle's ``weights.safetensors``, whose hash the graph records.
+        meta: the bundle's metadata when the caller holds it (``bundle.json`` may not be written yet).
 
     Returns:
         The path of the written file.
 
     Raises:
-        OnnxBackendError: the export failed, or the exported graph disagrees with PyTorch.
+        BackendError: the export failed, or the exported graph disagrees with PyTorch.
     """
-    folder = resolve_bundle(bundle_dir)
+    folder = Path(bundle) if meta is not None and bundle is not None else resolve_bundle(bundle)
     sha = weights_sha256(folder)
+    meta = meta if meta is not None else read_meta(folder)
+    size = meta.preprocess.input_size
     if out is not None:
         target = Path(out)
     elif folder.resolve() == default_bundle_path().resolve():
-        target = cached_onnx_path(folder, sha)
+        target = cached_onnx_path(folder, size, sha)
         log.info("The shipped default bundle is exported to the user cache (%s), not into the package.", target)
     else:
         target = folder / ONNX_FILE
-    meta, model = load_bundle(folder)
-    size = meta.preprocess.input_size
+    model = model if model is not None else load_model(folder, meta)
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     head = cam_head_name(model, example)
     wrapper = _ExportWrapper(model, with_feature_map=head is not None).eval()
-    props = {WEIGHTS_SHA_KEY: sha, "pneumo_arch": meta.arch, "pneumo_input_size": str(size)}
+    props = {WEIGHTS_SHA_KEY: sha, "pneumo_arch": meta.arch, INPUT_SIZE_KEY: str(size)}
     if head is not None:
         props[CAM_HEAD_KEY] = head
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +124,8 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     log.info("Exported %s (opset %d) to %s", meta.arch, opset, target)
+    if target.parent == cache_dir():
+        prune_cache()  # every retrained bundle adds a cached graph; keep the most recently used few
     return target
 
 
@@ -194,7 +215,7 @@ def _torch_export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: 
                 dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
             )
     except Exception as err:
-        raise OnnxBackendError(f"ONNX export failed: {type(err).__name__}: {err}", code="onnx_export_failed") from err
+        raise BackendError(f"ONNX export failed: {type(err).__name__}: {err}", code="onnx_export_failed") from err
 
 
 def _stamp(path: Path, props: dict[str, str]) -> None:
@@ -219,8 +240,9 @@ def _check_against_torch(path: Path, wrapper: nn.Module, example: torch.Tensor, 
         np.abs(temperature_softmax(onnx_logits, temperature) - temperature_softmax(logits.numpy(), temperature)).max()
     )
     if not diff <= EXPORT_TOLERANCE:
-        raise OnnxBackendError(
+        raise BackendError(
             f"The exported graph disagrees with PyTorch: probabilities differ by {diff:.2e} "
-            f"(tolerance {EXPORT_TOLERANCE:g}). Report the architecture; use backend='torch' meanwhile.",
+            f"(tolerance {EXPORT_TOLERANCE:g}). "
+            "Report the architecture; serve it with pneumo.modeling.torch_predictor meanwhile.",
             code="onnx_export_failed",
         )

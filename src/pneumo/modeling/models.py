@@ -232,7 +232,11 @@ def stage_split(model: nn.Module, trainable_stages: int) -> tuple[list[nn.Module
 
 
 def freeze_backbone(model: nn.Module, trainable_stages: int = 0) -> None:
-    """Freeze everything but the head and the last ``trainable_stages`` stages before it (no Lightning needed)."""
+    """Freeze everything but the head and the last ``trainable_stages`` stages before it (no Lightning needed).
+
+    Training freezes through :class:`pneumo.modeling.finetuning.StagedFinetuning`; this is for code that
+    wants the same trainable set outside a Lightning run (``benchmarks/train_speed.py``, ``train_allocator.py``).
+    """
     frozen, unfrozen, head = stage_split(model, trainable_stages)
     for modules, trainable in ((frozen, False), (unfrozen, True), (head, True)):
         for module in modules:
@@ -255,14 +259,3 @@ def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     net: Any = model
     features = net.forward_head(net.forward_features(x), pre_logits=True)
     return net.get_classifier()(features), features
-
-
-class LogitsAndFeatures(nn.Module):
-    """A timm model wrapped as a module returning :func:`logits_and_features` (what ONNX export traces)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return logits_and_features(self.model, x)

@@ -49,18 +49,21 @@ from typing import Any
 
 import numpy as np
 
-from pneumo.core.bundle import read_meta, resolve_bundle, write_meta
-from pneumo.core.errors import PneumoError
-from pneumo.core.io import read_image
-from pneumo.core.preprocess import preprocess
-from pneumo.core.probability import positive_probability, temperature_softmax
-from pneumo.serving.onnx_runtime import (
+from pneumo.core.bundle import (
     INPUT_NAME,
     INT8_FILE,
-    OnnxRunner,
-    file_sha256,
-    weights_sha256,
+    Backend,
+    BundleMeta,
+    Int8Entry,
+    is_positive,
+    read_meta,
+    resolve_bundle,
 )
+from pneumo.core.decode import read_image
+from pneumo.core.errors import PneumoError
+from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.core.probability import positive_probability, temperature_softmax
+from pneumo.inference.runners import OnnxRunner, file_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +98,8 @@ class _Reader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def load_arrays(paths: Sequence[Path], bundle_dir: Path) -> np.ndarray:
+def load_arrays(paths: Sequence[Path], config: PreprocessConfig) -> np.ndarray:
     """Images -> the model's input (N, 3, S, S) through the one preprocessing path."""
-    config = read_meta(bundle_dir).preprocess
     return np.stack([preprocess(read_image(p, draft_size=config.input_size).image, config) for p in paths])
 
 
@@ -192,7 +194,7 @@ def compare_probabilities(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, m
     from sklearn.metrics import roc_auc_score
 
     positive = np.isin(labels, meta.positive_indices)
-    agreement = float(np.mean((p32 >= meta.threshold) == (p8 >= meta.threshold)))
+    agreement = float(np.mean(is_positive(p32, meta.threshold) == is_positive(p8, meta.threshold)))
     auc32, auc8 = float(roc_auc_score(positive, p32)), float(roc_auc_score(positive, p8))
     return {
         "n_images": len(p32),
@@ -204,26 +206,23 @@ def compare_probabilities(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, m
     }
 
 
-def compare_graphs(fp32: OnnxRunner, int8: OnnxRunner, arrays: np.ndarray, labels: np.ndarray, meta: Any) -> dict:
-    """Decision agreement and ROC AUC of ``int8`` against ``fp32`` on preprocessed ``arrays``."""
-    return compare_probabilities(
-        graph_probability(fp32, arrays, meta), graph_probability(int8, arrays, meta), labels, meta
-    )
-
-
 def _passes(report: dict) -> bool:
     return report["decision_agreement"] >= MIN_AGREEMENT and abs(report["auc_delta"]) <= MAX_AUC_DELTA
 
 
 def quantize_bundle(
-    bundle_dir: str | Path | None,
+    bundle: str | Path | None,
     calibration_data: str | Path,
     *,
     n_calibration: int = DEFAULT_CALIBRATION_IMAGES,
-    out_dir: str | Path | None = None,
     force: bool = False,
-) -> Path:
-    """Write ``model_int8.onnx`` into a bundle and list it in ``bundle.json`` with its checksum and check figures.
+    meta: BundleMeta | None = None,
+    fp32_graph: Path | None = None,
+) -> Int8Entry:
+    """Write ``model_int8.onnx`` into a bundle; return its ``files`` entry (checksums and check figures).
+
+    The caller lists the entry in ``bundle.json`` (``meta.files[INT8_FILE] = entry``): the end of
+    training writes the metadata once, ``pneumo export onnx --int8`` right away.
 
     Calibration images are drawn (seeded) from the *training* side of the bundle's own patient-level
     split of ``calibration_data``; the check runs on its validation side, so neither leaks, and on
@@ -231,11 +230,12 @@ def quantize_bundle(
     tried in order and the first graph that passes on both sets ships; every try is recorded.
 
     Args:
-        bundle_dir: the bundle (None: the shipped default, written in place: run it from a source checkout).
+        bundle: the bundle (None: the shipped default, written in place: run it from a source checkout).
         calibration_data: dataset root (``train/NORMAL``, ``train/PNEUMONIA`` ...), as for training.
         n_calibration: training images to calibrate on.
-        out_dir: write into this copy of the bundle instead (its bundle.json and weights must be there).
-        force: when no try passes, write the last (most fp32) one anyway (the figures still go in bundle.json).
+        force: when no try passes, write the last (most fp32) one anyway (the entry says it failed).
+        meta: the bundle's metadata when the caller holds it (default: read from ``bundle.json``).
+        fp32_graph: the bundle's fp32 ONNX export when the caller made one (default: exported here, then removed).
 
     Raises:
         QuantizationError: no try passes the check (and ``force`` is False), or the graph cannot be made.
@@ -243,9 +243,9 @@ def quantize_bundle(
     from pneumo.modeling.data import train_val_samples
     from pneumo.modeling.export import export_onnx
 
-    folder = Path(out_dir) if out_dir is not None else resolve_bundle(bundle_dir)
-    meta = read_meta(folder)
-    config = meta.training.get("config", {})
+    folder = Path(bundle) if meta is not None and bundle is not None else resolve_bundle(bundle)
+    meta = meta if meta is not None else read_meta(folder)
+    config = meta.training.config
     train, val, how = train_val_samples(
         calibration_data,
         label_mode=config.get("label_mode", "binary"),
@@ -260,20 +260,20 @@ def quantize_bundle(
         "Calibrating on %d training images, checking on %d validation images (%s) and %d other training images.",
         len(picked), len(val), how, len(heldout),
     )  # fmt: skip
-    calibration = load_arrays([s.path for s in picked], folder)
+    calibration = load_arrays([s.path for s in picked], meta.preprocess)
     sets = {
-        name: (load_arrays([s.path for s in samples], folder), np.array([s.label for s in samples]))
+        name: (load_arrays([s.path for s in samples], meta.preprocess), np.array([s.label for s in samples]))
         for name, samples in (("validation", val), ("heldout", heldout))
         if samples  # a tiny dataset may leave no training image outside the calibration sample
     }
     tries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pneumo-int8-") as tmp:
-        fp32_path = export_onnx(folder, out=Path(tmp) / "fp32.onnx")
+        fp32_path = fp32_graph or export_onnx(folder, out=Path(tmp) / "fp32.onnx", meta=meta)
         fp32 = OnnxRunner(fp32_path)
         reference = {name: graph_probability(fp32, arrays, meta) for name, (arrays, _) in sets.items()}  # once
         for early in FP32_EARLY_CONVS:
             candidate = quantize_onnx(fp32_path, Path(tmp) / f"int8-{early}.onnx", calibration, early=early)
-            int8 = OnnxRunner(candidate, kind="int8")
+            int8 = OnnxRunner(candidate, kind=Backend.INT8)
             reports = {
                 name: compare_probabilities(reference[name], graph_probability(int8, arrays, meta), labels, meta)
                 for name, (arrays, labels) in sets.items()
@@ -300,18 +300,16 @@ def quantize_bundle(
         os.replace(candidate, target)
         target.chmod(0o644)
     report = reports["validation"] | {"split": how, "n_calibration": len(picked)}
-    meta.files[INT8_FILE] = {
-        "kind": "onnx-int8-qdq",
-        "sha256": file_sha256(target),
-        "weights_sha256": weights_sha256(folder),
-        "bytes": target.stat().st_size,
-        "fp32_early_convs": early,
-        "fp32_kept": f"first {early} convs (stem included), head conv block, pooling, classifier",
-        "convs_at_runtime": runtime_convs(target),
-        "passed_check": passed,
-        "validation": report,
-        "heldout": reports.get("heldout"),
-        "tries": tries,
-    }
-    write_meta(folder, meta)
-    return target
+    return Int8Entry(
+        kind="onnx-int8-qdq",
+        sha256=file_sha256(target),
+        weights_sha256=weights_sha256(folder),
+        bytes=target.stat().st_size,
+        fp32_early_convs=early,
+        fp32_kept=f"first {early} convs (stem included), head conv block, pooling, classifier",
+        convs_at_runtime=runtime_convs(target),
+        passed_check=passed,
+        validation=report,
+        heldout=reports.get("heldout") or {},
+        tries=tries,
+    )

@@ -25,11 +25,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
-from pneumo.core.bundle import BundleMeta
+from pneumo.core.bundle import BundleMeta, ThresholdRule
 from pneumo.core.dataset import dataset_summary, label_names
 from pneumo.core.errors import PneumoError
 from pneumo.evaluation.compare import read_metrics_csv
-from pneumo.evaluation.metrics import THRESHOLD_RULES
 from pneumo.modeling.config import TrainConfig
 from pneumo.modeling.data import XrayDataModule, XrayDataset
 from pneumo.modeling.feature_cache import CachedViewsDataModule, split_model
@@ -162,10 +161,10 @@ def _validate(config: TrainConfig) -> None:
         raise PneumoError("Train for at least one epoch (frozen_epochs + finetune_epochs >= 1).", code="bad_config")
     if not config.data:
         raise PneumoError("No training data: pass --data DATA_ROOT.", code="bad_config")
-    if config.threshold_rule not in (*THRESHOLD_RULES, "robust"):
-        known = ", ".join((*THRESHOLD_RULES, "robust"))
+    if config.threshold_rule not in set(ThresholdRule):
+        known = ", ".join(ThresholdRule)
         raise PneumoError(f"Unknown threshold rule {config.threshold_rule!r}; use {known}.", code="bad_config")
-    if config.threshold_rule == "robust" and not config.robustness:
+    if config.threshold_rule == ThresholdRule.ROBUST and not config.robustness:
         raise PneumoError("threshold_rule 'robust' needs the robustness validation (robustness: true).",
                           code="bad_config")  # fmt: skip
     if config.mixup < 0:
@@ -177,7 +176,7 @@ def fit(config: TrainConfig) -> Path | None:
 
     In a multi-process (DDP) run only global rank 0 writes the bundle (others return None).
     """
-    from pneumo.modeling.calibration import finish_run
+    from pneumo.modeling.finalize import finalize  # it imports the export and quantization stack
 
     _validate(config)
     started = time.perf_counter()
@@ -263,7 +262,8 @@ def fit(config: TrainConfig) -> Path | None:
         feature_fn = lambda split: dm.logits_and_features(suffix, split)  # noqa: E731
     else:
         feature_fn = _image_features(model, images)
-    return finish_run(model, meta, config, images, feature_fn, record, started=started)
+    return finalize(model, meta, config, images.val_samples, images.split_description, feature_fn, record,
+                    started=started)  # fmt: skip
 
 
 def _epoch_record(out: Path) -> dict[str, Any]:

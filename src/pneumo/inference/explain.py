@@ -1,0 +1,88 @@
+"""Heatmaps: what an explainer is, what it returns, and the overlay drawn from it (no torch).
+
+Two explainers satisfy :class:`Explainer`: CAM from the ONNX graph's feature map
+(:class:`pneumo.inference.cam.OnnxCamExplainer`, what the API, the app and the DICOM node use) and
+the torch Grad-CAM of the training stack (:class:`pneumo.modeling.gradcam.GradCamExplainer`, the
+reference the CAM is tested against). The surfaces only ever see this protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from pneumo.core.decode import DecodedImage
+from pneumo.core.errors import PneumoError
+
+#: Default share of the colour map in the overlay's hottest pixels.
+DEFAULT_OPACITY = 0.45
+#: Longest side of the image the heatmap is drawn on (a DICOM can be 3000 px; a screen shows ~600).
+DEFAULT_MAX_SIDE = 1024
+
+
+class ExplainUnavailableError(PneumoError):
+    """No heatmap for this model (its graph exports no feature map, or the backend has none)."""
+
+    code = "explain_unavailable"
+    http_status = 501
+
+
+@dataclass
+class Explanation:
+    """A heatmap aligned with the image it explains.
+
+    Attributes:
+        heatmap: float32 array (H, W) in [0, 1], the size of ``image``; 1 = strongest evidence.
+        image: the grayscale image (display size) the heatmap is aligned with.
+        target_label: the answer whose evidence is shown (``PNEUMONIA`` or ``NORMAL``).
+        layer: name of the module the map was taken from.
+    """
+
+    heatmap: np.ndarray
+    image: Image.Image
+    target_label: str
+    layer: str
+
+    def overlay(self, opacity: float = DEFAULT_OPACITY) -> Image.Image:
+        """The image in RGB with the heatmap laid over it (see :func:`overlay_heatmap`)."""
+        return overlay_heatmap(self.image, self.heatmap, opacity)
+
+
+class Explainer(Protocol):
+    """Computes the heatmap of one decoded image: where the evidence for an answer lies."""
+
+    #: Where the map is taken from (shown to users next to the heatmap).
+    layer_name: str
+
+    def explain(
+        self, image: DecodedImage | Image.Image, target_label: str | None = None, max_side: int = DEFAULT_MAX_SIDE
+    ) -> Explanation:
+        """The map of ``image`` for ``target_label`` (default: the model's own answer), at most ``max_side`` px."""
+        ...
+
+
+def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, opacity: float = DEFAULT_OPACITY) -> Image.Image:
+    """Blend a ``jet``-coloured heatmap onto ``image``, weighting each pixel by its heat.
+
+    A pixel's colour share is ``opacity * heat``: regions without evidence keep the plain
+    radiograph (a uniform blue wash, as a plain alpha blend gives, hides the anatomy) and the
+    hottest regions get ``opacity`` of colour. ``opacity`` 0 returns the image unchanged.
+
+    Raises:
+        ValueError: the heatmap does not have the image's size, or ``opacity`` is outside [0, 1].
+    """
+    import matplotlib  # lazy: only drawing needs it
+
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}.")
+    if heatmap.shape != (image.height, image.width):
+        raise ValueError(f"heatmap shape {heatmap.shape} does not match the image ({image.height}, {image.width}).")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    heat = np.clip(heatmap.astype(np.float32), 0.0, 1.0)
+    colour = matplotlib.colormaps["jet"](heat)[..., :3].astype(np.float32)
+    weight = (opacity * heat)[..., None]
+    blended = base * (1.0 - weight) + colour * weight
+    return Image.fromarray(np.round(blended * 255.0).astype(np.uint8), mode="RGB")

@@ -1,0 +1,252 @@
+"""The one inference path: file or bytes -> decode -> preprocess -> model -> calibrated probability.
+
+The CLI, the Streamlit app and the API all call :class:`Predictor`; none of them decodes,
+resizes or normalizes an image on its own. Everything the path needs (input size, mean/std,
+labels, temperature, threshold) comes from the model bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo.core.bundle import Backend, BundleMeta, read_meta, resolve_bundle
+from pneumo.core.decode import DEFAULT_LIMITS, DecodedImage, Limits, read_image
+from pneumo.core.errors import NotAChestXrayError, PneumoError
+from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.core.probability import positive_probability, temperature_softmax
+from pneumo.inference.files import Source, name_of
+from pneumo.inference.ood import OodGate
+from pneumo.inference.runners import OnnxRunner, Runner, select_runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """The answer for one image.
+
+    Attributes:
+        label: ``PNEUMONIA`` when ``probability >= threshold``, else ``NORMAL``.
+        probability: calibrated probability of pneumonia (temperature-scaled softmax).
+        threshold: the decision threshold in force (chosen on validation data, from the bundle).
+        probabilities: calibrated probability of every label of the bundle.
+        source: file name, when known.
+        format: the decoded format (jpeg, png, dicom, ...).
+        metadata: DICOM header fields a clinician checks, when the input was DICOM.
+        ood_score: distance to the training distribution, when the bundle has an OOD gate.
+    """
+
+    label: str
+    probability: float
+    threshold: float
+    probabilities: dict[str, float]
+    source: str | None = None
+    format: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    ood_score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Predictor:
+    """Loads a model bundle once and answers predictions for files, bytes or preprocessed batches.
+
+    Args:
+        bundle: folder of a model bundle; ``None`` uses the default bundle shipped in the package.
+        backend: ``"auto"`` (the bundle's checked INT8 graph, else its exported fp32 graph), ``"int8"``,
+            ``"fp32"`` or a registered backend (``"torch"``, with the training stack: see
+            :func:`pneumo.inference.runners.select_runner`); ``PNEUMO_BACKEND`` overrides ``"auto"``.
+            ``self.backend`` says which one answers.
+        limits: input limits applied by :func:`pneumo.core.decode.read_image`.
+        check_ood: refuse images the bundle's out-of-distribution gate rejects (raise
+            :class:`NotAChestXrayError`); when False the score is still reported but nothing is refused.
+        meta: the bundle's metadata when the caller already holds it (the end of training scores a
+            bundle whose ``bundle.json`` is not written yet); default: read from ``bundle``.
+        runner: a ready runner instead of ``backend`` (the end of training passes its fp32 graph).
+
+    Raises:
+        BundleError: the bundle is missing or invalid.
+        BackendError: the backend cannot run here; the message says what to install or export.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | None = None,
+        *,
+        backend: Backend | str = Backend.AUTO,
+        limits: Limits = DEFAULT_LIMITS,
+        check_ood: bool = True,
+        meta: BundleMeta | None = None,
+        runner: Runner | None = None,
+    ) -> None:
+        # With ``meta`` given, bundle.json need not be written yet (the end of training scores the bundle first).
+        self.bundle_dir = Path(bundle) if meta is not None and bundle is not None else resolve_bundle(bundle)
+        self.meta: BundleMeta = meta if meta is not None else read_meta(self.bundle_dir)
+        #: The "not a chest X-ray" gate, when the bundle has one (see pneumo.inference.ood).
+        self.ood_gate: OodGate | None = OodGate.load(self.bundle_dir, self.meta.ood) if self.meta.ood else None
+        self.check_ood = check_ood
+        if self.ood_gate is None and check_ood:
+            log.warning(
+                "The bundle %s has no OOD gate: images that are not chest X-rays are not refused.", self.bundle_dir
+            )
+        self.limits = limits
+        self.runner: Runner = runner if runner is not None else select_runner(self.bundle_dir, self.meta, backend)
+        #: The backend that answers: ``"int8"``, ``"fp32"`` or a registered one (``"torch"``).
+        self.backend = self.runner.kind
+        self._pool_lock = threading.Lock()
+        self._decode_pool: ThreadPoolExecutor | None = None
+
+    @property
+    def onnx_runner(self) -> OnnxRunner | None:
+        """The ONNX Runtime session answering predictions (None on other backends); CAM reads its feature map."""
+        return self.runner if isinstance(self.runner, OnnxRunner) else None
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return self.meta.preprocess
+
+    @property
+    def threshold(self) -> float:
+        return self.meta.threshold
+
+    def describe(self) -> dict[str, Any]:
+        """Bundle metadata for the app's sidebar and the API's ``/v1/model``."""
+        meta = self.meta.to_dict()
+        meta["backend"] = self.backend
+        meta["bundle_dir"] = str(self.bundle_dir)
+        return meta
+
+    # --- the pipeline, step by step (each step usable on its own, e.g. by explain.py) ---
+
+    def decode(self, source: Source) -> DecodedImage:
+        """Read and validate one input (JPEG draft decoding at the model's input size)."""
+        return read_image(source, self.limits, draft_size=self.meta.preprocess.input_size)
+
+    def prepare(self, decoded: DecodedImage) -> np.ndarray:
+        """A decoded image as the model's normalized float32 (3, S, S) input."""
+        return preprocess(decoded.image, self.meta.preprocess)
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits (N, C) and pooled backbone features (N, F) for a preprocessed batch (N, 3, S, S).
+
+        The features feed the out-of-distribution gate; computing both in one pass costs nothing extra.
+        """
+        return self.runner(np.asarray(batch, dtype=np.float32))
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits (N, C) for a preprocessed batch (N, 3, S, S)."""
+        return self.forward(batch)[0]
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """Temperature-scaled softmax probabilities (N, C)."""
+        return temperature_softmax(logits, self.meta.temperature)
+
+    def pneumonia_probability(self, probs: np.ndarray) -> np.ndarray:
+        """P(pneumonia) per row: the sum over the bundle's positive labels."""
+        return positive_probability(probs, self.meta.positive_indices)
+
+    def _answer(
+        self, probs: np.ndarray, features: np.ndarray, decoded: DecodedImage | None, source: str | None
+    ) -> Prediction:
+        ood_score = None
+        if self.ood_gate is not None:
+            ood_score, refusal = self.ood_gate.check(features, decoded.image if decoded else None, source)
+            if self.check_ood and refusal:
+                raise NotAChestXrayError(refusal)
+        p = float(self.pneumonia_probability(probs[None])[0])
+        return Prediction(
+            label=self.meta.decide(p),
+            probability=p,
+            threshold=self.meta.threshold,
+            probabilities={name: float(v) for name, v in zip(self.meta.labels, probs)},
+            source=source,
+            format=decoded.format if decoded else None,
+            metadata=dict(decoded.metadata) if decoded else {},
+            ood_score=ood_score,
+        )
+
+    # --- the public entry points ---
+
+    def predict(self, source: Source, name: str | None = None) -> Prediction:
+        """Predict one file or upload.
+
+        Raises:
+            PneumoError: a typed error (invalid image, not a chest X-ray, ...) with a stable ``code``.
+        """
+        decoded = self.decode(source)
+        logits, features = self.forward(self.prepare(decoded)[None])
+        return self._answer(self.calibrated(logits)[0], features[0], decoded, name or name_of(source))
+
+    def predict_many(self, sources: Sequence[Source], batch_size: int = 16) -> list[Prediction | PneumoError]:
+        """Predict many inputs in batches; one entry per input, in input order: a result or its error.
+
+        Nothing is lost: a file that fails yields its :class:`PneumoError` in its place and the
+        others still run. Decoding and preprocessing run in a small thread pool a few batches
+        ahead of the model (Pillow and ONNX Runtime release the GIL), so the cores decode the next
+        batch while the model runs on this one.
+        """
+        results: list[Prediction | PneumoError | None] = [None] * len(sources)
+        pending: list[tuple[int, DecodedImage, np.ndarray]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            logits, features = self.forward(np.stack([array for _, _, array in pending]))
+            for (index, decoded, _), row, feats in zip(pending, self.calibrated(logits), features):
+                try:
+                    results[index] = self._answer(row, feats, decoded, name_of(sources[index]))
+                except PneumoError as err:
+                    results[index] = err
+            pending.clear()
+
+        for index, prepared in enumerate(self._prepared(sources, lookahead=2 * batch_size)):
+            if isinstance(prepared, PneumoError):
+                results[index] = prepared
+            else:
+                pending.append((index, *prepared))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        return [r for r in results if r is not None]
+
+    def _decode_and_prepare(self, source: Source) -> tuple[DecodedImage, np.ndarray] | PneumoError:
+        try:
+            decoded = self.decode(source)
+            return decoded, self.prepare(decoded)
+        except PneumoError as err:
+            return err
+
+    def _prepared(
+        self, sources: Sequence[Source], lookahead: int
+    ) -> Iterator[tuple[DecodedImage, np.ndarray] | PneumoError]:
+        """Decoded and preprocessed inputs in input order, at most ``lookahead`` in flight (bounded memory)."""
+        if len(sources) <= 1:
+            yield from map(self._decode_and_prepare, sources)
+            return
+        with self._pool_lock:
+            if self._decode_pool is None:
+                self._decode_pool = ThreadPoolExecutor(
+                    max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pneumo-decode"
+                )
+        queue: deque[Future[tuple[DecodedImage, np.ndarray] | PneumoError]] = deque()
+        for source in sources:
+            queue.append(self._decode_pool.submit(self._decode_and_prepare, source))
+            if len(queue) >= lookahead:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+    def predict_tensors(self, batch: np.ndarray) -> np.ndarray:
+        """P(pneumonia) for an already preprocessed batch (used by evaluation)."""
+        return self.pneumonia_probability(self.calibrated(self.logits(batch)))
