@@ -47,6 +47,7 @@ from pydantic import (
 
 from pneumo.core.errors import BundleError
 from pneumo.core.preprocess import PreprocessConfig
+from pneumo.core.probability import calibrated_probability, label_probabilities
 from pneumo.core.redact import strip_paths
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,19 @@ AnyFileEntry = Annotated[
 ]
 
 
+class Calibration(_Section):
+    """The ``calibration`` section: ``P = sigmoid(slope * gap(logits / temperature) + intercept)`` (core.probability).
+
+    ``slope = 1, intercept = 0`` is plain temperature scaling (every bundle before round 6, and the default).
+    """
+
+    method: Literal["temperature", "platt"] = "temperature"
+    slope: Finite = Field(default=1.0, gt=0.0, le=1e3)
+    intercept: Finite = Field(default=0.0, ge=-1e3, le=1e3)
+    #: What it was fitted on (e.g. "the pooled robustness validation: 783 films x 18 conditions").
+    fitted_on: str = Field(default="", max_length=500)
+
+
 class TrainingRecord(_Section):
     """The ``training`` section: the recipe and what it ran on (free-form figures beyond these are kept)."""
 
@@ -233,6 +247,7 @@ class BundleMeta(BaseModel):
     temperature: Finite = Field(default=1.0, ge=1e-3, le=1e3)
     name: Name = "pneumo"
     version: str = Field(default="0.0.0", max_length=100)
+    calibration: Calibration = Field(default_factory=Calibration)
     ood: OodEntry | None = None
     training: TrainingRecord = Field(default_factory=TrainingRecord)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -272,6 +287,16 @@ class BundleMeta(BaseModel):
     def decide(self, probability: float) -> str:
         """:func:`decide` at this bundle's threshold."""
         return decide(probability, self.threshold)
+
+    def probability(self, logits: Any) -> Any:
+        """Calibrated P(pneumonia) per row of raw logits (N, C) (:func:`~pneumo.core.probability.calibrated_probability`)."""
+        c = self.calibration
+        return calibrated_probability(logits, self.positive_indices, self.temperature, c.slope, c.intercept)
+
+    def label_probabilities(self, logits: Any) -> Any:
+        """Calibrated per-label probabilities (N, C) (:func:`~pneumo.core.probability.label_probabilities`)."""
+        c = self.calibration
+        return label_probabilities(logits, self.positive_indices, self.temperature, c.slope, c.intercept)
 
     def to_dict(self) -> dict[str, Any]:
         """The content of ``bundle.json`` (unknown keys read from a file included)."""

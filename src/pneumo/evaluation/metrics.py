@@ -219,6 +219,32 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float,
     return temperature
 
 
+def fit_platt(gap: np.ndarray, y_true: np.ndarray) -> tuple[float, float]:
+    """Platt scaling: ``(slope, intercept)`` of ``P = sigmoid(slope * gap + intercept)`` by maximum likelihood.
+
+    Two parameters and a monotone map: the ranking (ROC AUC) and every decision at a mapped
+    threshold are unchanged, while the probabilities move to where the data put them. Unlike
+    temperature scaling it also shifts them, which class-weighted training (the probabilities come
+    out low: a threshold of 0.125) needs. Unregularized logistic regression (scikit-learn).
+
+    Args:
+        gap: the uncalibrated log-odds of pneumonia per image (:func:`pneumo.core.probability.logit_gap`).
+        y_true: 1 = PNEUMONIA, 0 = NORMAL; both classes must be present.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    y, x = np.asarray(y_true), np.asarray(gap, dtype=np.float64)
+    if y.ndim != 1 or x.shape != y.shape or not np.isin(y, (0, 1)).all() or not np.isfinite(x).all():
+        raise MetricsInputError(f"Platt scaling needs finite 1-D scores and 0/1 labels of one length, got {x.shape}.")
+    if not _both_classes(y):
+        raise MetricsInputError("Platt scaling needs both NORMAL and PNEUMONIA images.")
+    model = LogisticRegression(penalty=None, solver="lbfgs", max_iter=1000).fit(x[:, None], y)
+    slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
+    if not slope > 0:
+        raise MetricsInputError(f"Platt scaling found a slope of {slope:.3g}: the scores do not rank the classes.")
+    return slope, intercept
+
+
 def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
     """Binary ECE of P(positive): sum over equal-width bins of (bin share) x |observed rate - mean prob|.
 

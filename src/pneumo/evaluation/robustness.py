@@ -22,9 +22,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageFilter, ImageOps
 
-from pneumo.evaluation.metrics import compute_metrics, evaluation_report, select_threshold
+from pneumo.core import image_ops as ops
+from pneumo.core.bundle import is_positive
+from pneumo.evaluation.metrics import (
+    compute_metrics,
+    evaluation_report,
+    expected_calibration_error,
+    select_threshold,
+)
 from pneumo.evaluation.report import format_ci
 
 log = logging.getLogger(__name__)
@@ -37,41 +44,14 @@ ProbFn = Callable[[list[Image.Image]], np.ndarray]
 SUMMARY_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
 
 
-def _crop(image: Image.Image, top: float, bottom: float, left: float, right: float) -> Image.Image:
-    w, h = image.size
-    return image.crop((round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
-
-
-def _pad(image: Image.Image, vertical: float, horizontal: float) -> Image.Image:
-    """Black margins (the background of a radiograph) of the given fraction of each side."""
-    w, h = image.size
-    dx, dy = round(horizontal * w), round(vertical * h)
-    canvas = Image.new("L", (w + 2 * dx, h + 2 * dy), 0)
-    canvas.paste(image, (dx, dy))
-    return canvas
-
-
 def _rotate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     angle = float(rng.choice([-1.0, 1.0]) * rng.uniform(7.0, 12.0))
     return image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
 
 
-_WORDS = ("R", "L", "AP", "PORTABLE", "SUPINE", "ERECT", "2017-03-14", "11:42", "GZ-WCMC", "DR-2")
-
-
 def _text(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Small burned-in annotations in a random corner, as many films carry (side marker, date, site)."""
-    out = image.copy()
-    w, h = out.size
-    font = ImageFont.load_default(size=max(8, round(0.055 * h)))
-    words = " ".join(str(rng.choice(_WORDS)) for _ in range(int(rng.integers(1, 4))))
-    draw = ImageDraw.Draw(out)
-    left, top, right, bottom = draw.textbbox((0, 0), words, font=font)
-    margin = round(0.03 * min(w, h))
-    x = margin if rng.random() < 0.5 else max(margin, w - (right - left) - margin)
-    y = margin if rng.random() < 0.5 else max(margin, h - (bottom - top) - margin)
-    draw.text((x, y), words, fill=int(rng.integers(200, 256)), font=font)
-    return out
+    return ops.burn_text(image, rng)
 
 
 def _blur(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -84,24 +64,18 @@ def _low_resolution(image: Image.Image, rng: np.random.Generator) -> Image.Image
     return small.resize((w, h), Image.Resampling.BILINEAR)
 
 
-def _lut(image: Image.Image, values: np.ndarray) -> Image.Image:
-    return image.point(np.clip(np.round(values), 0, 255).astype(np.uint8).tolist())
-
-
 def _gamma(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    gamma = 0.65 if rng.random() < 0.5 else 1.5
-    return _lut(image, 255.0 * (np.arange(256) / 255.0) ** gamma)
+    return ops.to_image(ops.gamma(ops.to_pixels(image), 0.65 if rng.random() < 0.5 else 1.5))
 
 
 def _contrast(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    mean = float(np.asarray(image, dtype=np.float32).mean())
+    pixels = ops.to_pixels(image)
     factor = 0.65 if rng.random() < 0.5 else 1.35
-    return _lut(image, mean + factor * (np.arange(256) - mean))
+    return ops.to_image(pixels.mean() + factor * (pixels - pixels.mean()))
 
 
 def _noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, 10.0, size=(image.size[1], image.size[0]))
-    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), mode="L")
+    return ops.to_image(ops.add_noise(ops.to_pixels(image), 10.0 / 255.0, rng))
 
 
 def _jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -110,19 +84,23 @@ def _jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("L")
 
 
-#: The shifts, by name. ``clean`` is the plain validation image; the crops and pads change the
-#: framing (the cue the default model of round 1 was found to use), the rest change acquisition.
+#: The shifts, by name. ``clean`` is the plain validation image; the crops, pads and the mirror image
+#: change the framing (the cue the default model of round 1 was found to use), the rest acquisition.
+#: Round 6 added ``pad_left_right_15`` (an aspect change) and ``hflip``: summaries over all shifts
+#: are over 17 since then (15 before).
 SHIFTS: dict[str, ShiftFn] = {
     "clean": lambda image, rng: image,
-    "crop_top_bottom_12": lambda image, rng: _crop(image, 0.12, 0.12, 0.0, 0.0),
-    "crop_top_bottom_20": lambda image, rng: _crop(image, 0.20, 0.20, 0.0, 0.0),
-    "crop_sides_10": lambda image, rng: _crop(image, 0.10, 0.10, 0.10, 0.10),
-    "crop_left_right_10": lambda image, rng: _crop(image, 0.0, 0.0, 0.10, 0.10),
-    "pad_12": lambda image, rng: _pad(image, 0.125, 0.125),
-    "pad_top_bottom_15": lambda image, rng: _pad(image, 0.15, 0.0),
+    "crop_top_bottom_12": lambda image, rng: ops.crop_fraction(image, 0.12, 0.12, 0.0, 0.0),
+    "crop_top_bottom_20": lambda image, rng: ops.crop_fraction(image, 0.20, 0.20, 0.0, 0.0),
+    "crop_sides_10": lambda image, rng: ops.crop_fraction(image, 0.10, 0.10, 0.10, 0.10),
+    "crop_left_right_10": lambda image, rng: ops.crop_fraction(image, 0.0, 0.0, 0.10, 0.10),
+    "pad_12": lambda image, rng: ops.pad_fraction(image, 0.125, 0.125),
+    "pad_top_bottom_15": lambda image, rng: ops.pad_fraction(image, 0.15, 0.0),
+    "pad_left_right_15": lambda image, rng: ops.pad_fraction(image, 0.0, 0.15),
+    "hflip": lambda image, rng: ImageOps.mirror(image),
     "rotate_10": _rotate,
     "text": _text,
-    "tight_with_text": lambda image, rng: _text(_crop(image, 0.12, 0.12, 0.0, 0.0), rng),
+    "tight_with_text": lambda image, rng: _text(ops.crop_fraction(image, 0.12, 0.12, 0.0, 0.0), rng),
     "blur": _blur,
     "low_resolution": _low_resolution,
     "gamma": _gamma,
@@ -132,27 +110,42 @@ SHIFTS: dict[str, ShiftFn] = {
 }
 
 
+#: The shifts that change only how a film is framed: a model that reads the lungs answers the same under them.
+FRAMING_SHIFTS = (
+    "crop_top_bottom_12", "crop_top_bottom_20", "crop_sides_10", "crop_left_right_10",
+    "pad_12", "pad_top_bottom_15", "pad_left_right_15", "hflip",
+)  # fmt: skip
+#: Of those, the pads and crops the issue-19 target names (a 10% pad, a 12% top/bottom crop) and their kin.
+PAD_CROP_SHIFTS = tuple(s for s in FRAMING_SHIFTS if s != "hflip")
+
+
 def shift_image(image: Image.Image, shift: str, key: str) -> Image.Image:
     """``image`` under ``shift``, deterministic in (``shift``, ``key``); never modifies ``image``."""
     rng = np.random.default_rng(zlib.crc32(f"{shift}:{key}".encode()))
     return SHIFTS[shift](image, rng)
 
 
-def predictor_prob_fn(predictor: Any, gate: Any = None, gate_scores: list[np.ndarray] | None = None) -> ProbFn:
+def predictor_prob_fn(
+    predictor: Any,
+    gate: Any = None,
+    gate_scores: list[np.ndarray] | None = None,
+    logits: list[np.ndarray] | None = None,
+) -> ProbFn:
     """P(pneumonia) through a :class:`pneumo.inference.predictor.Predictor` (its preprocessing, backend, calibration).
 
     With an OOD ``gate`` (:class:`pneumo.inference.ood.OodGate`), the gate's score of every image is
-    appended to ``gate_scores`` on the way, from the same forward pass.
+    appended to ``gate_scores`` on the way, from the same forward pass; with ``logits``, the raw
+    logits (what a calibration is fitted on).
     """
-    from pneumo.core.preprocess import preprocess
 
     def prob_fn(images: list[Image.Image]) -> np.ndarray:
-        batch = np.stack([preprocess(image, predictor.preprocess_config) for image in images])
-        if gate is None or gate_scores is None:
-            return np.asarray(predictor.predict_tensors(batch), dtype=np.float64)
-        logits, features = predictor.forward(batch)
-        gate_scores.append(gate.score(features))
-        return np.asarray(predictor.pneumonia_probability(predictor.calibrated(logits)), dtype=np.float64)
+        batch = np.stack([predictor.prepare_image(image) for image in images])
+        raw, features = predictor.forward(batch)
+        if gate is not None and gate_scores is not None:
+            gate_scores.append(gate.score(features))
+        if logits is not None:
+            logits.append(raw)
+        return np.asarray(predictor.meta.probability(raw), dtype=np.float64)
 
     return prob_fn
 
@@ -232,7 +225,14 @@ def robustness_report(
             "mean_drop": None if clean is None else clean - mean,
             "worst_drop": None if clean is None else clean - values[worst_shift],
         }
-    return {"threshold": threshold, "shifts": per_shift, "summary": summary}
+    pooled_y = np.concatenate([y_true] * len(probs))
+    summary["ece_pooled"] = expected_calibration_error(pooled_y, np.concatenate(list(probs.values())))
+    return {
+        "threshold": threshold,
+        "shifts": per_shift,
+        "summary": summary,
+        "framing": framing_consistency(y_true, probs, threshold),
+    }
 
 
 def pooled_threshold_table(
@@ -290,6 +290,45 @@ def robust_threshold(y_true: np.ndarray, probs: Mapping[str, np.ndarray], min_se
     eligible = [r for r in candidates if r["clean_sensitivity"] >= min_sensitivity] or candidates
     chosen = max(eligible, key=lambda r: r["mean_balanced_accuracy"])
     return {**chosen, "description": ROBUST_RULE_CANDIDATES[(chosen["rule"], chosen["chosen_on"])]}
+
+
+def framing_consistency(y_true: np.ndarray, probs: Mapping[str, np.ndarray], threshold: float) -> dict[str, Any]:
+    """How much the answers move when only the framing changes (pads, crops, an aspect change, the mirror image).
+
+    For each framing shift and each class (healthy and pneumonia films alike): the change in the share
+    called PNEUMONIA against the clean films (``rate_change``, shifted minus clean) and the mean absolute
+    change in probability (``mean_abs_dp``). The summary gives the largest healthy-film rate change
+    under the pads and crops (``worst_normal_rate_change``, signed, with its shift: the target of issue
+    19 is at most 0.03), the largest in absolute value over every framing shift, and ``mean_abs_dp``
+    over every framing shift and film.
+    """
+    y = np.asarray(y_true)
+    clean = probs["clean"]
+    shifts: dict[str, dict[str, Any]] = {}
+    for shift in (s for s in FRAMING_SHIFTS if s in probs):
+        entry: dict[str, Any] = {}
+        for name, mask in (("normal", y == 0), ("pneumonia", y == 1)):
+            if not mask.any():
+                continue
+            before, after = is_positive(clean[mask], threshold), is_positive(probs[shift][mask], threshold)
+            entry[name] = {
+                "rate_change": float(after.mean() - before.mean()),
+                "mean_abs_dp": float(np.abs(probs[shift][mask] - clean[mask]).mean()),
+                "n": int(mask.sum()),
+            }
+        shifts[shift] = entry
+    summary: dict[str, Any] = {}
+    normal = {k: v["normal"]["rate_change"] for k, v in shifts.items() if "normal" in v}
+    pad_crop = {k: v for k, v in normal.items() if k in PAD_CROP_SHIFTS}
+    if pad_crop:
+        worst = max(pad_crop, key=lambda k: abs(pad_crop[k]))
+        summary.update(worst_normal_rate_change=pad_crop[worst], worst_normal_shift=worst)
+    if normal:
+        worst = max(normal, key=lambda k: abs(normal[k]))
+        summary.update(worst_normal_rate_change_all=normal[worst], worst_normal_shift_all=worst)
+    if shifts:
+        summary["mean_abs_dp"] = float(np.mean([np.abs(probs[k] - clean).mean() for k in shifts]))
+    return {"shifts": shifts, "summary": summary}
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:

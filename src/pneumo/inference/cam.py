@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from pneumo.core.bundle import CAM_HEAD_KEY, WEIGHTS_FILE, bundle_file
+from pneumo.core.bundle import CAM_HEAD_KEY, POSITIVE, WEIGHTS_FILE, bundle_file
 from pneumo.core.decode import DecodedImage
 from pneumo.inference.explain import DEFAULT_MAX_SIDE, Explainer, ExplainUnavailableError, Explanation
 from pneumo.inference.runners import OnnxRunner
@@ -89,7 +89,11 @@ class OnnxCamExplainer:
         return Explanation(heatmap, display, label, self.layer_name)
 
     def _score_gradient(self, logits: np.ndarray, target_label: str | None) -> tuple[str, np.ndarray]:
-        """The answer explained and d(log-odds of that answer)/d(logits)."""
+        """The answer explained and d(calibrated log-odds of that answer)/d(logits).
+
+        The log-odds is the bundle's own (:mod:`pneumo.core.probability`): ``slope * gap(z / T) + intercept``,
+        whose gradient is, within each group of labels, their softmax share times ``slope / T``.
+        """
         meta = self.predictor.meta
         scaled = np.asarray(logits, dtype=np.float64) / meta.temperature
         positive = list(meta.positive_indices)
@@ -98,15 +102,9 @@ class OnnxCamExplainer:
         for group, sign in ((positive, 1.0), (negative, -1.0)):
             part = np.exp(scaled[group] - scaled[group].max())
             grad[group] = sign * part / part.sum()
-        grad /= meta.temperature
-        log_odds = _logsumexp(scaled[positive]) - _logsumexp(scaled[negative])
-        label = target_label or meta.decide(1.0 / (1.0 + np.exp(-log_odds)))
-        return label, grad if label == "PNEUMONIA" else -grad
-
-
-def _logsumexp(values: np.ndarray) -> float:
-    top = float(values.max())
-    return top + float(np.log(np.exp(values - top).sum()))
+        grad *= meta.calibration.slope / meta.temperature
+        label = target_label or meta.decide(float(meta.probability(logits[None])[0]))
+        return label, grad if label == POSITIVE else -grad
 
 
 def _as_display_map(cam: np.ndarray, input_size: int, display_size: tuple[int, int]) -> np.ndarray:

@@ -23,7 +23,7 @@ from pneumo.core.bundle import Backend, BundleMeta, read_meta, resolve_bundle
 from pneumo.core.decode import DEFAULT_LIMITS, DecodedImage, Limits, read_image
 from pneumo.core.errors import NotAChestXrayError, PneumoError
 from pneumo.core.preprocess import PreprocessConfig, preprocess
-from pneumo.core.probability import positive_probability, temperature_softmax
+from pneumo.core.probability import positive_probability
 from pneumo.inference.files import Source, name_of
 from pneumo.inference.ood import OodGate
 from pneumo.inference.runners import OnnxRunner, Runner, select_runner
@@ -149,8 +149,8 @@ class Predictor:
         return self.forward(batch)[0]
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
-        """Temperature-scaled softmax probabilities (N, C)."""
-        return temperature_softmax(logits, self.meta.temperature)
+        """Calibrated per-label probabilities (N, C): the bundle's calibration (:mod:`pneumo.core.probability`)."""
+        return np.asarray(self.meta.label_probabilities(logits))
 
     def pneumonia_probability(self, probs: np.ndarray) -> np.ndarray:
         """P(pneumonia) per row: the sum over the bundle's positive labels."""

@@ -4,7 +4,8 @@ Augmentation runs on the (1, H, W) [0, 1] tensor between :func:`pneumo.core.prep
 and :func:`pneumo.core.preprocess.normalize`, on training samples only (the Predictor never calls
 it). The framing steps (random resized crops, aspect-ratio jitter, black padding) exist to break
 the shortcut "a tightly framed film is pneumonia" that :mod:`pneumo.evaluation.robustness`
-measures; the photometric steps imitate other machines (gamma, blur, noise, burned-in text).
+measures; the photometric steps imitate other machines (gamma, blur, noise, burned-in text), with
+the same operations the robustness validation scores (:mod:`pneumo.core.image_ops`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pneumo.core import image_ops as ops
 from pneumo.core.errors import DataError
 from pneumo.modeling.config import AugmentConfig
 
@@ -34,42 +36,41 @@ class _Augment:
         return f"_Augment({self.transform!r})"
 
 
+def _generator() -> np.random.Generator:
+    """A NumPy generator drawn from torch's, so a run seeded through torch (Lightning) stays reproducible."""
+    return np.random.default_rng(int(torch.randint(2**62, ())))
+
+
 class _RandomGamma:
-    """``x ** g`` with ``g`` uniform in ``[1 - amount, 1 + amount]`` (torchvision has no random gamma)."""
+    """:func:`pneumo.core.image_ops.gamma` with an exponent uniform in ``[1 - amount, 1 + amount]``."""
 
     def __init__(self, amount: float) -> None:
         self.amount = amount
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         g = 1.0 + (2.0 * float(torch.rand(())) - 1.0) * self.amount
-        return tensor.clamp(0.0, 1.0) ** g
+        return torch.from_numpy(ops.gamma(tensor.numpy(), g))
 
     def __repr__(self) -> str:
         return f"_RandomGamma({self.amount})"
 
 
 class _RandomNoise:
-    """Additive Gaussian noise of a random std up to ``sigma``, clipped to [0, 1]."""
+    """:func:`pneumo.core.image_ops.add_noise` with a random standard deviation up to ``sigma``."""
 
     def __init__(self, sigma: float) -> None:
         self.sigma = sigma
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         std = float(torch.rand(())) * self.sigma
-        return (tensor + torch.randn_like(tensor) * std).clamp(0.0, 1.0)
+        return torch.from_numpy(ops.add_noise(tensor.numpy(), std, _generator()))
 
     def __repr__(self) -> str:
         return f"_RandomNoise({self.sigma})"
 
 
 class _RandomText:
-    """Burned-in text (side markers, dates) in a random corner with probability ``p``.
-
-    Drawn with Pillow on the 8-bit image because torchvision draws no text; the words and
-    placement come from torch's generator, so a seeded run is reproducible.
-    """
-
-    _WORDS = ("R", "L", "AP", "PA", "PORTABLE", "SUPINE", "ERECT", "2016-11-02", "09:15", "DX", "CHEST")
+    """:func:`pneumo.core.image_ops.burn_text` with probability ``p``, at a random height of 3.5-7.5% of the image."""
 
     def __init__(self, p: float) -> None:
         self.p = p
@@ -77,20 +78,9 @@ class _RandomText:
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         if float(torch.rand(())) >= self.p:
             return tensor
-        from PIL import Image, ImageDraw, ImageFont
-
-        _, h, w = tensor.shape
-        image = Image.fromarray((tensor[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")
-        draw = ImageDraw.Draw(image)
-        n_words = 1 + int(torch.randint(3, ()))
-        words = " ".join(self._WORDS[int(torch.randint(len(self._WORDS), ()))] for _ in range(n_words))
-        font = ImageFont.load_default(size=max(8, round(h * (0.035 + 0.04 * float(torch.rand(()))))))
-        left, top, right, bottom = draw.textbbox((0, 0), words, font=font)
-        margin = round(0.03 * min(w, h))
-        x = margin if float(torch.rand(())) < 0.5 else max(margin, w - (right - left) - margin)
-        y = margin if float(torch.rand(())) < 0.5 else max(margin, h - (bottom - top) - margin)
-        draw.text((x, y), words, fill=200 + int(torch.randint(56, ())), font=font)
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+        height = 0.035 + 0.04 * float(torch.rand(()))
+        image = ops.burn_text(ops.to_image(tensor[0].numpy()), _generator(), height)
+        return torch.from_numpy(ops.to_pixels(image)).unsqueeze(0)
 
     def __repr__(self) -> str:
         return f"_RandomText({self.p})"

@@ -102,7 +102,7 @@ def _spatial_outputs(model: nn.Module, size: int) -> list[str]:
 
 
 class _DecisionTarget:
-    """Grad-CAM target: the (temperature-scaled) log-odds of the answer to explain.
+    """Grad-CAM target: the calibrated log-odds of the answer to explain (:mod:`pneumo.core.probability`).
 
     ``log sum exp(positive logits) - log sum exp(negative logits)`` is the log-odds of
     P(pneumonia) in binary and multi-class bundles alike; its negation explains NORMAL.
@@ -110,16 +110,27 @@ class _DecisionTarget:
     :class:`~pneumo.inference.predictor.Predictor`, and remembered in ``label``.
     """
 
-    def __init__(self, positive: list[int], n_labels: int, temperature: float, threshold: float, label: str | None):
+    def __init__(
+        self,
+        positive: list[int],
+        n_labels: int,
+        temperature: float,
+        threshold: float,
+        label: str | None,
+        slope: float = 1.0,
+        intercept: float = 0.0,
+    ):
         self.positive = positive
         self.negative = [i for i in range(n_labels) if i not in positive]
         self.temperature = temperature
         self.threshold = threshold
         self.label = label
+        self.slope, self.intercept = slope, intercept
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         scaled = logits / self.temperature
-        log_odds = torch.logsumexp(scaled[self.positive], 0) - torch.logsumexp(scaled[self.negative], 0)
+        gap = torch.logsumexp(scaled[self.positive], 0) - torch.logsumexp(scaled[self.negative], 0)
+        log_odds = self.slope * gap + self.intercept  # the bundle's calibrated log-odds (core.probability)
         if self.label is None:
             self.label = decide(float(torch.sigmoid(log_odds.detach())), self.threshold)
         return log_odds if self.label == POSITIVE else -log_odds
@@ -180,8 +191,9 @@ class GradCamExplainer:
         batch = torch.from_numpy(self.predictor.prepare(decoded)[None])
         meta = self.predictor.meta
         target = _DecisionTarget(
-            meta.positive_indices, len(meta.labels), meta.temperature, meta.threshold, target_label
-        )
+            meta.positive_indices, len(meta.labels), meta.temperature, meta.threshold, target_label,
+            meta.calibration.slope, meta.calibration.intercept,
+        )  # fmt: skip
         with self._lock:
             cam = self._grad_cam(batch, target)
         heat = Image.fromarray(cam.astype(np.float32), mode="F").resize(display.size, Image.Resampling.BILINEAR)

@@ -62,7 +62,6 @@ from pneumo.core.bundle import (
 from pneumo.core.decode import read_image
 from pneumo.core.errors import PneumoError
 from pneumo.core.preprocess import PreprocessConfig, preprocess
-from pneumo.core.probability import positive_probability, temperature_softmax
 from pneumo.inference.runners import OnnxRunner, file_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -186,7 +185,7 @@ def quantize_onnx(
 def graph_probability(runner: OnnxRunner, arrays: np.ndarray, meta: Any) -> np.ndarray:
     """The bundle's calibrated P(pneumonia) from ``runner`` on preprocessed ``arrays``, 32 at a time."""
     logits = np.concatenate([runner(arrays[i : i + 32])[0] for i in range(0, len(arrays), 32)])
-    return positive_probability(temperature_softmax(logits, meta.temperature), meta.positive_indices)
+    return np.asarray(meta.probability(logits))
 
 
 def compare_probabilities(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, meta: Any) -> dict:
