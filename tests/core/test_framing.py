@@ -256,17 +256,17 @@ def test_inference_imports_neither_torch_nor_scipy() -> None:
 #: Least share of films at IoU >= 0.9 per framing shift (the full validation measures more: see
 #: benchmarks/results/framing_equivariance.json); set a few points under the measured figure.
 SHARE_AT_09 = {
-    "crop_top_bottom_12": 0.8,
-    "crop_top_bottom_20": 0.5,
-    "crop_sides_10": 0.8,
-    "crop_left_right_10": 0.8,
-    "pad_12": 0.8,
-    "pad_top_bottom_15": 0.8,
+    "crop_top_bottom_12": 0.85,  # measured on all 783: 0.931
+    "crop_top_bottom_20": 0.65,  # 0.798: the crop removes lung, the box must guess where it ended
+    "crop_sides_10": 0.85,  # 0.935
+    "crop_left_right_10": 0.9,  # 0.976
+    "pad_12": 0.85,  # 0.954
+    "pad_top_bottom_15": 0.9,  # 0.963
 }
 
 
 def test_equivariance_on_validation_films(shared_data: Path, framer: Framer) -> None:
-    """IoU >= 0.9 in original coordinates under the framing shifts, on 60 validation films."""
+    """IoU >= 0.9 in original coordinates under the framing shifts, on 60 validation films (never trained on)."""
     from pneumo.core.dataset import train_val_samples
     from pneumo.core.io import read_image
 
@@ -293,4 +293,5 @@ def test_equivariance_on_validation_films(shared_data: Path, framer: Framer) -> 
             back = Box(x0 / w + box.x0 * sx, y0 / h + box.y0 * sy, x0 / w + box.x1 * sx, y0 / h + box.y1 * sy)
             ious.append(back.iou(clean))
         share = float(np.mean(np.asarray(ious) >= 0.9))
-        assert np.median(ious) >= 0.9 and share >= SHARE_AT_09[shift], (shift, share, np.round(ious, 2))
+        assert np.mean(ious) >= 0.9 and np.median(ious) >= 0.9, (shift, np.round(ious, 2))
+        assert share >= SHARE_AT_09[shift], (shift, share, np.round(ious, 2))
