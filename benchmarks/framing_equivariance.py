@@ -9,13 +9,16 @@
    may reach past the frame where a crop cuts the lungs (the localizer learned where they end);
    ``iou_visible`` compares the two boxes cut to the part of the film still in the shifted frame,
    i.e. what the crop the model sees depends on, and ``ceiling_in_frame`` is the IoU that a box
-   confined to the frame could reach at best;
+   confined to the frame could reach at best; ``crop_iou`` compares the crops the model is shown
+   (lung box + margin, clamped to each image), mapped to the clean film;
 2. **agreement with the pseudo-labels** on the validation films the classical labeler accepts;
 3. **cost per film** of ``Framer.apply`` on the 224 px films and on the full-resolution originals
    decoded as the Predictor decodes them (``read_image(path, draft_size=240)``);
 4. **fallback rate** (``found=False``) on the 5,216 training films and on the non-X-ray set of
    ``benchmarks/ood_nonxray.py`` (per category);
-5. ``--sheets``: contact sheets of the boxes on 100 random validation films and the 14 originals.
+5. **full resolution vs 224 px**: IoU of the boxes found on the 14 originals (drafted) and on their
+   224 px copies in the dataset;
+6. ``--sheets``: contact sheets of the boxes on 100 random validation films and the 14 originals.
 
 Writes ``--out`` (JSON) and prints a table.
 """
@@ -95,6 +98,33 @@ def _clip(box: Box, frame: Box) -> Box:
     return Box(max(box.x0, frame.x0), max(box.y0, frame.y0), min(box.x1, frame.x1), min(box.y1, frame.y1))
 
 
+def _crop_of(box: Box, margin: float) -> Box:
+    """What :meth:`Framer.crop_box` makes of a lung box: grown by the margin, clamped to the image."""
+    if not box.found:
+        return Box(0.0, 0.0, 1.0, 1.0, False)
+    dx, dy = margin * box.width, margin * box.height
+    return Box(max(0.0, box.x0 - dx), max(0.0, box.y0 - dy), min(1.0, box.x1 + dx), min(1.0, box.y1 + dy))
+
+
+def _inside_by_margin(boxes: list[Box]) -> dict[str, float]:
+    """Share of clean films whose lung box grown by each margin stays inside the frame on all four sides.
+
+    Where it does, the crop's edges are set by the anatomy; where it does not, by the film's edge.
+    """
+    out = {}
+    for margin in (0.0, 0.05, 0.10, 0.15, 0.20):
+        inside = [
+            b.x0 - margin * b.width > 0
+            and b.y0 - margin * b.height > 0
+            and b.x1 + margin * b.width < 1
+            and b.y1 + margin * b.height < 1
+            for b in boxes
+            if b.found
+        ]
+        out[f"{margin:.2f}"] = round(float(np.mean(inside)), 4)
+    return out
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     array = np.asarray(values, dtype=np.float64)
     return {
@@ -110,6 +140,8 @@ def equivariance(framer: Framer, root: Path) -> tuple[dict[str, Any], dict[str, 
     """IoU of shifted vs clean boxes on the validation films, per shift; and agreement with pseudo-labels."""
     _, val, description = train_val_samples(root, "binary", 0.15, 0)
     ious: dict[str, list[float]] = defaultdict(list)
+    crops: dict[str, list[float]] = defaultdict(list)
+    margin = framer.config.margin
     visible: dict[str, list[float]] = defaultdict(list)
     ceiling: dict[str, list[float]] = defaultdict(list)
     clean_found = 0
@@ -125,21 +157,29 @@ def equivariance(framer: Framer, root: Path) -> tuple[dict[str, Any], dict[str, 
             window = frame_pixels(frame, w, h)
             if shifted.size != (window[2] - window[0], window[3] - window[1]):
                 raise AssertionError(f"{shift}: frame {window} does not match the shifted size {shifted.size}")
-            back = to_clean(framer.locate(shifted), window, w, h)
+            found = framer.locate(shifted)
+            back = to_clean(found, window, w, h)
             ious[shift].append(back.iou(clean))
+            crops[shift].append(to_clean(_crop_of(found, margin), window, w, h).iou(_crop_of(clean, margin)))
             frame = Box(window[0] / w, window[1] / h, window[2] / w, window[3] / h)
             visible[shift].append(_clip(back, frame).iou(_clip(clean, frame)))
             ceiling[shift].append(_clip(clean, frame).iou(clean))
     table = {
         shift: {
             "iou": _summary(ious[shift]),
+            "crop_iou": _summary(crops[shift]),
             "iou_visible": _summary(visible[shift]),
             "ceiling_in_frame": _summary(ceiling[shift]),
             "framing": shift in FRAMING_SHIFTS,
         }
         for shift in FRAMES
     }
-    meta = {"split": description, "validation_films": len(val), "clean_found": clean_found}
+    meta = {
+        "split": description,
+        "validation_films": len(val),
+        "clean_found": clean_found,
+        "crop_inside_frame_by_margin": _inside_by_margin(list(boxes.values())),
+    }
     return table, {"meta": meta, "boxes": boxes, "samples": val}
 
 
@@ -153,21 +193,28 @@ def pseudo_label_agreement(boxes: dict[str, Box], samples: list[Any]) -> dict[st
 
 
 def cost(framer: Framer, images: list[Image.Image], repeat: int) -> dict[str, float]:
-    """Milliseconds per ``Framer.apply`` call (median, mean, p95) over ``images``, ``repeat`` rounds."""
+    """Milliseconds per ``Framer.apply`` call over ``images``, ``repeat`` rounds.
+
+    Wall time (median, mean, p95) and this thread's CPU time: on shared cores the wall time's tail
+    is mostly waiting for a core, which the CPU time leaves out.
+    """
     for image in images[:5]:
         framer.apply(image)  # warm the session
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
         for image in images:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             framer.apply(image)
+            cpu.append((time.thread_time() - start_cpu) * 1000)
             times.append((time.perf_counter() - start) * 1000)
-    array = np.asarray(times)
+    array, cpu_array = np.asarray(times), np.asarray(cpu)
     sizes = np.asarray([image.size for image in images])
     return {
         "median_ms": round(float(np.median(array)), 3),
         "mean_ms": round(float(array.mean()), 3),
         "p95_ms": round(float(np.percentile(array, 95)), 3),
+        "cpu_median_ms": round(float(np.median(cpu_array)), 3),
+        "cpu_mean_ms": round(float(cpu_array.mean()), 3),
         "calls": int(array.size),
         "median_size": [int(v) for v in np.median(sizes, axis=0)],
     }
@@ -241,7 +288,7 @@ def contact_sheets(framer: Framer, data: Path, samples: list[Any], out_dir: Path
     full_tiles = [(read_image(p, draft_size=240).image, framer) for p in originals]
     written = []
     for name, tiles, columns, tile in (
-        ("framing_validation.png", val_tiles, 10, 160),
+        ("framing_validation.png", val_tiles, 10, 128),
         ("framing_fullres.png", full_tiles, 7, 240),
     ):
         path = out_dir / name
@@ -275,6 +322,12 @@ def main() -> None:
         "cores": os.cpu_count(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
+    result["fullres_vs_224"] = _summary(
+        [
+            framer.locate(image).iou(framer.locate(read_image(root / "train" / p.parent.name / p.name).image))
+            for p, image in zip(originals, full_images, strict=True)
+        ]
+    )
     result["fallback"] = fallback_rates(framer, root)
     if args.sheets:
         result["sheets"] = contact_sheets(framer, args.data, clean["samples"], args.sheets)
@@ -289,7 +342,7 @@ def main() -> None:
             f"{shift:<20} {a['mean']:>6} {a['median']:>6} {a['p5']:>6} {a['share_ge_0.9']:>6}   "
             f"         {b['mean']:>6} {b['p5']:>6} {b['share_ge_0.9']:>6}"
         )
-    print(json.dumps({k: result[k] for k in ("cost", "pseudo_label_agreement")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("cost", "pseudo_label_agreement", "fullres_vs_224")}, indent=1))
     print(json.dumps({k: v for k, v in result["fallback"].items()}, indent=1)[:2000])
 
 
