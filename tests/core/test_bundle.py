@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from pneumo.core.bundle import (
     FORMAT_VERSION,
     META_FILE,
+    OOD_FILE,
     WEIGHTS_FILE,
     BundleMeta,
     read_meta,
@@ -145,7 +147,7 @@ def test_read_meta_malformed_bundle_json_is_a_bundle_error(tmp_path: Path, conte
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"format_version": 2}, "format_version"),
+        ({"format_version": 3}, "format_version"),
         ({"temperature": 0}, "temperature"),
         ({"threshold": 1.5}, "threshold"),
         ({"labels": ["NORMAL"]}, "labels"),
@@ -219,3 +221,62 @@ def test_three_class_bundle_round_trip(tmp_path: Path) -> None:
     assert predictor.predict_tensors(preprocess(image, predictor.preprocess_config)[None])[0] == pytest.approx(
         float(direct[1] + direct[2]), abs=1e-6
     )
+
+
+# ------------------------------------------------------------------ tampered bundles (issue 22, item 8)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"temperature": 1e-320}', "temperature"),  # served "probability": null before
+        ('{"temperature": Infinity}', "temperature"),  # every image scored 0.5 before
+        ('{"threshold": NaN}', "threshold"),
+        ('{"preprocess": {"input_size": 60000}}', "preprocess.input_size"),  # MemoryError before
+        ('{"labels": ' + json.dumps([f"L{i}" for i in range(100_000)]) + "}", "labels"),
+        ('{"threshold": ' + "9" * 100_000 + "}", "number too large"),  # a traceback before
+        ('{"metrics": ' + "[" * 100_000 + "]" * 100_000 + "}", "nesting"),
+    ],
+)
+def test_tampered_bundle_json_is_a_bundle_error(tmp_path: Path, text: str, expected: str) -> None:
+    """Absurd values in bundle.json fail where it is read, with a BundleError naming what is wrong."""
+    good = json.dumps(_GOOD)
+    (tmp_path / META_FILE).write_text(good[:-1] + ", " + text[1:])  # the tampered keys override the good ones
+    with pytest.raises(BundleError, match=expected):
+        read_meta(tmp_path)
+
+
+def test_random_bytes_as_weights_or_gate_are_bundle_errors(tmp_path: Path) -> None:
+    folder, _ = tiny_bundle(tmp_path / "b", export=False)
+    noise = np.random.default_rng(0).bytes(10_000)
+    (folder / WEIGHTS_FILE).write_bytes(noise)
+    with pytest.raises(BundleError, match=r"do not match .* or are damaged"):
+        torch_predictor(folder)
+    gated, _ = tiny_bundle(tmp_path / "g", export=False, ood=OOD_ENTRY)
+    (gated / OOD_FILE).write_bytes(noise)
+    with pytest.raises(BundleError, match="incomplete or malformed"):
+        Predictor(gated)
+
+
+def test_a_fifo_or_a_folder_in_place_of_a_bundle_file_is_refused_unread(tmp_path: Path) -> None:
+    """A FIFO as weights.safetensors hung startup for minutes before: it is refused without being opened."""
+    folder, _ = tiny_bundle(tmp_path / "b", export=False)
+    (folder / WEIGHTS_FILE).unlink()
+    os.mkfifo(folder / WEIGHTS_FILE)
+    with pytest.raises(BundleError, match="not a regular file"):
+        torch_predictor(folder)
+    (folder / WEIGHTS_FILE).unlink()
+    (folder / WEIGHTS_FILE).mkdir()
+    with pytest.raises(BundleError, match="not a regular file"):
+        torch_predictor(folder)
+
+
+def test_an_oversized_bundle_json_is_refused_unread(tmp_path: Path) -> None:
+    with (tmp_path / META_FILE).open("wb") as handle:
+        handle.truncate(9 * 2**20)  # sparse: 9 MB of zeros, over the 8 MB a bundle.json may be
+    with pytest.raises(BundleError, match="over the 8 MB"):
+        read_meta(tmp_path)
+
+
+#: A consistent gate entry for a bundle whose gate file is then damaged.
+OOD_ENTRY = {"threshold": 4.0, "noise_variance": 0.01, "components": 8, "feature_dim": 1280}

@@ -268,7 +268,7 @@ SHARE_AT_09 = {
 def test_equivariance_on_validation_films(shared_data: Path, framer: Framer) -> None:
     """IoU >= 0.9 in original coordinates under the framing shifts, on 60 validation films (never trained on)."""
     from pneumo.core.dataset import train_val_samples
-    from pneumo.core.io import read_image
+    from pneumo.core.decode import read_image
 
     _, val, _ = train_val_samples(shared_data / "chest_xray_224", "binary", 0.15, 0)
     films = [val[i] for i in np.random.default_rng(0).choice(len(val), 60, replace=False)]

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from pneumo.core.bundle import BundleMeta
-from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.core.preprocess import PreprocessConfig, Preprocessor
 from pneumo.inference import Predictor
 from pneumo.inference.explain import ExplainUnavailableError, overlay_heatmap
 from pneumo.modeling.gradcam import GradCamExplainer, _DecisionTarget, target_layer_name
@@ -36,7 +36,7 @@ def _stub_predictor(model: nn.Module, arch: str, size: int) -> SimpleNamespace:
     config = PreprocessConfig(size, spec.preprocess.mean, spec.preprocess.std)
     meta = BundleMeta(arch=arch, timm_name=spec.timm_name, labels=["NORMAL", "PNEUMONIA"], preprocess=config)
     runner = SimpleNamespace(model=model.eval())
-    return SimpleNamespace(runner=runner, meta=meta, prepare=lambda decoded: preprocess(decoded.image, config))
+    return SimpleNamespace(runner=runner, meta=meta, preprocessor=Preprocessor(config))
 
 
 def test_heatmap_has_image_size_range_and_structure(predictor: Predictor) -> None:
@@ -148,9 +148,10 @@ def test_explainer_refusals_say_why(predictor: Predictor, monkeypatch: pytest.Mo
         GradCamExplainer(predictor, layer="no_such_layer")
 
 
-def test_explainer_loads_the_network_of_an_onnx_predictor(predictor: Predictor) -> None:
+def test_explainer_loads_the_network_of_an_onnx_predictor(tmp_path: Path) -> None:
     """An ONNX predictor has no torch network: Grad-CAM loads the bundle's own, and explains the same answer."""
-    onnx_side = Predictor(predictor.bundle_dir)
+    folder = tiny_bundle(tmp_path / "bundle", head="wide")[0]
+    predictor, onnx_side = torch_predictor(folder), Predictor(folder)
     assert onnx_side.backend == "fp32"
     image = synthetic_xray("loads", True, 96)
     maps = [GradCamExplainer(p).explain(image, "PNEUMONIA").heatmap for p in (predictor, onnx_side)]

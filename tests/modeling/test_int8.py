@@ -13,6 +13,7 @@ from conftest import write_tiny_dataset
 from model_helpers import tiny_bundle, xray_jpegs
 
 from pneumo.core.bundle import INT8_FILE, default_bundle_path, read_meta, write_meta
+from pneumo.core.preprocess import Preprocessor
 from pneumo.inference import Predictor
 from pneumo.inference.runners import BackendError, OnnxRunner, file_sha256, find_int8, find_onnx, weights_sha256
 from pneumo.modeling.export import export_onnx
@@ -179,7 +180,7 @@ def test_shipped_int8_agrees_with_fp32_on_validation(shared_data: Path, default_
     _, val, _ = train_val_samples(
         shared_data / "chest_xray_224", val_fraction=config["val_fraction"], seed=config["seed"]
     )
-    arrays = load_arrays([s.path for s in val], meta.preprocess)
+    arrays = load_arrays([s.path for s in val], Preprocessor(meta.preprocess))
     fp32, int8 = OnnxRunner(default_fp32), OnnxRunner(folder / INT8_FILE)
     report = compare_probabilities(
         graph_probability(fp32, arrays, meta),

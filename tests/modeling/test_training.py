@@ -23,7 +23,7 @@ import torch
 from conftest import write_tiny_dataset
 
 from pneumo.core.bundle import WEIGHTS_FILE, read_meta
-from pneumo.core.errors import PneumoError
+from pneumo.core.errors import BundleError, PneumoError
 from pneumo.evaluation.metrics import select_threshold
 from pneumo.modeling import training
 from pneumo.modeling.config import AugmentConfig, TrainConfig
@@ -387,3 +387,32 @@ def test_keep_freed_memory_stops_refaulting_large_blocks() -> None:
     pages = (64 << 20) // 4096
     assert int(faults["default"]) > pages // 2, faults
     assert int(faults["keep"]) < pages // 20, faults
+
+
+def test_a_framed_run_ships_its_localizer_and_serves_the_crops_it_trained_on(tmp_path: Path) -> None:
+    """``framing: lungbox-v1``: the bundle carries its localizer, and every surface's Predictor crops with it."""
+    from pneumo.core.bundle import LOCALIZER_FILE
+    from pneumo.core.framing import DEFAULT_LOCALIZER
+    from pneumo.inference import Predictor
+    from pneumo.inference.runners import file_sha256
+
+    config = _tiny_config(tmp_path, "test_efficientnet", frozen_epochs=1, finetune_epochs=0, lr=1e-2,
+                          framing="lungbox-v1", threshold_rule="robust", int8=True)  # fmt: skip
+    bundle = fit(config)
+    assert bundle is not None
+    meta = read_meta(bundle)
+    assert meta.preprocess.framed and meta.preprocess.framing.method == "lungbox-v1"
+    entry = meta.files[LOCALIZER_FILE]
+    assert entry.sha256 == file_sha256(bundle / LOCALIZER_FILE) == file_sha256(DEFAULT_LOCALIZER)
+    framing = meta.metrics["robustness"]["framing"]
+    assert set(framing["shifts"]) >= {"pad_12", "crop_top_bottom_12", "hflip"}
+    assert "worst_normal_rate_change" in framing["summary"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["robustness"]["framing"] == framing and run["calibration"]["method"] in ("platt", "temperature")
+    files = sorted((tmp_path / "data" / "train" / "NORMAL").iterdir())[:3]
+    for result in Predictor(bundle, check_ood=False).predict_many(files):
+        assert not isinstance(result, Exception) and result.crop is not None
+        assert 0.0 <= result.crop["x0"] < result.crop["x1"] <= 1.0
+    (bundle / LOCALIZER_FILE).unlink()  # a framed bundle without its localizer cannot be served as trained
+    with pytest.raises(BundleError, match=r"lacks localizer\.onnx"):
+        Predictor(bundle)

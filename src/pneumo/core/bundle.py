@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ the layout
 
-FORMAT_VERSION = 1
+#: 2: round 6 (canonical framing in ``preprocess.framing``, the ``calibration`` section); 1 is still read.
+FORMAT_VERSION = 2
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.safetensors"
 #: The fp32 ONNX graph a bundle may hold (``pneumo export onnx``); the default bundle does not ship it.
@@ -63,6 +64,8 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 #: The out-of-distribution gate's statistics (see :mod:`pneumo.inference.ood`).
 OOD_FILE = "ood.safetensors"
+#: The lung localizer of a bundle that frames its films (``preprocess.framing``; see :mod:`pneumo.core.framing`).
+LOCALIZER_FILE = "localizer.onnx"
 
 #: The exported graphs' contract: one input (N, 3, S, S) and two outputs, logits (N, C) and pooled
 #: features (N, F); :meth:`pneumo.inference.Predictor.forward` returns exactly these.
@@ -232,7 +235,7 @@ class BundleMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    format_version: Literal[1] = 1  # FORMAT_VERSION; a later format needs a later pneumo
+    format_version: Literal[1, 2] = 2  # FORMAT_VERSION; a later format needs a later pneumo
     arch: Name
     #: The timm model the weights belong to: what the training stack builds to load them.
     timm_name: Name
@@ -289,7 +292,7 @@ class BundleMeta(BaseModel):
         return decide(probability, self.threshold)
 
     def probability(self, logits: Any) -> Any:
-        """Calibrated P(pneumonia) per row of raw logits (N, C) (:func:`~pneumo.core.probability.calibrated_probability`)."""
+        """Calibrated P(pneumonia) per row of raw logits (N, C) (``core.probability.calibrated_probability``)."""
         c = self.calibration
         return calibrated_probability(logits, self.positive_indices, self.temperature, c.slope, c.intercept)
 
@@ -336,7 +339,7 @@ def _describe(err: ValidationError) -> str:
         return f"bundle.json lacks the required field '{field}'{more}."
     if field == "format_version":
         return (
-            f"bundle.json has format_version {shown}, which this pneumo cannot read (it reads {FORMAT_VERSION}); "
+            f"bundle.json has format_version {shown}, which this pneumo cannot read (it reads 1 to {FORMAT_VERSION}); "
             f"upgrade pneumo.{more}"
         )
     return f"bundle.json field '{field}' is invalid: {first['msg']} (got {shown}){more}."

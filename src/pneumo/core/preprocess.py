@@ -1,12 +1,13 @@
 """The one preprocessing path shared by training, evaluation and inference (NumPy only, no torch).
 
-A decoded grayscale image (see :mod:`pneumo.core.decode`) becomes the model's input in three steps:
-:func:`resize` (squash to ``input_size`` x ``input_size``, as the dataset was made),
-:func:`to_unit_array` (1 x H x W floats in [0, 1]) and :func:`normalize` (3 channels, the
-backbone's mean/std). Training inserts augmentation between the last two steps (and turns the
-result into a tensor after :func:`normalize`); everything else calls :func:`preprocess`. The sizes
-and statistics come from a :class:`PreprocessConfig` stored in the model bundle, so a bundle
-always sees what it was trained on.
+A decoded grayscale image (see :mod:`pneumo.core.decode`) becomes the model's input in four steps:
+canonical framing (:mod:`pneumo.core.framing`: the lung box plus a margin, or the full frame for
+bundles made before it), :func:`resize` (squash to ``input_size`` x ``input_size``, as the dataset
+was made), :func:`to_unit_array` (1 x H x W floats in [0, 1]) and :func:`normalize` (3 channels, the
+backbone's mean/std). :class:`Preprocessor` runs them; training inserts augmentation before the
+framing (a reframed raw film) and between the last two steps, and turns the result into a tensor
+after :func:`normalize`. The framing, sizes and statistics come from a :class:`PreprocessConfig`
+stored in the model bundle, so a bundle always sees what it was trained on.
 
 NumPy rather than torch: the inference path must load without torch, and on one small image
 torch's intra-op thread pool costs far more than the arithmetic (when the cores are busy each
@@ -15,12 +16,15 @@ pooled op waits for a descheduled thread: measured 40-90 ms instead of ~1 ms on 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from PIL import Image
 from pydantic import ConfigDict, Field
+
+from pneumo.core.framing import FULL_FRAME, Box, Framer, FramingConfig
 
 #: Antialiased bilinear resampling: Pillow widens the filter support when downscaling, so a
 #: 2000 px film shrunk to 224 px matches the dataset's 224 px copies (checked in the slow tests).
@@ -46,9 +50,16 @@ class PreprocessConfig:
     input_size: Annotated[int, Field(ge=16, le=1024)] = 224
     mean: tuple[_Level, _Level, _Level] = (0.5, 0.5, 0.5)
     std: tuple[_Spread, _Spread, _Spread] = (0.5, 0.5, 0.5)
+    #: How the film is framed before resizing; the default (``method="none"``) is the full frame.
+    framing: FramingConfig = field(default_factory=FramingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def framed(self) -> bool:
+        """Whether the film is cropped to its lung fields before resizing."""
+        return self.framing.method != "none"
 
 
 def resize(image: Image.Image, size: int) -> Image.Image:
@@ -83,3 +94,35 @@ def normalize(array: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Decoded grayscale image -> normalized float32 (3, S, S) model input."""
     return normalize(to_unit_array(resize(image, config.input_size)), config)
+
+
+class Preprocessor:
+    """The whole path from a decoded image to the model's input, for one bundle's :class:`PreprocessConfig`.
+
+    The Predictor, the training data, the INT8 calibration and the robustness validation all hold
+    one, so the framing a bundle was trained with is the framing it is served with.
+
+    Args:
+        config: the bundle's preprocessing.
+        localizer: the lung localizer graph when the config frames the film (the bundle's
+            ``localizer.onnx``; None: the one shipped with pneumo, which training uses).
+    """
+
+    def __init__(self, config: PreprocessConfig, localizer: Path | None = None) -> None:
+        self.config = config
+        self.framer = Framer(config.framing, localizer) if config.framed else None
+
+    def frame(self, image: Image.Image) -> tuple[Image.Image, Box]:
+        """The part of ``image`` the model sees and its box (the full frame when the bundle does not frame)."""
+        if self.framer is None:
+            return image, FULL_FRAME
+        return self.framer.apply(image)
+
+    def prepare(self, image: Image.Image) -> tuple[np.ndarray, Box]:
+        """Decoded grayscale image -> normalized float32 (3, S, S) model input, and the crop box it came from."""
+        crop, box = self.frame(image)
+        return preprocess(crop, self.config), box
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """The model input of ``image`` (:meth:`prepare` without the box)."""
+        return self.prepare(image)[0]

@@ -30,7 +30,7 @@ from PIL import Image
 
 from pneumo.core.bundle import CAM_HEAD_KEY, POSITIVE, WEIGHTS_FILE, bundle_file
 from pneumo.core.decode import DecodedImage
-from pneumo.inference.explain import DEFAULT_MAX_SIDE, Explainer, ExplainUnavailableError, Explanation
+from pneumo.inference.explain import DEFAULT_MAX_SIDE, Explainer, ExplainUnavailableError, Explanation, to_display
 from pneumo.inference.runners import OnnxRunner
 
 if TYPE_CHECKING:
@@ -81,12 +81,14 @@ class OnnxCamExplainer:
         decoded = image if isinstance(image, DecodedImage) else DecodedImage(image.convert("L"), "image", image.size)
         display = decoded.image.copy()
         display.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        batch = self.predictor.prepare(decoded)[None]
-        logits, _, feature_map = self.runner.with_feature_map(batch)
+        array, crop = self.predictor.preprocessor.prepare(decoded.image)
+        logits, _, feature_map = self.runner.with_feature_map(array[None])
         label, grad = self._score_gradient(logits[0], target_label)
         cam = np.maximum(np.tensordot(grad @ self.head_weight, feature_map[0], axes=1), 0.0).astype(np.float32)
-        heatmap = _as_display_map(cam, batch.shape[-1], display.size)
-        return Explanation(heatmap, display, label, self.layer_name)
+        heatmap = to_display(_scaled(cam, array.shape[-1]), crop, display.size)
+        return Explanation(
+            heatmap, display, label, self.layer_name, crop if self.predictor.meta.preprocess.framed else None
+        )
 
     def _score_gradient(self, logits: np.ndarray, target_label: str | None) -> tuple[str, np.ndarray]:
         """The answer explained and d(calibrated log-odds of that answer)/d(logits).
@@ -107,13 +109,12 @@ class OnnxCamExplainer:
         return label, grad if label == POSITIVE else -grad
 
 
-def _as_display_map(cam: np.ndarray, input_size: int, display_size: tuple[int, int]) -> np.ndarray:
-    """Min-max scale, resize to the input size, then to the display size (the ``grad-cam`` package's steps)."""
+def _scaled(cam: np.ndarray, input_size: int) -> np.ndarray:
+    """Min-max scale and resize to the input size (the ``grad-cam`` package's steps); the display comes after."""
     cam = cam - cam.min()
     cam = cam / (1e-7 + cam.max())
     full = Image.fromarray(cam, mode="F").resize((input_size, input_size), Image.Resampling.BILINEAR)
-    heat = full.resize(display_size, Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
+    return np.asarray(full, dtype=np.float32)
 
 
 def make_explainer(predictor: Predictor) -> Explainer:

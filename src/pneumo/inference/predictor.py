@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from pneumo.core.bundle import Backend, BundleMeta, read_meta, resolve_bundle
+from pneumo.core.bundle import LOCALIZER_FILE, Backend, BundleMeta, bundle_file, read_meta, resolve_bundle
 from pneumo.core.decode import DEFAULT_LIMITS, DecodedImage, Limits, read_image
 from pneumo.core.errors import NotAChestXrayError, PneumoError
-from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.core.framing import Box
+from pneumo.core.preprocess import PreprocessConfig, Preprocessor
 from pneumo.core.probability import positive_probability
 from pneumo.inference.files import Source, name_of
 from pneumo.inference.ood import OodGate
@@ -37,13 +39,16 @@ class Prediction:
 
     Attributes:
         label: ``PNEUMONIA`` when ``probability >= threshold``, else ``NORMAL``.
-        probability: calibrated probability of pneumonia (temperature-scaled softmax).
+        probability: calibrated probability of pneumonia (the bundle's calibration: :mod:`pneumo.core.probability`).
         threshold: the decision threshold in force (chosen on validation data, from the bundle).
         probabilities: calibrated probability of every label of the bundle.
         source: file name, when known.
         format: the decoded format (jpeg, png, dicom, ...).
         metadata: DICOM header fields a clinician checks, when the input was DICOM.
         ood_score: distance to the training distribution, when the bundle has an OOD gate.
+        crop: the part of the image the model saw, when the bundle frames films to their lungs:
+            ``x0, y0, x1, y1`` as fractions of the width and height, and ``found`` (False: no lungs
+            were found and the model saw the full frame).
     """
 
     label: str
@@ -54,6 +59,7 @@ class Prediction:
     format: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     ood_score: float | None = None
+    crop: dict[str, float | bool] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +107,10 @@ class Predictor:
                 "The bundle %s has no OOD gate: images that are not chest X-rays are not refused.", self.bundle_dir
             )
         self.limits = limits
+        #: Decoded image -> model input, framing included (the bundle's own localizer when it frames).
+        self.preprocessor = Preprocessor(
+            self.meta.preprocess, bundle_file(self.bundle_dir, LOCALIZER_FILE, required=self.meta.preprocess.framed)
+        )
         self.runner: Runner = runner if runner is not None else select_runner(self.bundle_dir, self.meta, backend)
         #: The backend that answers: ``"int8"``, ``"fp32"`` or a registered one (``"torch"``).
         self.backend = self.runner.kind
@@ -134,8 +144,16 @@ class Predictor:
         return read_image(source, self.limits, draft_size=self.meta.preprocess.input_size)
 
     def prepare(self, decoded: DecodedImage) -> np.ndarray:
-        """A decoded image as the model's normalized float32 (3, S, S) input."""
-        return preprocess(decoded.image, self.meta.preprocess)
+        """A decoded image as the model's normalized float32 (3, S, S) input (framing included)."""
+        return self.preprocessor(decoded.image)
+
+    def prepare_image(self, image: Image.Image) -> np.ndarray:
+        """A grayscale image (already decoded, e.g. a shifted one) as the model's input."""
+        return self.preprocessor(image)
+
+    def frame(self, decoded: DecodedImage) -> Box:
+        """The box of ``decoded`` the model sees (the full frame, ``found=False``, when the bundle does not frame)."""
+        return self.preprocessor.frame(decoded.image)[1]
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw logits (N, C) and pooled backbone features (N, F) for a preprocessed batch (N, 3, S, S).
@@ -157,7 +175,12 @@ class Predictor:
         return positive_probability(probs, self.meta.positive_indices)
 
     def _answer(
-        self, probs: np.ndarray, features: np.ndarray, decoded: DecodedImage | None, source: str | None
+        self,
+        probs: np.ndarray,
+        features: np.ndarray,
+        decoded: DecodedImage | None,
+        source: str | None,
+        box: Box | None = None,
     ) -> Prediction:
         ood_score = None
         if self.ood_gate is not None:
@@ -174,6 +197,7 @@ class Predictor:
             format=decoded.format if decoded else None,
             metadata=dict(decoded.metadata) if decoded else {},
             ood_score=ood_score,
+            crop=_crop(box) if self.meta.preprocess.framed and box is not None else None,
         )
 
     # --- the public entry points ---
@@ -185,8 +209,9 @@ class Predictor:
             PneumoError: a typed error (invalid image, not a chest X-ray, ...) with a stable ``code``.
         """
         decoded = self.decode(source)
-        logits, features = self.forward(self.prepare(decoded)[None])
-        return self._answer(self.calibrated(logits)[0], features[0], decoded, name or name_of(source))
+        array, box = self.preprocessor.prepare(decoded.image)
+        logits, features = self.forward(array[None])
+        return self._answer(self.calibrated(logits)[0], features[0], decoded, name or name_of(source), box)
 
     def predict_many(self, sources: Sequence[Source], batch_size: int = 16) -> list[Prediction | PneumoError]:
         """Predict many inputs in batches; one entry per input, in input order: a result or its error.
@@ -197,15 +222,15 @@ class Predictor:
         batch while the model runs on this one.
         """
         results: list[Prediction | PneumoError | None] = [None] * len(sources)
-        pending: list[tuple[int, DecodedImage, np.ndarray]] = []
+        pending: list[tuple[int, DecodedImage, np.ndarray, Box]] = []
 
         def flush() -> None:
             if not pending:
                 return
-            logits, features = self.forward(np.stack([array for _, _, array in pending]))
-            for (index, decoded, _), row, feats in zip(pending, self.calibrated(logits), features):
+            logits, features = self.forward(np.stack([array for _, _, array, _ in pending]))
+            for (index, decoded, _, box), row, feats in zip(pending, self.calibrated(logits), features):
                 try:
-                    results[index] = self._answer(row, feats, decoded, name_of(sources[index]))
+                    results[index] = self._answer(row, feats, decoded, name_of(sources[index]), box)
                 except PneumoError as err:
                     results[index] = err
             pending.clear()
@@ -220,16 +245,16 @@ class Predictor:
         flush()
         return [r for r in results if r is not None]
 
-    def _decode_and_prepare(self, source: Source) -> tuple[DecodedImage, np.ndarray] | PneumoError:
+    def _decode_and_prepare(self, source: Source) -> tuple[DecodedImage, np.ndarray, Box] | PneumoError:
         try:
             decoded = self.decode(source)
-            return decoded, self.prepare(decoded)
+            return (decoded, *self.preprocessor.prepare(decoded.image))
         except PneumoError as err:
             return err
 
     def _prepared(
         self, sources: Sequence[Source], lookahead: int
-    ) -> Iterator[tuple[DecodedImage, np.ndarray] | PneumoError]:
+    ) -> Iterator[tuple[DecodedImage, np.ndarray, Box] | PneumoError]:
         """Decoded and preprocessed inputs in input order, at most ``lookahead`` in flight (bounded memory)."""
         if len(sources) <= 1:
             yield from map(self._decode_and_prepare, sources)
@@ -239,7 +264,7 @@ class Predictor:
                 self._decode_pool = ThreadPoolExecutor(
                     max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pneumo-decode"
                 )
-        queue: deque[Future[tuple[DecodedImage, np.ndarray] | PneumoError]] = deque()
+        queue: deque[Future[tuple[DecodedImage, np.ndarray, Box] | PneumoError]] = deque()
         for source in sources:
             queue.append(self._decode_pool.submit(self._decode_and_prepare, source))
             if len(queue) >= lookahead:
@@ -250,3 +275,9 @@ class Predictor:
     def predict_tensors(self, batch: np.ndarray) -> np.ndarray:
         """P(pneumonia) for an already preprocessed batch (used by evaluation)."""
         return self.pneumonia_probability(self.calibrated(self.logits(batch)))
+
+
+def _crop(box: Box) -> dict[str, float | bool]:
+    """A crop box as the fields of :attr:`Prediction.crop` (rounded: 0.1% of the image is far below a pixel)."""
+    return {"x0": round(box.x0, 4), "y0": round(box.y0, 4), "x1": round(box.x1, 4), "y1": round(box.y1, 4),
+            "found": box.found}  # fmt: skip

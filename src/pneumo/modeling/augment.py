@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pneumo.core import image_ops as ops
 from pneumo.core.errors import DataError
@@ -86,20 +87,61 @@ class _RandomText:
         return f"_RandomText({self.p})"
 
 
-def build_augment(cfg: AugmentConfig, size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+class RandomReframe:
+    """Reframe a raw film as another hospital might have: random black margins or a random crop (Pillow, no resize).
+
+    For bundles that frame films to their lungs (:mod:`pneumo.core.framing`), the framing
+    augmentation must happen *before* the lungs are located, so the model learns from the crops the
+    localizer really gives on films framed every which way (and tightly framed healthy films stop
+    looking like the dataset's tightly framed pneumonia films). Half of the time each side gets a
+    margin of up to ``cfg.pad`` of the image; otherwise a crop of at least ``cfg.crop_scale`` of the
+    area with an aspect ratio within ``cfg.aspect``, placed at random (torchvision's
+    RandomResizedCrop's sampling, without its resize: the framing and the resize come after).
+    """
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.pad, self.crop_scale, self.aspect = cfg.pad, cfg.crop_scale, max(cfg.aspect, 1.0)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        rng = _generator()
+        if self.pad > 0 and (self.crop_scale <= 0 or rng.random() < 0.5):
+            left, top, right, bottom = rng.uniform(0.0, self.pad, 4)
+            w, h = image.size
+            canvas = Image.new("L", (w + round((left + right) * w), h + round((top + bottom) * h)), 0)
+            canvas.paste(image, (round(left * w), round(top * h)))
+            return canvas
+        if self.crop_scale <= 0:
+            return image
+        w, h = image.size
+        area = rng.uniform(self.crop_scale, 1.0)
+        ratio = float(np.exp(rng.uniform(-np.log(self.aspect), np.log(self.aspect))))
+        cw = min(1.0, float(np.sqrt(area * ratio)))
+        ch = min(1.0, area / cw)
+        x0, y0 = rng.uniform(0.0, 1.0 - cw), rng.uniform(0.0, 1.0 - ch)
+        return ops.crop_fraction(image, y0, 1.0 - y0 - ch, x0, 1.0 - x0 - cw)
+
+    def __repr__(self) -> str:
+        return f"RandomReframe(pad={self.pad}, crop_scale={self.crop_scale}, aspect={self.aspect})"
+
+
+def build_augment(
+    cfg: AugmentConfig, size: int | None = None, *, framed: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A random transform for (1, H, W) tensors in [0, 1] that returns a new tensor of the same size.
 
     Geometric changes fill with black, the background of a radiograph. When ``cfg.enabled`` is
     false (or every strength is zero) the transform returns a copy of its input. ``size`` is the
-    output side for the framing steps (the input's side when ``None``).
+    output side for the framing steps (the input's side when ``None``). With ``framed`` (the bundle
+    crops films to their lungs) the framing steps (pads, crops) are left out here: they run on the
+    raw film before the lungs are located (:class:`RandomReframe`).
     """
     from torchvision.transforms import v2
 
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
     if cfg.enabled:
-        if cfg.pad > 0:
+        if cfg.pad > 0 and not framed:
             steps.append(v2.RandomApply([v2.RandomZoomOut(fill=0.0, side_range=(1.0, 1.0 + 2 * cfg.pad))], p=0.5))
-        if cfg.crop_scale > 0 or cfg.pad > 0:
+        if (cfg.crop_scale > 0 or cfg.pad > 0) and not framed:
             if size is None:
                 raise DataError("build_augment needs the input size for crop/pad augmentation.", code="bad_config")
             scale = (cfg.crop_scale, 1.0) if cfg.crop_scale > 0 else (1.0, 1.0)

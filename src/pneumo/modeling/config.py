@@ -86,6 +86,10 @@ class TrainConfig:
         default_factory=lambda: AugmentConfig(rotation_deg=10, zoom=0.15, shift=0.1, hflip=0.0, brightness=0.2,
                                               contrast=0.2)
     )  # fmt: skip
+    # Canonical framing (pneumo.core.framing): "lungbox-v1" crops every film to its lung fields plus a
+    # margin before resizing, in training and at inference; "none" keeps the full frame. With framing,
+    # the augmentation's crop_scale/aspect/pad reframe the raw film *before* the lungs are located.
+    framing: str = "none"
     val_fraction: float = 0.15
     # Seed of the patient split (and of the balanced sampler); bundles record it so that calibration,
     # INT8 checks and evaluation find the same validation children again.
@@ -94,6 +98,10 @@ class TrainConfig:
     # how much a recipe's results move from run to run on the *same* validation split.
     train_seed: int | None = None
     threshold_rule: str = "youden"
+    # How probabilities are calibrated at the end of a run (pneumo.modeling.finalize.fit_calibration):
+    # "platt" (a slope and an intercept on the log-odds, fitted on the pooled robustness validation)
+    # or "temperature" (the temperature alone, as bundles before round 6).
+    calibration: str = "platt"
     target_sensitivity: float = 0.95
     # Mixup (Zhang et al., 2018) on the network's input, which is the cached activations on a CPU:
     # the mixing coefficient is drawn from Beta(mixup, mixup); 0 turns it off.

@@ -16,14 +16,15 @@ from typing import Any
 
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from pneumo.core import preprocess
 from pneumo.core.dataset import Sample, _counts, dataset_summary, discover, label_names, train_val_samples
 from pneumo.core.decode import read_image
 from pneumo.core.errors import DataError, InvalidImageError
-from pneumo.core.preprocess import PreprocessConfig
-from pneumo.modeling.augment import build_augment
+from pneumo.core.preprocess import PreprocessConfig, Preprocessor
+from pneumo.modeling.augment import RandomReframe, build_augment
 from pneumo.modeling.config import AugmentConfig
 
 logger = logging.getLogger(__name__)
@@ -47,10 +48,13 @@ class XrayDataset(Dataset[tuple[torch.Tensor, int]]):
         preprocess_config: PreprocessConfig,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         label_mode: str = "binary",
+        reframe: Callable[[Image.Image], Image.Image] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.config = preprocess_config
+        self.preprocessor = Preprocessor(preprocess_config)  # training frames with the localizer shipped in pneumo
         self.augment = augment
+        self.reframe = reframe
         self.label_names = label_names(label_mode)
         bad = [s for s in self.samples if not 0 <= s.label < len(self.label_names)]
         if bad:
@@ -74,7 +78,10 @@ class XrayDataset(Dataset[tuple[torch.Tensor, int]]):
             image = read_image(sample.path, draft_size=size).image
         except InvalidImageError as err:
             raise type(err)(f"{sample.path}: {err.message}", code=err.code) from err
-        pixels = preprocess.to_unit_array(preprocess.resize(image, size))
+        if self.reframe is not None:  # a framed bundle's framing augmentation: before the lungs are located
+            image = self.reframe(image)
+        crop, _ = self.preprocessor.frame(image)
+        pixels = preprocess.to_unit_array(preprocess.resize(crop, size))
         if self.augment is not None:  # torchvision augments tensors; normalize is the Predictor's (NumPy)
             pixels = self.augment(torch.from_numpy(pixels)).numpy()
         return torch.from_numpy(preprocess.normalize(pixels, self.config)), sample.label
@@ -162,8 +169,12 @@ class XrayDataModule(L.LightningDataModule):
             n_classes = len(self.label_names)
             if self.balance == "weighted_loss":
                 self.class_weights = class_weights(self.train_samples, n_classes)
-            augment = build_augment(self.augment_config, self.preprocess_config.input_size)
-            self.train_dataset = XrayDataset(self.train_samples, self.preprocess_config, augment, self.label_mode)
+            framed = self.preprocess_config.framed
+            augment = build_augment(self.augment_config, self.preprocess_config.input_size, framed=framed)
+            reframe = RandomReframe(self.augment_config) if framed and self.augment_config.enabled else None
+            self.train_dataset = XrayDataset(
+                self.train_samples, self.preprocess_config, augment, self.label_mode, reframe=reframe
+            )
             self.val_dataset = XrayDataset(self.val_samples, self.preprocess_config, None, self.label_mode)
         if stage in (None, "test") and self.test_dataset is None and (self.root / "test").is_dir():
             self.test_samples = discover(self.root, "test", self.label_mode)

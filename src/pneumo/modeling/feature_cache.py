@@ -207,7 +207,9 @@ class CachedViewsDataModule(L.LightningDataModule):
         images = self.images
         images.setup("fit")
         augment = (
-            build_augment(images.augment_config, images.preprocess_config.input_size)
+            build_augment(
+                images.augment_config, images.preprocess_config.input_size, framed=images.preprocess_config.framed
+            )
             if images.augment_config.enabled
             else None
         )

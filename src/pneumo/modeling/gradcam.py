@@ -34,7 +34,7 @@ from torch import nn
 
 from pneumo.core.bundle import POSITIVE, decide
 from pneumo.core.decode import DecodedImage
-from pneumo.inference.explain import DEFAULT_MAX_SIDE, ExplainUnavailableError, Explanation
+from pneumo.inference.explain import DEFAULT_MAX_SIDE, ExplainUnavailableError, Explanation, to_display
 from pneumo.modeling.weights import load_model
 
 if TYPE_CHECKING:
@@ -188,7 +188,8 @@ class GradCamExplainer:
         decoded = image if isinstance(image, DecodedImage) else DecodedImage(image.convert("L"), "image", image.size)
         display = decoded.image.copy()
         display.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        batch = torch.from_numpy(self.predictor.prepare(decoded)[None])
+        array, crop = self.predictor.preprocessor.prepare(decoded.image)
+        batch = torch.from_numpy(array[None])
         meta = self.predictor.meta
         target = _DecisionTarget(
             meta.positive_indices, len(meta.labels), meta.temperature, meta.threshold, target_label,
@@ -196,9 +197,9 @@ class GradCamExplainer:
         )  # fmt: skip
         with self._lock:
             cam = self._grad_cam(batch, target)
-        heat = Image.fromarray(cam.astype(np.float32), mode="F").resize(display.size, Image.Resampling.BILINEAR)
-        heatmap = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)
-        return Explanation(heatmap, display, str(target.label), self.layer_name)
+        heatmap = to_display(cam, crop, display.size)
+        framed = crop if self.predictor.meta.preprocess.framed else None
+        return Explanation(heatmap, display, str(target.label), self.layer_name, framed)
 
     def _grad_cam(self, batch: torch.Tensor, target: _DecisionTarget) -> np.ndarray:
         # The target layer's output becomes a leaf that needs a gradient: the backward pass

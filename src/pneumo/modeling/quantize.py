@@ -52,16 +52,18 @@ import numpy as np
 from pneumo.core.bundle import (
     INPUT_NAME,
     INT8_FILE,
+    LOCALIZER_FILE,
     Backend,
     BundleMeta,
     Int8Entry,
+    bundle_file,
     is_positive,
     read_meta,
     resolve_bundle,
 )
 from pneumo.core.decode import read_image
 from pneumo.core.errors import PneumoError
-from pneumo.core.preprocess import PreprocessConfig, preprocess
+from pneumo.core.preprocess import Preprocessor
 from pneumo.inference.runners import OnnxRunner, file_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -97,9 +99,10 @@ class _Reader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def load_arrays(paths: Sequence[Path], config: PreprocessConfig) -> np.ndarray:
-    """Images -> the model's input (N, 3, S, S) through the one preprocessing path."""
-    return np.stack([preprocess(read_image(p, draft_size=config.input_size).image, config) for p in paths])
+def load_arrays(paths: Sequence[Path], preprocessor: Preprocessor) -> np.ndarray:
+    """Images -> the model's input (N, 3, S, S) through the one preprocessing path (framing included)."""
+    size = preprocessor.config.input_size
+    return np.stack([preprocessor(read_image(p, draft_size=size).image) for p in paths])
 
 
 def fp32_nodes(model: Any, early: int = FP32_EARLY_CONVS[0]) -> list[str]:
@@ -259,9 +262,10 @@ def quantize_bundle(
         "Calibrating on %d training images, checking on %d validation images (%s) and %d other training images.",
         len(picked), len(val), how, len(heldout),
     )  # fmt: skip
-    calibration = load_arrays([s.path for s in picked], meta.preprocess)
+    preprocessor = Preprocessor(meta.preprocess, bundle_file(folder, LOCALIZER_FILE, required=meta.preprocess.framed))
+    calibration = load_arrays([s.path for s in picked], preprocessor)
     sets = {
-        name: (load_arrays([s.path for s in samples], meta.preprocess), np.array([s.label for s in samples]))
+        name: (load_arrays([s.path for s in samples], preprocessor), np.array([s.label for s in samples]))
         for name, samples in (("validation", val), ("heldout", heldout))
         if samples  # a tiny dataset may leave no training image outside the calibration sample
     }

@@ -11,6 +11,7 @@ is kept; its temperature, decision threshold and OOD statistics are fitted on th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 from pneumo.core.bundle import BundleMeta, ThresholdRule
 from pneumo.core.dataset import dataset_summary, label_names
 from pneumo.core.errors import PneumoError
+from pneumo.core.framing import FramingConfig
 from pneumo.evaluation.compare import read_metrics_csv
 from pneumo.modeling.config import TrainConfig
 from pneumo.modeling.data import XrayDataModule, XrayDataset
@@ -167,6 +169,10 @@ def _validate(config: TrainConfig) -> None:
     if config.threshold_rule == ThresholdRule.ROBUST and not config.robustness:
         raise PneumoError("threshold_rule 'robust' needs the robustness validation (robustness: true).",
                           code="bad_config")  # fmt: skip
+    if config.calibration not in ("platt", "temperature"):
+        raise PneumoError(f"Unknown calibration {config.calibration!r}; use platt or temperature.", code="bad_config")
+    if config.framing not in ("none", "lungbox-v1"):
+        raise PneumoError(f"Unknown framing {config.framing!r}; use none or lungbox-v1.", code="bad_config")
     if config.mixup < 0:
         raise PneumoError(f"mixup must be >= 0 (the Beta parameter; 0 = off), got {config.mixup}.", code="bad_config")
 
@@ -183,12 +189,14 @@ def fit(config: TrainConfig) -> Path | None:
     L.seed_everything(config.seed if config.train_seed is None else config.train_seed, workers=True)
     spec = get_spec(config.arch)
     labels = list(label_names(config.label_mode))
+    framing = FramingConfig(method="lungbox-v1" if config.framing == "lungbox-v1" else "none")
+    preprocess_config = dataclasses.replace(spec.preprocess, framing=framing)
     meta = BundleMeta(
         arch=config.arch,
         timm_name=spec.timm_name,
         labels=labels,
         positive_labels=[name for name in labels if name != "NORMAL"],
-        preprocess=spec.preprocess,
+        preprocess=preprocess_config,
         name=config.name or f"pneumo-{config.arch}",
     )
     model = create_model(config.arch, len(labels), pretrained=config.pretrained, weights=config.weights)
@@ -197,7 +205,7 @@ def fit(config: TrainConfig) -> Path | None:
     split_depth = min(config.unfreeze_stages, len(stage_modules(model)) - 1)
     frozen, unfrozen, head = stage_split(model, config.unfreeze_stages if config.finetune_epochs > 0 else 0)
     images = XrayDataModule(
-        config.data, spec.preprocess, config.label_mode, config.batch_size, config.num_workers,
+        config.data, preprocess_config, config.label_mode, config.batch_size, config.num_workers,
         config.val_fraction, config.seed, config.augment, config.balance,
     )  # fmt: skip
     net: nn.Module = model
@@ -205,7 +213,7 @@ def fit(config: TrainConfig) -> Path | None:
     if config.feature_cache:
         prefix, net = split_model(model, split_depth)
         key = {"arch": config.arch, "weights": config.weights, "pretrained": config.pretrained,
-               "unfreeze": split_depth, "size": spec.preprocess.input_size}  # fmt: skip
+               "unfreeze": split_depth, "size": spec.preprocess.input_size, "framing": config.framing}  # fmt: skip
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         dm = CachedViewsDataModule(images, prefix, config.cache_views, key, cache_dir=cache_dir, progress=log.info)
 
