@@ -131,3 +131,21 @@ def test_iter_image_files_lists_everything_but_hidden_files(tmp_path: Path) -> N
     names = [str(p.relative_to(tmp_path)) for p in files]
     assert names == ["a.png", "b.jpeg", "notes.txt", "sub/c.dcm", "sub/deeper/d", "sub/c.dcm"]
     assert iter_image_files([tmp_path / "no-such-file.png"]) == [tmp_path / "no-such-file.png"]
+
+
+def test_a_probability_on_the_other_side_of_50_percent_from_its_label_is_flagged_borderline(tmp_path: Path) -> None:
+    """An operating point away from 50%: answers whose probability reads against their label say so."""
+    from pneumo.core.bundle import Calibration
+
+    folder = tiny_bundle(tmp_path / "b", head="spread", threshold=0.8, threshold_rule="chosen for the test")[0]
+    meta = read_meta(folder)
+    meta.calibration = Calibration(method="platt", slope=1.0, intercept=0.0)
+    write_meta(folder, meta)
+    results = Predictor(folder, check_ood=False).predict_many([_png(f"b{i}", i % 2 == 1) for i in range(24)])
+    answers = [r for r in results if isinstance(r, Prediction)]
+    assert len(answers) == 24
+    for answer in answers:
+        assert answer.borderline is (0.5 <= answer.probability < 0.8)
+        assert answer.label == ("PNEUMONIA" if answer.probability >= 0.8 else "NORMAL")
+        assert answer.operating_point == "chosen for the test"
+    assert any(a.borderline for a in answers) and not all(a.borderline for a in answers)  # the band is exercised

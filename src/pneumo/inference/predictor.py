@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pneumo.core.bundle import LOCALIZER_FILE, Backend, BundleMeta, bundle_file, read_meta, resolve_bundle
+from pneumo.core.bundle import LOCALIZER_FILE, POSITIVE, Backend, BundleMeta, bundle_file, read_meta, resolve_bundle
 from pneumo.core.decode import DEFAULT_LIMITS, DecodedImage, Limits, read_image
 from pneumo.core.errors import NotAChestXrayError, PneumoError
 from pneumo.core.framing import Box
@@ -49,6 +49,10 @@ class Prediction:
         crop: the part of the image the model saw, when the bundle frames films to their lungs:
             ``x0, y0, x1, y1`` as fractions of the width and height, and ``found`` (False: no lungs
             were found and the model saw the full frame).
+        borderline: the probability and the label sit on opposite sides of 50% (the operating point
+            is not at 50%): show it as a borderline answer, never as a plain percentage beside the
+            label, which would read as a contradiction.
+        operating_point: what the threshold was chosen for (from the bundle), to show with the answer.
     """
 
     label: str
@@ -60,6 +64,8 @@ class Prediction:
     metadata: dict[str, str] = field(default_factory=dict)
     ood_score: float | None = None
     crop: dict[str, float | bool] | None = None
+    borderline: bool = False
+    operating_point: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,6 +204,8 @@ class Predictor:
             metadata=dict(decoded.metadata) if decoded else {},
             ood_score=ood_score,
             crop=_crop(box) if self.meta.preprocess.framed and box is not None else None,
+            borderline=(p >= 0.5) != (self.meta.decide(p) == POSITIVE),
+            operating_point=self.meta.threshold_rule,
         )
 
     # --- the public entry points ---
