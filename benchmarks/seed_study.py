@@ -63,7 +63,7 @@ def scores(labels: np.ndarray, probs: dict[str, np.ndarray], threshold: float) -
         "framing_F": abs(framing.get("worst_normal_rate_change", float("nan"))),
         "framing_F_shift": framing.get("worst_normal_shift"),
         "framing_mean_abs_dp": framing.get("mean_abs_dp"),
-        "ece_pooled": report["summary"].get("ece_pooled"),
+        "ece_pooled": report.get("ece_pooled"),
         "threshold": threshold,
     }
 

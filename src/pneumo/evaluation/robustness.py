@@ -226,12 +226,13 @@ def robustness_report(
             "worst_drop": None if clean is None else clean - values[worst_shift],
         }
     pooled_y = np.concatenate([y_true] * len(probs))
-    summary["ece_pooled"] = expected_calibration_error(pooled_y, np.concatenate(list(probs.values())))
     return {
         "threshold": threshold,
         "shifts": per_shift,
         "summary": summary,
         "framing": framing_consistency(y_true, probs, threshold),
+        # The calibration error over every condition pooled (each shift's is in its entry).
+        "ece_pooled": expected_calibration_error(pooled_y, np.concatenate(list(probs.values()))),
     }
 
 

@@ -232,7 +232,7 @@ def write_robustness(meta: BundleMeta, y_true: np.ndarray, probs: dict[str, np.n
     full = {**report, "labels": y_true.tolist(), "probabilities": {k: v.round(6).tolist() for k, v in probs.items()}}
     (val_dir / "robustness.json").write_text(json.dumps(full) + "\n")
     (val_dir / "robustness.md").write_text(robustness.markdown_table(report))
-    kept = {"summary": report["summary"], "shifts": report["shifts"], "framing": report["framing"]}
+    kept = {key: report[key] for key in ("summary", "shifts", "framing", "ece_pooled")}
     meta.metrics["robustness"] = kept
     return kept
 
