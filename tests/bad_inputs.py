@@ -212,8 +212,18 @@ BAD_INPUTS: list[BadInput] = [
     # page count walks every page, 100k pages took 52 s); before, this was corrupt_image.
     BadInput("TIFF with a damaged second page", _tiff_second_page_without_size, InvalidImageError, "multi_frame"),
     # Formats without clinical use are refused whole (docs/reliability.md, "Formats").
-    BadInput("WebP (not a radiograph format)", lambda: encode(xray_like(), "WEBP"), UnsupportedFormatError, "unsupported_format"),
-    BadInput("BMP (not a radiograph format)", lambda: encode(xray_like(), "BMP"), UnsupportedFormatError, "unsupported_format"),
+    BadInput(
+        "WebP (not a radiograph format)",
+        lambda: encode(xray_like(), "WEBP"),
+        UnsupportedFormatError,
+        "unsupported_format",
+    ),
+    BadInput(
+        "BMP (not a radiograph format)",
+        lambda: encode(xray_like(), "BMP"),
+        UnsupportedFormatError,
+        "unsupported_format",
+    ),
     BadInput(
         "TIFF with JPEG compression",
         lambda: encode(xray_like().convert("RGB"), "TIFF", compression="jpeg"),

@@ -69,9 +69,7 @@ def encapsulated_dicom(frame: bytes, syntax: str, rows: int, cols: int, bits: in
 
 def j2k_dicom_small_codeblocks(side: int = 4300, codeblock_exp: int = 0) -> bytes:
     """A 16-bit ``side`` x ``side`` JPEG 2000 DICOM with 4 x 4 code-blocks (~1.2 M of them): ~800 bytes."""
-    return encapsulated_dicom(
-        j2k_codestream(side, side, codeblock_exp=codeblock_exp), JPEG2000Lossless, side, side, 16
-    )
+    return encapsulated_dicom(j2k_codestream(side, side, codeblock_exp=codeblock_exp), JPEG2000Lossless, side, side, 16)
 
 
 def j2k_dicom_film(side: int = 4300) -> bytes:

@@ -140,10 +140,7 @@ def _codeblocks_per_tile(width: int, height: int, style: tuple[int, int, int, li
         ppx, ppy = precincts[resolution]
         shrink = 1 if resolution else 0  # a subband is half its resolution's precinct
         block_w, block_h = 2 ** max(0, min(xcb, ppx - shrink)), 2 ** max(0, min(ycb, ppy - shrink))
-        if resolution == 0:
-            bands = [(res_w, res_h)]
-        else:
-            bands = [(math.ceil(res_w / 2), math.ceil(res_h / 2))] * 3
+        bands = [(res_w, res_h)] if resolution == 0 else [(math.ceil(res_w / 2), math.ceil(res_h / 2))] * 3
         total += sum(math.ceil(w / block_w) * math.ceil(h / block_h) for w, h in bands)
     return total
 

@@ -67,7 +67,7 @@ def read_dicom(data: bytes, limits: Limits, draft_size: int | None = None) -> De
     """
     try:
         ds, saw_pixel_data = parse_dataset(data, limits)
-    except PneumoError:
+    except (PneumoError, MemoryError):  # never disguise running out of memory as a bad file
         raise
     except Exception as err:  # pydicom raises many types for malformed files
         raise DicomError(f"The DICOM file cannot be parsed ({describe_error(err)}).", code="corrupt_image") from err

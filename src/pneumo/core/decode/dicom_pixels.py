@@ -84,7 +84,8 @@ def check_syntax(syntax: Any) -> None:
         raise DicomError(
             f"The DICOM transfer syntax {syntax.name} ({syntax}) is compressed and no decoder for it is installed "
             f"({'; '.join(decoder.missing_dependencies) or 'pylibjpeg-rle'}). Install pneumo's codecs "
-            "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle) or export the image uncompressed.",
+            "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle) or export the image "
+            "uncompressed.",
             code="unsupported_transfer_syntax",
         )
 
@@ -144,7 +145,9 @@ def decode_pixels(ds: Any, rows: int, cols: int, limits: Limits, draft_size: int
             f"The DICOM pixel data cannot be decoded ({describe_error(err)}); export it again from the PACS."
         ) from err
     if pixels.shape != (rows, cols):
-        raise _corrupt(f"The DICOM pixel data does not hold the single {cols} x {rows} grayscale image its header declares.")
+        raise _corrupt(
+            f"The DICOM pixel data does not hold the single {cols} x {rows} grayscale image its header declares."
+        )
     return pixels
 
 
@@ -164,7 +167,9 @@ def check_frame_header(ds: Any, frame: bytes, rows: int, cols: int) -> None:
     size, bits, samples = _codestream_header(frame[:65536])
     allocated = int(ds.get("BitsAllocated", 16) or 16)
     if size is None:
-        raise _corrupt(f"The DICOM's compressed frame ({syntax.name}) has no readable image header; the file is damaged.")
+        raise _corrupt(
+            f"The DICOM's compressed frame ({syntax.name}) has no readable image header; the file is damaged."
+        )
     if size != (cols, rows) or (bits is not None and bits > allocated) or samples not in (None, 1):
         raise _corrupt(
             f"The DICOM header declares a {cols} x {rows} image of {allocated}-bit pixels, but its compressed frame "
@@ -222,6 +227,8 @@ def _j2k_reduced(frame: bytes, ds: Any, rows: int, cols: int, level: int) -> np.
             image.reduce = level  # type: ignore[method-assign,assignment]  # Pillow's J2K plugin: a level, set before load
             image.load()
             values = np.asarray(image).astype(np.int32)
+    except MemoryError:
+        raise
     except Exception as err:  # a damaged codestream
         raise _corrupt(
             f"The DICOM pixel data cannot be decoded ({describe_error(err)}); export it again from the PACS."
@@ -232,5 +239,7 @@ def _j2k_reduced(frame: bytes, ds: Any, rows: int, cols: int, level: int) -> np.
         values -= 1 << (bits - 1)
     expected = (math.ceil(rows / (1 << level)), math.ceil(cols / (1 << level)))
     if values.shape != expected:
-        raise _corrupt(f"The DICOM pixel data does not hold the single {cols} x {rows} grayscale image its header declares.")
+        raise _corrupt(
+            f"The DICOM pixel data does not hold the single {cols} x {rows} grayscale image its header declares."
+        )
     return values

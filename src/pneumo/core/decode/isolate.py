@@ -170,8 +170,13 @@ class DecodePool:
     def _run(self, worker: _Worker, data: bytes, limits: Limits, draft_size: int | None) -> DecodedImage:
         cpu_start = worker.cpu_seconds()
         wall_start = time.monotonic()
-        worker.conn.send_bytes(json.dumps({"limits": asdict(limits), "draft_size": draft_size}).encode())
-        worker.conn.send_bytes(data)
+        try:
+            worker.conn.send_bytes(json.dumps({"limits": asdict(limits), "draft_size": draft_size}).encode())
+            worker.conn.send_bytes(data)
+        except OSError as err:  # the worker died receiving (its memory cap, or killed meanwhile)
+            raise DecodeAbortedError(
+                "The image decoder stopped while receiving this file; try again.", code="decoder_crashed"
+            ) from err
         while not worker.conn.poll(_POLL_S):
             if worker.process.poll() is not None:
                 raise DecodeAbortedError(

@@ -35,7 +35,9 @@ def _check_structure(data: bytes, fmt: str, limits: Limits) -> None:
     elif fmt == "png":
         check_png_chunks(data, limits)
     elif fmt == "tiff" and tiff_has_more_pages(data):
-        raise InvalidImageError("The TIFF file holds several pages; upload one radiograph per file.", code="multi_frame")
+        raise InvalidImageError(
+            "The TIFF file holds several pages; upload one radiograph per file.", code="multi_frame"
+        )
 
 
 def _bomb(limits: Limits) -> InputTooLargeError:

@@ -39,7 +39,7 @@ def serve(conn: Connection) -> None:
         try:
             request = json.loads(conn.recv_bytes())
             data = conn.recv_bytes()
-        except (EOFError, OSError):
+        except (EOFError, OSError, MemoryError):  # the parent went away, or the input is over the memory cap
             return
         try:
             decoded = read_image(data, Limits(**request["limits"]), draft_size=request.get("draft_size"))
