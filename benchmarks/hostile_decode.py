@@ -14,12 +14,14 @@ not depend on them), so before and after sit side by side. A child that runs pas
 seconds is killed and reported as such.
 
 "After" decodes in-process, without the worker pool of ``pneumo.core.decode.isolate``: the figures
-are the decoding's own cost. The ``isolated`` column decodes through the pool as the Predictor does
-(wall seconds of the answer, including the hand-over to the worker).
+are the decoding's own cost. The ``isolated`` column decodes through the pool as the Predictor does:
+its figures are the *calling* process's (the worker's cost is the "after" column), its wall
+seconds the time to the answer, hand-over included.
 
-``--films DIR`` also measures what isolation would cost the common upload: each JPEG under DIR (the
-14 full-resolution films of ../shared/data/fullres_samples) decoded in draft mode in-process, and
-through a worker, median of ``--repeats`` runs each, plus the cost of the scan pre-check alone.
+``--films DIR`` also measures what isolation costs: each JPEG under DIR (the 14 full-resolution
+films of ../shared/data/fullres_samples) decoded in draft mode in-process and through a worker,
+the cost of the scan pre-check alone, and the same film as a 12-bit uncompressed DICOM (what a
+PACS sends) in-process and through a worker; median of ``--repeats`` runs each.
 """
 
 from __future__ import annotations
@@ -81,12 +83,13 @@ elif mode == "isolated":
     call = lambda: pool.read_image(data, draft_size=224)
 else:
     call = lambda: read_image(data)
-try:
-    read_image(Path(sys.argv[3]).read_bytes())  # warm-up: imports and decoder plugins are not the input's cost
-    if mode == "isolated":
-        pool.read_image(Path(sys.argv[3]).read_bytes())
-except PneumoError:
-    pass
+for warm in sys.argv[3:]:  # warm-up (a PNG, a DICOM): imports and decoder plugins are not the input's cost
+    try:
+        read_image(Path(warm).read_bytes())
+        if mode == "isolated":
+            pool.read_image(Path(warm).read_bytes())
+    except PneumoError:
+        pass
 try:
     Path("/proc/self/clear_refs").write_text("5")
     reset = True
@@ -110,17 +113,19 @@ print(json.dumps({"peak_extra_mb": round((peak - before) / 1024, 1), "cpu_s": ro
 
 def measure(data: bytes, mode: str, src: Path, hide: str, timeout: float) -> dict:
     """One decode of ``data`` in a fresh child running ``src``; its peak extra RSS, CPU and wall seconds, answer."""
+    from codec_inputs import film, native_dicom
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as workdir:
-        target, warm = Path(workdir) / "input.bin", Path(workdir) / "warm.png"
+        target, warm, warm_dicom = Path(workdir) / "input.bin", Path(workdir) / "warm.png", Path(workdir) / "warm.dcm"
         target.write_bytes(data)
         Image.new("L", (128, 128), 90).save(warm)
+        warm_dicom.write_bytes(native_dicom(film(96, 96, 12), 12))
         env = {**os.environ, "PYTHONPATH": str(src), "HIDE_MODULES": hide, "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
         try:
             done = subprocess.run(
-                [sys.executable, "-c", _PROBE, mode, str(target), str(warm)],
+                [sys.executable, "-c", _PROBE, mode, str(target), str(warm), str(warm_dicom)],
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -135,39 +140,45 @@ def measure(data: bytes, mode: str, src: Path, hide: str, timeout: float) -> dic
 
 
 def film_overhead(folder: Path, repeats: int) -> dict:
-    """Median ms per film: in-process draft decode, the same through a worker, and the JPEG scan pre-check alone."""
+    """Median ms per film, JPEG and DICOM, in-process and through a worker, and the JPEG scan pre-check alone."""
     import statistics
 
-    from pneumo.core.decode import DEFAULT_LIMITS, isolate
+    import numpy as np
+    from codec_inputs import native_dicom
+    from PIL import Image
+
+    from pneumo.core.decode import DEFAULT_LIMITS, isolate, read_image
     from pneumo.core.decode.codestreams import check_jpeg_scans
 
     films = sorted(folder.rglob("*.jpeg"))
     pool = isolate.DecodePool(workers=1)
     forced = isolate.DecodePool(workers=1)
     forced.isolates = lambda fmt: True  # type: ignore[method-assign]  # every format through the worker
-    forced.read_image(films[0].read_bytes(), draft_size=224)  # start the worker: not a film's cost
+    forced.read_image(films[0].read_bytes(), draft_size=224)  # start the workers: not a film's cost
+    pool.read_image(native_dicom(np.full((96, 96), 900, np.uint16), 12))
     rows = []
     for film in films:
         data = film.read_bytes()
-        timings: dict[str, list[float]] = {"in_process_ms": [], "worker_ms": [], "scan_check_ms": []}
+        with Image.open(film) as image:
+            dicom = native_dicom(np.asarray(image.convert("L"), dtype=np.uint16) * 16, 12)
+        keys = ("in_process_ms", "worker_ms", "scan_check_ms", "dicom_in_process_ms", "dicom_worker_ms")
+        timings: dict[str, list[float]] = {key: [] for key in keys}
         for _ in range(repeats):
             for key, call in (
                 ("in_process_ms", lambda d=data: pool.read_image(d, draft_size=224)),
                 ("worker_ms", lambda d=data: forced.read_image(d, draft_size=224)),
                 ("scan_check_ms", lambda d=data: check_jpeg_scans(d, DEFAULT_LIMITS)),
+                ("dicom_in_process_ms", lambda d=dicom: read_image(d, draft_size=224)),
+                ("dicom_worker_ms", lambda d=dicom: pool.read_image(d, draft_size=224)),
             ):
                 start = time.perf_counter()
                 call()
                 timings[key].append((time.perf_counter() - start) * 1000)
-        rows.append(
-            {"film": film.name, "bytes": len(data), **{k: round(statistics.median(v), 2) for k, v in timings.items()}}
-        )
+        medians = {key: round(statistics.median(values), 2) for key, values in timings.items()}
+        rows.append({"film": film.name, "bytes": len(data), "dicom_bytes": len(dicom), **medians})
     pool.close()
     forced.close()
-    summary = {
-        key: round(statistics.median(row[key] for row in rows), 2)
-        for key in ("in_process_ms", "worker_ms", "scan_check_ms")
-    }
+    summary = {key: round(statistics.median(row[key] for row in rows), 2) for key in rows[0] if key.endswith("_ms")}
     return {"films": len(rows), "median": summary, "rows": rows}
 
 
