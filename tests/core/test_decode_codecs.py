@@ -81,6 +81,20 @@ def test_reduced_j2k_draft_is_the_full_decode_scaled_down(signed: bool) -> None:
     assert np.abs(np.asarray(draft, dtype=float) - expected).mean() < 1.5
 
 
+def test_a_damaged_rle_segment_that_panics_the_rust_decoder_is_corrupt_image() -> None:
+    """Found by benchmarks/fuzz_decode.py: one byte of the fuzz RLE seed makes pylibjpeg-rle panic (index out of
+    bounds); pyo3's PanicException is a BaseException, so it escaped every ``except Exception``."""
+    from fuzz_strategies import seeds
+
+    (seed,) = [s for s in seeds() if b"1.2.840.10008.1.2.5\x00" in s]
+    damaged = bytearray(seed)
+    assert damaged[620 + 9171] == 0x00  # the byte the fuzzer changed (the seed is deterministic)
+    damaged[620 + 9171] = 0x33  # the frame starts at 620; 9171 is in the last segment's final run
+    with pytest.raises(DicomError, match="cannot be decoded") as caught:
+        read_image(bytes(damaged))
+    assert caught.value.code == "corrupt_image"
+
+
 # ------------------------------------------------------------------------- honest codes (22 item 9)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from pneumo.inference import Predictor
 
 
 @pytest.fixture(scope="module")
-def pool() -> DecodePool:
+def pool() -> Iterator[DecodePool]:
     pool = DecodePool(workers=1)
     yield pool
     pool.close()
@@ -65,7 +67,7 @@ def test_a_decode_past_its_cpu_deadline_is_killed_and_the_pool_recovers(pool: De
 
 def test_a_dead_worker_is_replaced(pool: DecodePool) -> None:
     pool.read_image(encode(xray_like(), "TIFF"))
-    (worker,) = pool._idle
+    ((_, worker),) = pool._idle
     os.kill(worker.process.pid, signal.SIGKILL)
     worker.process.wait()
     assert pool.read_image(encode(xray_like(), "TIFF")).original_size == (96, 96)
@@ -89,7 +91,22 @@ def test_predictor_decodes_dicom_through_the_shared_pool(tmp_path: Path) -> None
     predictor = Predictor(tiny_bundle(tmp_path, head="wide", **SURFACE_META)[0])
     data = dicom_bytes(xray_array("pool", bits=12), bits_stored=12)
     decoded = predictor.decode(data)
-    assert default_pool()._idle, "the shared pool's worker decoded it"
+    assert default_pool().idle_workers, "the shared pool's worker decoded it"
     assert np.array_equal(np.asarray(decoded.image), np.asarray(read_image(data, draft_size=224).image))
     local = Predictor(tiny_bundle(tmp_path / "b", head="wide", **SURFACE_META)[0], isolate_decoding=False)
     assert local.predict(data).probability == pytest.approx(predictor.predict(data).probability, abs=1e-6)
+
+
+def test_idle_workers_are_stopped() -> None:
+    """An idle worker gives its memory back after ``idle_seconds`` (the DICOM node's steady-state budget)."""
+    quick = DecodePool(workers=1, idle_seconds=0.2)
+    try:
+        quick.read_image(encode(xray_like(), "TIFF"))
+        ((_, worker),) = quick._idle
+        deadline = time.monotonic() + 30
+        while quick.idle_workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert quick.idle_workers == 0 and worker.process.poll() is not None
+        assert quick.read_image(encode(xray_like(), "TIFF")).original_size == (96, 96)  # a fresh one starts
+    finally:
+        quick.close()

@@ -138,9 +138,10 @@ def decode_pixels(ds: Any, rows: int, cols: int, limits: Limits, draft_size: int
             plugin = "pylibjpeg"  # RLE: pylibjpeg-rle writes at most Rows x Columns per segment
     try:
         pixels, _ = get_decoder(syntax).as_array(ds, index=0, decoding_plugin=plugin)
-    except (MemoryError, InputTooLargeError):
+    except (MemoryError, InputTooLargeError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as err:  # pixel data that does not match the header, or a broken codestream
+    except BaseException as err:  # a broken codestream; BaseException: pylibjpeg-rle's Rust code panics on some
+        # damaged segments (pyo3's PanicException derives from BaseException), found by benchmarks/fuzz_decode.py
         raise _corrupt(
             f"The DICOM pixel data cannot be decoded ({describe_error(err)}); export it again from the PACS."
         ) from err

@@ -102,17 +102,28 @@ class DecodePool:
         memory_mb: address space a worker may add above its warm size before a decode fails in it.
         recycle_mb: a worker whose resident memory grew past this after a decode is replaced,
             so the memory a large film took is given back to the system.
+        idle_seconds: a worker idle this long is stopped (its ~70 MB given back); the next
+            isolated decode starts a fresh one (under a second).
         start_timeout: seconds a new worker may take to import its decoders.
     """
 
     def __init__(
-        self, workers: int = 2, *, memory_mb: int = 1536, recycle_mb: int = 400, start_timeout: float = 60.0
+        self,
+        workers: int = 2,
+        *,
+        memory_mb: int = 1536,
+        recycle_mb: int = 400,
+        idle_seconds: float = 300.0,
+        start_timeout: float = 60.0,
     ) -> None:
         self.memory_mb, self.recycle_mb, self.start_timeout = memory_mb, recycle_mb, start_timeout
+        self.idle_seconds = idle_seconds
         self._slots = threading.BoundedSemaphore(max(1, workers))
-        self._idle: list[_Worker] = []
+        self._idle: list[tuple[float, _Worker]] = []  # (when it went idle, worker)
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
+        self._reaper: threading.Thread | None = None
 
     def isolates(self, fmt: str) -> bool:
         """Whether ``fmt`` (a :func:`~pneumo.core.decode.sniff_format` name) is decoded in a worker."""
@@ -143,15 +154,23 @@ class DecodePool:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for worker in idle:
+        for _, worker in idle:
             worker.kill()
+
+    @property
+    def idle_workers(self) -> int:
+        """Workers started and waiting for a decode."""
+        with self._lock:
+            return len(self._idle)
 
     # ------------------------------------------------------------------------------ internals
 
     def _take(self) -> _Worker:
         with self._lock:
+            if os.getpid() != self._pid:  # a forked child: the workers and sockets are its parent's
+                self._idle, self._pid, self._reaper = [], os.getpid(), None
             while self._idle:
-                worker = self._idle.pop()
+                _, worker = self._idle.pop()
                 if worker.process.poll() is None:
                     return worker
                 worker.kill()
@@ -163,9 +182,23 @@ class DecodePool:
             return
         with self._lock:
             if not self._closed:
-                self._idle.append(worker)
+                self._idle.append((time.monotonic(), worker))
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name="pneumo-decode-reaper", daemon=True)
+                    self._reaper.start()
                 return
         worker.kill()
+
+    def _reap(self) -> None:
+        """Stop workers idle past ``idle_seconds``, checking a few times per period; ends with the pool."""
+        while not self._closed:
+            time.sleep(max(0.05, self.idle_seconds / 4))
+            now = time.monotonic()
+            with self._lock:
+                stale = [worker for since, worker in self._idle if now - since > self.idle_seconds]
+                self._idle = [(since, worker) for since, worker in self._idle if now - since <= self.idle_seconds]
+            for worker in stale:
+                worker.kill()
 
     def _run(self, worker: _Worker, data: bytes, limits: Limits, draft_size: int | None) -> DecodedImage:
         cpu_start = worker.cpu_seconds()
