@@ -25,6 +25,11 @@ from pneumo.core.errors import DecodeAbortedError, DicomError, InputTooLargeErro
 from pneumo.inference import Predictor
 
 
+def _ramp(rows: int, cols: int) -> np.ndarray:
+    """A cheap 12-bit film of ``rows`` x ``cols`` (no random numbers: big ones are made in milliseconds)."""
+    return (np.arange(rows * cols, dtype=np.uint32) % 4096).astype(np.uint16).reshape(rows, cols)
+
+
 @pytest.fixture(scope="module")
 def pool() -> Iterator[DecodePool]:
     pool = DecodePool(workers=1)
@@ -58,7 +63,7 @@ def test_typed_errors_cross_the_process_boundary_with_their_class_and_code(pool:
 
 
 def test_a_decode_past_its_cpu_deadline_is_killed_and_the_pool_recovers(pool: DecodePool) -> None:
-    data = native_dicom(film(4000, 3000, 14), 14)  # a decode of a few hundred ms, far over the 1 ms allowed here
+    data = native_dicom(_ramp(4000, 3000), 12)  # a decode of a few hundred ms, far over the 1 ms allowed here
     with pytest.raises(DecodeAbortedError, match="was stopped") as caught:
         pool.read_image(data, Limits(decode_cpu_seconds=0.001))
     assert caught.value.code == "decode_timeout" and caught.value.http_status == 422
@@ -78,22 +83,23 @@ def test_a_decode_over_the_worker_memory_cap_fails_in_the_worker_not_here() -> N
     small = DecodePool(workers=1, memory_mb=24)  # room to receive 18 MB, not to decode them
     try:
         with pytest.raises(InputTooLargeError) as caught:
-            small.read_image(native_dicom(film(3000, 3000, 14), 14))
+            small.read_image(native_dicom(_ramp(3000, 3000), 12))
         assert caught.value.code == "decode_out_of_memory"
         with pytest.raises(DecodeAbortedError) as crashed:  # not even room to receive: the worker dies
-            small.read_image(native_dicom(film(4000, 4000, 14), 14))
+            small.read_image(native_dicom(_ramp(4000, 4000), 12))
         assert crashed.value.code == "decoder_crashed"
     finally:
         small.close()
 
 
 def test_predictor_decodes_dicom_through_the_shared_pool(tmp_path: Path) -> None:
-    predictor = Predictor(tiny_bundle(tmp_path, head="wide", **SURFACE_META)[0])
+    bundle = tiny_bundle(tmp_path, head="wide", **SURFACE_META)[0]
+    predictor = Predictor(bundle)
     data = dicom_bytes(xray_array("pool", bits=12), bits_stored=12)
     decoded = predictor.decode(data)
     assert default_pool().idle_workers, "the shared pool's worker decoded it"
     assert np.array_equal(np.asarray(decoded.image), np.asarray(read_image(data, draft_size=224).image))
-    local = Predictor(tiny_bundle(tmp_path / "b", head="wide", **SURFACE_META)[0], isolate_decoding=False)
+    local = Predictor(bundle, isolate_decoding=False)
     assert local.predict(data).probability == pytest.approx(predictor.predict(data).probability, abs=1e-6)
 
 
@@ -104,8 +110,8 @@ def test_idle_workers_are_stopped() -> None:
         quick.read_image(encode(xray_like(), "TIFF"))
         ((_, worker),) = quick._idle
         deadline = time.monotonic() + 30
-        while quick.idle_workers and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while (quick.idle_workers or worker.process.poll() is None) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the reaper takes the worker off the list, then stops it
         assert quick.idle_workers == 0 and worker.process.poll() is not None
         assert quick.read_image(encode(xray_like(), "TIFF")).original_size == (96, 96)  # a fresh one starts
     finally:
