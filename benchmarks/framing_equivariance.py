@@ -42,9 +42,9 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pneumo.core.dataset import discover, train_val_samples
+from pneumo.core.decode import read_image
 from pneumo.core.errors import PneumoError
 from pneumo.core.framing import Box, Framer, FramingConfig
-from pneumo.core.decode import read_image
 from pneumo.evaluation.robustness import shift_image
 
 log = logging.getLogger("framing_equivariance")

@@ -45,9 +45,9 @@ from ood_nonxray import build_nonxray_set, hard_cases
 
 from pneumo.core.dataset import Sample, train_val_samples
 from pneumo.core.errors import PneumoError
-from pneumo.modeling.ood_fit import extract_features, fit_ood
-from pneumo.inference.predictor import Predictor
 from pneumo.inference.ood import DEFAULT_COMPONENTS, DEFAULT_QUANTILE, MIN_PIXEL_STD
+from pneumo.inference.predictor import Predictor
+from pneumo.modeling.ood_fit import extract_features, fit_ood
 
 log = logging.getLogger("ood_eval")
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def _halves(samples: list[Sample], seed: int) -> np.ndarray:
 
 
 def pixel_stds(predictor: Predictor, sources: list[Any]) -> np.ndarray:
-    """Gray-level standard deviation of each decoded input (NaN where pneumo.core.decode refuses it): the blank check."""
+    """Gray-level standard deviation of each decoded input (NaN where decoding refuses it): the blank check."""
     from PIL import ImageStat
 
     stds = []

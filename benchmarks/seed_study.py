@@ -34,7 +34,8 @@ ROUND5_SHIFTS = (
 
 def load_run(run: Path) -> dict[str, Any]:
     """A run's labels, probabilities per condition, threshold and recorded figures."""
-    full = json.loads((run / "validation" / "robustness.json").read_text()) if run.is_dir() else json.loads(run.read_text())
+    report = run / "validation" / "robustness.json" if run.is_dir() else run
+    full = json.loads(report.read_text())
     record = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     return {
         "name": run.name,
@@ -107,7 +108,9 @@ def main() -> None:
         name, _, values = spec.partition("=")
         bas = [float(v) for v in values.split(",")]
         result["recipes"].setdefault(name, {})["recorded_mean_ba_15"] = {
-            "values": bas, "mean": float(np.mean(bas)), "sd": float(np.std(bas, ddof=1))
+            "values": bas,
+            "mean": float(np.mean(bas)),
+            "sd": float(np.std(bas, ddof=1)),
         }
     for name in args.ensemble:
         result["ensembles"][name] = ensemble(loaded[name])
@@ -119,8 +122,10 @@ def main() -> None:
                  "worst_specificity", "framing_F", "framing_mean_abs_dp") if k in s]  # fmt: skip
         print(name, "|", " | ".join(cells))
     for name, e in result["ensembles"].items():
-        print(f"ensemble {name}: mean BA {e['mean_ba']:.4f} (15: {e['mean_ba_15']:.4f}), worst spec "
-              f"{e['worst_specificity']:.3f}, F {e['framing_F']:.3f}, AUC {e['clean_auc']:.4f}")
+        print(
+            f"ensemble {name}: mean BA {e['mean_ba']:.4f} (15: {e['mean_ba_15']:.4f}), worst spec "
+            f"{e['worst_specificity']:.3f}, F {e['framing_F']:.3f}, AUC {e['clean_auc']:.4f}"
+        )
 
 
 if __name__ == "__main__":

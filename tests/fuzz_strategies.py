@@ -56,15 +56,30 @@ def seeds() -> list[bytes]:
         encode(rgb, "JPEG", exif=exif.tobytes()),
         encode(rgb.convert("CMYK"), "JPEG"),
         encode(rgb, "MPO", save_all=True, append_images=[rgb]),
-        encode(gray, "BMP"),
-        encode(rgb.quantize(16), "BMP"),
         encode(gray, "TIFF"),
         encode(rgb, "TIFF", compression="tiff_deflate"),
         encode(Image.fromarray(np.asarray(gray, dtype=np.float32)), "TIFF"),
-        encode(gray, "WEBP"),
-        encode(rgba, "WEBP", lossless=True),
+        encode(deep, "TIFF", compression="tiff_lzw"),
         dicom_xray(),
+        *_compressed_dicoms(np.asarray(gray, dtype=np.uint16) * 16),
     ]
+
+
+def _compressed_dicoms(pixels: np.ndarray) -> list[bytes]:
+    """The 12-bit fuzz DICOM re-encoded as JPEG 2000 (pylibjpeg-openjpeg) and RLE (pydicom), for the codec paths."""
+    import io
+
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    out = []
+    for syntax in (JPEG2000Lossless, RLELossless):
+        ds = pydicom.dcmread(io.BytesIO(dicom_xray()))
+        ds.compress(syntax, pixels, encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else "pydicom")
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        out.append(buffer.getvalue())
+    return out
 
 
 def _set_png_ihdr(data: bytes, width: int, height: int) -> bytes:

@@ -151,7 +151,8 @@ def test_format_is_sniffed_from_bytes_not_extension(tmp_path: Path) -> None:
     decoded = read_image(path)
     assert decoded.format == "png"
     assert sniff_format(b"\xff\xd8\xff\xe0") == "jpeg"
-    assert sniff_format(b"GIF89a") is None
+    assert sniff_format(b"GIF89a") == "gif"  # named, so its refusal can say what it is
+    assert sniff_format(b"%PDF-1.7") is None
 
 
 def test_accepts_bytes_like_inputs() -> None:
@@ -160,15 +161,23 @@ def test_accepts_bytes_like_inputs() -> None:
         assert read_image(source).image.size == (96, 96)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "TIFF", "WEBP"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
 def test_single_frame_formats_decode_to_gray8(fmt: str) -> None:
     source = xray_like((100, 80))
-    options: dict[str, object] = {"JPEG": {"quality": 98}, "WEBP": {"lossless": True}}.get(fmt, {})
+    options: dict[str, object] = {"JPEG": {"quality": 98}}.get(fmt, {})
     decoded = read_image(encode(source, fmt, **options))
     assert decoded.image.mode == "L"
     assert decoded.image.size == (100, 80) == decoded.original_size
     diff = np.abs(np.asarray(decoded.image, dtype=int) - np.asarray(source, dtype=int))
     assert diff.max() <= (8 if fmt == "JPEG" else 0)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("WEBP", "WebP"), ("BMP", "BMP"), ("GIF", "GIF")])
+def test_formats_without_clinical_use_are_refused_by_name(fmt: str, name: str) -> None:
+    with pytest.raises(UnsupportedFormatError, match=f"is a {name} image") as caught:
+        read_image(encode(xray_like(), fmt))
+    assert caught.value.code == "unsupported_format" and caught.value.http_status == 415
+    assert "PNG, JPEG or DICOM" in caught.value.message
 
 
 def test_limits_boundaries_are_inclusive() -> None:
@@ -269,7 +278,20 @@ def test_draft_decoding_shrinks_big_jpegs_but_not_below_the_model_size() -> None
 
 def test_default_limits_are_documented_values() -> None:
     """The README and docs/reliability.md quote these numbers; change them together."""
-    assert Limits(max_bytes=20 * 2**20, max_pixels=36_000_000, min_side=64, max_aspect_ratio=4.0) == DEFAULT_LIMITS
+    documented = Limits(
+        max_bytes=64 * 2**20,
+        max_pixels=36_000_000,
+        min_side=64,
+        max_aspect_ratio=4.0,
+        max_scans=32,
+        max_elements=50_000,
+        max_codeblocks=150_000,
+        max_tiles=4096,
+        decode_cpu_seconds=2.0,
+        decode_wall_seconds=30.0,
+    )
+    assert documented == DEFAULT_LIMITS
+    assert DEFAULT_LIMITS.max_pixels >= 4300 * 4300 and DEFAULT_LIMITS.max_bytes >= 60 * 10**6  # issue 21
 
 
 def test_real_fullres_films_decode(shared_data: Path) -> None:

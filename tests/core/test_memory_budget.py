@@ -127,7 +127,15 @@ def test_deflate_cap_is_enforced_on_the_stream_not_on_the_file_size() -> None:
 
     limits = Limits(max_pixels=1_000_000)
     bomb = deflated_dicom_bomb(inflated=inflate_cap(limits.max_pixels) + 1)
-    assert len(bomb) < 100_000 and zlib.decompressobj(-zlib.MAX_WBITS)
+    assert len(bomb) < 100_000
+    # The stream really inflates past the cap (issue 20 found the old check here always true).
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    stream = io.BytesIO(bomb)
+    read_preamble(stream, False)
+    _read_file_meta_info(stream)
+    cap = inflate_cap(limits.max_pixels)
+    assert len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(bomb[stream.tell() :], cap + 1)) == cap + 1
     with pytest.raises(PneumoError) as caught:
         read_image(bomb, limits)
     assert caught.value.code == "inflated_too_large"

@@ -59,6 +59,14 @@ class DicomError(InvalidImageError):
     http_status = 422
 
 
+class DecodeAbortedError(InvalidImageError):
+    """Decoding was stopped: it ran past its CPU or wall-clock deadline (``decode_timeout``), or the
+    isolated decoder died on the input (``decoder_crashed``). The file is damaged or built to stall."""
+
+    code = "decode_timeout"
+    http_status = 422
+
+
 class NotAChestXrayError(PneumoError):
     """The image decoded fine but does not look like a frontal chest X-ray (``pneumo.inference.ood``)."""
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pneumo.core.bundle import LOCALIZER_FILE, POSITIVE, Backend, BundleMeta, bundle_file, read_meta, resolve_bundle
 from pneumo.core.decode import DEFAULT_LIMITS, DecodedImage, Limits, read_image
+from pneumo.core.decode.isolate import default_pool
 from pneumo.core.errors import NotAChestXrayError, PneumoError
 from pneumo.core.framing import Box
 from pneumo.core.preprocess import PreprocessConfig, Preprocessor
@@ -86,6 +87,9 @@ class Predictor:
         meta: the bundle's metadata when the caller already holds it (the end of training scores a
             bundle whose ``bundle.json`` is not written yet); default: read from ``bundle``.
         runner: a ready runner instead of ``backend`` (the end of training passes its fp32 graph).
+        isolate_decoding: decode DICOM and TIFF in the process-wide pool of worker processes
+            (:func:`pneumo.core.decode.isolate.default_pool`), killed past ``limits.decode_cpu_seconds``
+            of CPU; JPEG and PNG, bounded before decoding, stay in-process. False decodes all in-process.
 
     Raises:
         BundleError: the bundle is missing or invalid.
@@ -101,6 +105,7 @@ class Predictor:
         check_ood: bool = True,
         meta: BundleMeta | None = None,
         runner: Runner | None = None,
+        isolate_decoding: bool = True,
     ) -> None:
         # With ``meta`` given, bundle.json need not be written yet (the end of training scores the bundle first).
         self.bundle_dir = Path(bundle) if meta is not None and bundle is not None else resolve_bundle(bundle)
@@ -113,6 +118,7 @@ class Predictor:
                 "The bundle %s has no OOD gate: images that are not chest X-rays are not refused.", self.bundle_dir
             )
         self.limits = limits
+        self._decode_isolated = isolate_decoding
         #: Decoded image -> model input, framing included (the bundle's own localizer when it frames).
         self.preprocessor = Preprocessor(
             self.meta.preprocess, bundle_file(self.bundle_dir, LOCALIZER_FILE, required=self.meta.preprocess.framed)
@@ -146,8 +152,9 @@ class Predictor:
     # --- the pipeline, step by step (each step usable on its own, e.g. by explain.py) ---
 
     def decode(self, source: Source) -> DecodedImage:
-        """Read and validate one input (JPEG draft decoding at the model's input size)."""
-        return read_image(source, self.limits, draft_size=self.meta.preprocess.input_size)
+        """Read and validate one input (JPEG draft decoding at the model's input size), DICOM/TIFF under a deadline."""
+        pool = default_pool() if self._decode_isolated else None
+        return read_image(source, self.limits, draft_size=self.meta.preprocess.input_size, pool=pool)
 
     def prepare(self, decoded: DecodedImage) -> np.ndarray:
         """A decoded image as the model's normalized float32 (3, S, S) input (framing included)."""

@@ -19,17 +19,43 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Limits:
-    """What an input may be before it is refused.
+    """What an input may be, and may cost to decode, before it is refused: the one place limits live.
 
-    The pixel cap (36 MP, e.g. 6000 x 6000) is far below Pillow's own decompression-bomb limit
-    (89 MP warning, 179 MP error) but above any real chest radiograph (at most ~4300 x 4300),
-    and it is checked from the header, before a single pixel is decoded, so memory stays flat.
+    Sizes are set in pixels, not bytes: the pixel cap (36 MP, e.g. 6000 x 6000) is above any real
+    chest radiograph (a DR detector writes at most ~4300 x 4300 at 16 bits, 37 MB uncompressed)
+    and far below Pillow's own decompression-bomb limit, and it is checked from the header before
+    a single pixel is decoded. The byte cap only bounds what is read: 64 MB holds the largest
+    uncompressed 16-bit film with room for its header. The structural caps bound the work a small
+    file can ask for (each is far above what any real film holds; see docs/reliability.md):
+
+    Attributes:
+        max_bytes: largest file or upload read.
+        max_pixels: largest image, from its header.
+        min_side: smallest side an X-ray may have.
+        max_aspect_ratio: longest side over shortest side.
+        max_scans: JPEG scans (SOS markers) in one image or DICOM frame; each progressive scan
+            walks every block again, so 5,000 scans of 110 bytes cost minutes. libjpeg writes 6-10.
+        max_elements: DICOM data elements and sequence items (a real header has a few hundred),
+            or PNG chunks (a real file has a few thousand at most): each costs parser time and memory.
+        max_codeblocks: JPEG 2000 code-blocks over all tiles and resolutions, from the header;
+            OpenJPEG allocates a structure per code-block (4 x 4 blocks: ~1 GB for a 4300 x 4300 film).
+        max_tiles: JPEG 2000 tiles (and tile-parts); each costs the decoder its coding parameters.
+        decode_cpu_seconds: CPU time one decode may take in an isolated worker before it is
+            killed (:mod:`pneumo.core.decode.isolate`); a real film takes well under a second.
+        decode_wall_seconds: wall time before the worker is killed whatever its CPU time, so a
+            starved or stuck decoder cannot hold a request for ever.
     """
 
-    max_bytes: int = 20 * 1024 * 1024
+    max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 36_000_000
     min_side: int = 64
     max_aspect_ratio: float = 4.0
+    max_scans: int = 32
+    max_elements: int = 50_000
+    max_codeblocks: int = 150_000
+    max_tiles: int = 4096
+    decode_cpu_seconds: float = 2.0
+    decode_wall_seconds: float = 30.0
 
 
 DEFAULT_LIMITS = Limits()

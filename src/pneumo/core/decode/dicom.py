@@ -1,31 +1,41 @@
 """DICOM radiographs into the 8-bit grayscale image every other input becomes.
 
 The DICOM branch of the decoding line (:mod:`pneumo.core.decode`), with DICOM's own rules: which
-modalities count as a radiograph, the header fields shown to users, the modality and VOI LUTs
-(the display windowing), compressed transfer syntaxes, and the DICOM-only memory bounds:
-
-* a Deflated-transfer-syntax DICOM is one zlib stream that pydicom inflates whole
-  (``zlib.decompress``), so 1.5 MB on disk could become gigabytes; :func:`inflate_capped`
-  inflates at most :func:`inflate_cap` bytes and refuses beyond;
-* an encapsulated (JPEG, JPEG-LS, JPEG 2000) frame is decoded at the size its *own* header
-  declares, whatever the DICOM Rows/Columns say; :func:`check_frame_header` reads that header
-  (pydicom's and Pillow's header parsers, no pixel decoded) and refuses a mismatch first.
+modalities count as a radiograph, the header fields shown to users, the modality and VOI LUTs (the
+display windowing). Its bounds live beside it: :mod:`~pneumo.core.decode.dicom_header` parses the
+dataset (capped inflation, counted elements; :func:`read_header` for callers that need the header
+only) and :mod:`~pneumo.core.decode.dicom_pixels` decodes the pixel data (the transfer syntaxes
+pneumo reads, each frame checked before its codec runs, JPEG 2000 at a reduced level for drafts).
 
 ``read_image`` imports this module only when the bytes are DICOM, so pydicom stays off the JPEG path.
 """
 
 from __future__ import annotations
 
-import io
-import zlib
-from typing import Any, BinaryIO, cast
+import logging
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from pneumo.core.decode.budget import Transform, array_bands, value_range, window_to_gray8
 from pneumo.core.decode.common import DecodedImage, Limits, check_shape, describe_error
-from pneumo.core.errors import DicomError, InputTooLargeError, PneumoError
+from pneumo.core.decode.dicom_header import inflate_cap, parse_dataset, read_header
+from pneumo.core.decode.dicom_pixels import SUPPORTED, check_frame_header, decode_pixels
+from pneumo.core.errors import DicomError, PneumoError
+
+__all__ = [
+    "DICOM_FIELDS",
+    "RADIOGRAPH_MODALITIES",
+    "SUPPORTED",
+    "check_frame_header",
+    "dicom_to_gray8",
+    "inflate_cap",
+    "read_dicom",
+    "read_header",
+]
+
+log = logging.getLogger(__name__)
 
 #: DICOM modalities accepted as a plain radiograph. CR and DX are the standard codes for
 #: computed and digital radiography; "DR" is not a DICOM term but several vendors write it
@@ -45,24 +55,19 @@ DICOM_FIELDS: dict[str, str] = {
 }
 
 
-def read_dicom(data: bytes, limits: Limits) -> DecodedImage:
+def read_dicom(data: bytes, limits: Limits, draft_size: int | None = None) -> DecodedImage:
     """Decode a single-frame grayscale radiograph as a viewer displays it.
 
     The stored values go through the modality LUT (rescale slope/intercept or LUT) and the VOI
     LUT or window the file asks for; the output range of that VOI transform (not of this image's
     pixels) maps onto 0-255, so a window means the same on every file. Without a VOI, the
     image's own min-max is used, as viewers do. MONOCHROME1 (white = low values) is inverted.
-    A compressed transfer syntax is decoded by whichever pydicom plugin is installed (RLE and
-    JPEG baseline work out of the box); without one the error names what to install.
+    ``draft_size`` lets a JPEG 2000 frame decode at a reduced level whose shorter side is still
+    at least that many pixels (``original_size`` keeps the film's size).
     """
     try:
-        from pydicom.pixels import get_decoder
-    except ImportError as err:  # pragma: no cover - pydicom is a core dependency
-        raise DicomError("Reading DICOM needs pydicom: pip install pydicom.", code="dicom_unavailable") from err
-
-    try:
-        ds = _parse_dicom(data, limits)
-    except PneumoError:
+        ds, saw_pixel_data = parse_dataset(data, limits)
+    except (PneumoError, MemoryError):  # never disguise running out of memory as a bad file
         raise
     except Exception as err:  # pydicom raises many types for malformed files
         raise DicomError(f"The DICOM file cannot be parsed ({describe_error(err)}).", code="corrupt_image") from err
@@ -76,6 +81,12 @@ def read_dicom(data: bytes, limits: Limits) -> DecodedImage:
             code="unsupported_modality",
         )
     if "PixelData" not in ds:
+        if saw_pixel_data:  # its header was read, its value was not: undefined length without an end
+            raise DicomError(
+                "The DICOM pixel data element is there but cannot be read to its end (an undefined length with no "
+                "closing delimiter); the file is truncated or damaged. Export it again from the PACS.",
+                code="corrupt_image",
+            )
         raise DicomError(
             "The DICOM file has no pixel data (is it a report or a structured document?).", code="dicom_no_pixel_data"
         )
@@ -91,52 +102,15 @@ def read_dicom(data: bytes, limits: Limits) -> DecodedImage:
         raise DicomError(f"The DICOM file holds {frames} frames; send one radiograph per file.", code="multi_frame")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     check_shape(cols, rows, limits)
+    if "VOILUTSequence" in ds and not ds.VOILUTSequence:
+        # Type 1C: present means at least one item. An empty one says nothing; viewers ignore it, and
+        # pydicom would map every pixel to one gray (then refused as "not a chest X-ray").
+        log.info("Ignoring an empty VOI LUT Sequence")
+        del ds.VOILUTSequence
 
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and syntax.is_compressed:
-        try:
-            decoder = get_decoder(syntax)
-            available, missing = decoder.is_available, "; ".join(decoder.missing_dependencies)
-        except Exception:  # pydicom knows no decoder at all for this syntax
-            available, missing = False, "pydicom has no decoder for it"
-        if not available:
-            raise DicomError(
-                f"The DICOM transfer syntax {syntax.name} ({syntax}) is compressed and no decoder for it is "
-                f"installed ({missing}). Install one (e.g. pip install pylibjpeg pylibjpeg-libjpeg "
-                "pylibjpeg-openjpeg) or export the image uncompressed.",
-                code="unsupported_transfer_syntax",
-            )
-
-    if syntax is not None:
-        check_frame_header(ds, rows, cols)  # before decoding: the codec allocates what the frame declares
-    try:
-        pixels = ds.pixel_array
-    except Exception as err:  # pixel data that does not match the header, or a broken codestream
-        raise DicomError(
-            f"The DICOM pixel data cannot be decoded ({describe_error(err)}); export it again from the PACS.",
-            code="corrupt_image",
-        ) from err
-    if pixels.shape != (rows, cols):
-        raise DicomError(
-            f"The DICOM pixel data does not hold the single {cols} x {rows} grayscale image its header declares.",
-            code="corrupt_image",
-        )
-
+    pixels = decode_pixels(ds, rows, cols, limits, draft_size)
     gray = Image.fromarray(dicom_to_gray8(pixels, ds, invert=photometric == "MONOCHROME1"), mode="L")
     return DecodedImage(gray, "dicom", (cols, rows), metadata)
-
-
-def _parse_dicom(data: bytes, limits: Limits) -> Any:
-    """``pydicom.dcmread``, except that a Deflated dataset is inflated within the budget (:func:`inflate_capped`)."""
-    import pydicom
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    stream = io.BytesIO(data)  # the file meta group only: dcmread would inflate a Deflated dataset whole
-    read_preamble(stream, False)
-    if _read_file_meta_info(stream).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return inflate_capped(data, limits.max_pixels)
-    return pydicom.dcmread(io.BytesIO(data))
 
 
 # ------------------------------------------------------------------------------ display windowing
@@ -174,97 +148,3 @@ def dicom_to_gray8(pixels: np.ndarray, ds: Any, *, invert: bool) -> np.ndarray:
     return window_to_gray8(
         bands, pixels.shape[:2], lambda band: (lo + hi) - np.asarray(shown(band), dtype=np.float64), lo, hi, clip=True
     )
-
-
-# ---------------------------------------------------------------------------------- memory bounds
-
-
-def inflate_cap(max_pixels: int) -> int:
-    """Most bytes a Deflated DICOM dataset may inflate to: the largest allowed 16-bit image plus 4 MB of header."""
-    return 2 * max_pixels + 4 * 2**20
-
-
-def inflate_capped(data: bytes, max_pixels: int) -> Any:
-    """Parse a Deflated-Explicit-VR DICOM, inflating at most :func:`inflate_cap` bytes (pydicom inflates all).
-
-    Returns the pydicom dataset with its file meta, its transfer syntax rewritten to the
-    Explicit VR Little Endian the deflated stream holds.
-
-    Raises:
-        InputTooLargeError: ``inflated_too_large`` when the stream inflates past the cap.
-        DicomError: ``corrupt_image`` when the stream is not valid deflate data.
-    """
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    stream = io.BytesIO(data)
-    read_preamble(stream, False)
-    meta = _read_file_meta_info(stream)
-    cap = inflate_cap(max_pixels)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(memoryview(data)[stream.tell() :], cap + 1)
-    except zlib.error as err:
-        raise DicomError(
-            "The DICOM file is Deflate-compressed but its data cannot be inflated; it is damaged.",
-            code="corrupt_image",
-        ) from err
-    if len(inflated) > cap or inflater.unconsumed_tail:
-        raise InputTooLargeError(
-            f"The DICOM file is Deflate-compressed and inflates to more than {cap / 2**20:.0f} MB, more than the "
-            f"largest allowed radiograph ({max_pixels / 1e6:.0f} MP at 16 bits) needs; it was refused unread.",
-            code="inflated_too_large",
-        )
-    ds = read_dataset(cast(BinaryIO, DicomBytesIO(inflated)), False, True)
-    del inflated
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.set_original_encoding(False, True, ds._character_set)
-    return ds
-
-
-def check_frame_header(ds: Any, rows: int, cols: int) -> None:
-    """Refuse an encapsulated frame whose own header disagrees with Rows/Columns/BitsAllocated.
-
-    The decoder allocates what the codestream declares, so a 100 KB JPEG declaring 13000 x 13000
-    inside a 1000 x 800 DICOM would cost 1.6 GB before the shape check after decoding.
-    RLE has no size in its header (pydicom decodes it to Rows x Columns) and is not checked here.
-    """
-    from pydicom.encaps import generate_fragmented_frames
-
-    syntax = ds.file_meta.TransferSyntaxUID
-    if not (syntax.is_compressed and syntax.is_encapsulated) or "RLE" in syntax.name:
-        return
-    first_frame = next(iter(generate_fragmented_frames(ds.PixelData, number_of_frames=1)), (b"",))
-    fragment = first_frame[0] if first_frame else b""  # the frame's header is in its first fragment
-    size, bits, samples = _codestream_header(bytes(fragment[:65536]))
-    allocated = int(ds.get("BitsAllocated", 16) or 16)
-    if size is None:
-        raise DicomError(
-            f"The DICOM's compressed frame ({syntax.name}) has no readable image header; the file is damaged.",
-            code="corrupt_image",
-        )
-    if size != (cols, rows) or (bits is not None and bits > allocated) or samples not in (None, 1):
-        raise DicomError(
-            f"The DICOM header declares a {cols} x {rows} image of {allocated}-bit pixels, but its compressed frame "
-            f"declares {size[0]} x {size[1]} with {bits or '?'} bits and {samples or '?'} channels; the file is "
-            "inconsistent and was refused before decoding. Export it again from the PACS.",
-            code="corrupt_image",
-        )
-
-
-def _codestream_header(head: bytes) -> tuple[tuple[int, int] | None, int | None, int | None]:
-    """``((width, height), bits, samples)`` from a JPEG / JPEG-LS / JPEG 2000 header, without decoding."""
-    if head[:2] == b"\xff\xd8":  # JPEG or JPEG-LS: pydicom's SOF parser (it knows SOF55, Pillow does not)
-        from pydicom.pixels.utils import _get_jpg_parameters
-
-        info = _get_jpg_parameters(head)
-        if "width" not in info:
-            return None, None, None
-        return (int(info["width"]), int(info["height"])), int(info["precision"]), int(info["components"])
-    try:  # JPEG 2000 codestream or JP2: Pillow reads the SIZ / ihdr box on open, decoding nothing
-        with Image.open(io.BytesIO(head), formats=["JPEG2000"]) as image:
-            return image.size, None, len(image.getbands())
-    except Exception:  # untrusted header bytes: any parser failure means "no readable header"
-        return None, None, None

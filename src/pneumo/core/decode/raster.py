@@ -1,4 +1,4 @@
-"""Raster files (JPEG, PNG and the other formats Pillow reads) into one 8-bit grayscale image.
+"""Raster files (JPEG, PNG, TIFF) into one 8-bit grayscale image.
 
 The raster branch of the decoding line (:mod:`pneumo.core.decode`). The output is always a Pillow
 image in mode ``"L"``: the training data are 8-bit grayscale JPEGs, so every other input (16-bit
@@ -15,12 +15,29 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from pneumo.core.decode.budget import BAND_PIXELS, image_bands, value_range, window_to_gray8
+from pneumo.core.decode.codestreams import check_jpeg_scans, check_png_chunks, tiff_has_more_pages
 from pneumo.core.decode.common import DecodedImage, Limits, check_shape, describe_error
-from pneumo.core.errors import InputTooLargeError, InvalidImageError
+from pneumo.core.errors import InputTooLargeError, InvalidImageError, UnsupportedFormatError
 
-#: Pillow's name of each sniffed format: ``Image.open`` is told which one to use, so bytes that
-#: start like a PNG are never handed to another decoder.
-_PILLOW_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP"}
+#: Pillow's name of each raster format pneumo reads: ``Image.open`` is told which one to use, so
+#: bytes that start like a PNG are never handed to another decoder.
+_PILLOW_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF"}
+
+#: TIFF compressions (Pillow's names) read: the lossless ones film digitizers and research exports
+#: write. Others (JPEG-in-TIFF, CCITT fax, ...) bring codecs with no use for a radiograph.
+_TIFF_COMPRESSIONS = frozenset({"raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits"})
+
+
+def _check_structure(data: bytes, fmt: str, limits: Limits) -> None:
+    """The work a file asks for, bounded from its structure before Pillow parses it (see codestreams.py)."""
+    if fmt == "jpeg":
+        check_jpeg_scans(data, limits)
+    elif fmt == "png":
+        check_png_chunks(data, limits)
+    elif fmt == "tiff" and tiff_has_more_pages(data):
+        raise InvalidImageError(
+            "The TIFF file holds several pages; upload one radiograph per file.", code="multi_frame"
+        )
 
 
 def _bomb(limits: Limits) -> InputTooLargeError:
@@ -33,6 +50,7 @@ def _bomb(limits: Limits) -> InputTooLargeError:
 
 def read_raster(data: bytes, fmt: str, limits: Limits, draft_size: int | None) -> DecodedImage:
     name = fmt.upper()
+    _check_structure(data, fmt, limits)
     try:
         with warnings.catch_warnings():
             # Pillow warns (and past 2x errors) on huge images; both mean "too large" here.
@@ -50,10 +68,16 @@ def read_raster(data: bytes, fmt: str, limits: Limits, draft_size: int | None) -
 
     original_size = image.size
     check_shape(*original_size, limits)
+    if fmt == "tiff" and image.info.get("compression", "raw") not in _TIFF_COMPRESSIONS:
+        raise UnsupportedFormatError(
+            f"The TIFF file is compressed with {image.info.get('compression')}; pneumo reads uncompressed, LZW, "
+            "Deflate and PackBits TIFFs. Export the radiograph as PNG or DICOM.",
+        )
     # A camera JPEG is often MPO (the photo plus preview frames): its first frame is the picture.
-    # Other multi-frame files (APNG, multi-page TIFF, animated WebP) hold several images: refuse.
-    try:  # counting frames parses every frame header (TIFF IFDs): damaged ones fail here
-        frames = 1 if image.format == "MPO" else int(getattr(image, "n_frames", 1))
+    # Other multi-frame files (APNG) hold several images: refuse. TIFF pages were checked above,
+    # from the first page's link: Pillow's n_frames walks every page (100k pages: 52 s).
+    try:
+        frames = 1 if image.format == "MPO" or fmt == "tiff" else int(getattr(image, "n_frames", 1))
     except MemoryError:
         raise
     except Exception as err:

@@ -15,6 +15,10 @@ from pneumo.core.errors import InputTooLargeError, InvalidImageError
 #: File name extensions of the images pneumo looks for in folders (content is still checked by magic bytes).
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 
+#: The formats pneumo decodes: what radiographs are stored and exported as (docs/reliability.md,
+#: "Formats"). :func:`sniff_format` also names BMP, WebP and GIF, so their refusal can say what they are.
+ACCEPTED_FORMATS = frozenset({"jpeg", "png", "tiff", "dicom"})
+
 
 def sniff_format(data: bytes) -> str | None:
     """Name the format from the file's first bytes (never from its extension), or ``None``."""
@@ -30,6 +34,8 @@ def sniff_format(data: bytes) -> str | None:
         return "bmp"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
     return None
 
 
