@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from app_helpers import dicom_bytes, xray_array
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGLosslessSV1, generate_uid
+from pydicom.uid import MPEG2MPML, generate_uid
 
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 #: Where Debian's orthanc-dicomweb package puts the plugin.
@@ -229,9 +229,9 @@ def study_files(study: dict[str, Any], pixels: np.ndarray | None = None) -> dict
     broken = pydicom.dcmread(io.BytesIO(film(scaled(12), 12, 6)))
     broken.PixelData = broken.PixelData[: len(broken.PixelData) // 3]
     files["broken"] = _encode(broken)
-    # Compressed with a syntax no installed pydicom plugin decodes (JPEG Lossless SV1 here).
+    # Compressed with a syntax no pydicom plugin decodes (MPEG-2 video: pylibjpeg decodes every JPEG family now).
     compressed = pydicom.dcmread(io.BytesIO(film(scaled(12), 12, 7)))
-    compressed.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    compressed.file_meta.TransferSyntaxUID = MPEG2MPML
     compressed.PixelData = encapsulate([b"\xff\xd8\xff\xc3 not a real codestream \xff\xd9"])
     compressed["PixelData"].VR = "OB"
     files["compressed"] = _encode(compressed)
@@ -258,5 +258,7 @@ def _encode(ds: pydicom.Dataset) -> bytes:
 
 
 def content_items(report: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
-    """The report's top-level content items by concept meaning."""
-    return {str(item.ConceptNameCodeSequence[0].CodeMeaning): item for item in report.ContentSequence}
+    """The report's content items by concept meaning, at any depth of the TID 1500 tree."""
+    from pneumo.dicom.sr import report_items
+
+    return report_items(report)

@@ -1,0 +1,393 @@
+"""Who may talk to the node, and how much any peer can make it hold: access control under pynetdicom.
+
+pynetdicom checks a calling AE title list and counts associations, and that is all. A PACS
+administrator also needs, and this module adds, in the few places pynetdicom leaves open:
+
+* **callers by AE title and host**: ``ORTHANC@10.1.2.3``, ``ORTHANC@10.1.0.0/16``, ``*@10.1.0.0/16``
+  or a bare ``ORTHANC``; a host no rule names is cut at ``accept()``, an AE title from the wrong
+  host is rejected (A-ASSOCIATE-RJ, calling AE title not recognised);
+* **the called AE title** must be the node's (A-ASSOCIATE-RJ, called AE title not recognised);
+* **connections that have not associated yet are bounded and evicted oldest first**: idle sockets
+  (which used to fill pynetdicom's fixed limit of 10 and lock out the PACS), slow association
+  requests and floods only ever displace each other, while the association limit counts
+  associations that were admitted (default 32);
+* **every PDU is bounded before it is read**: an A-ASSOCIATE-RQ over ``max_request_bytes`` (one
+  that declared 4 GB used to be buffered as it arrived, no AE title needed) and a P-DATA PDU over
+  the negotiated maximum close the connection at its 6-byte header; an instance over
+  ``max_instance_bytes`` closes it as soon as that many bytes have come;
+* **TLS** with a client certificate required (:func:`tls_server_context`), the handshake done in
+  the connection's own thread under a timeout (pynetdicom does it in the accept loop, where one
+  silent client stalls every other).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import select
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: PDU types (PS3.8 9.3): A-ASSOCIATE-RQ/AC/RJ, P-DATA-TF, A-RELEASE-RQ/RP, A-ABORT.
+_ASSOCIATE_TYPES = (0x01, 0x02, 0x03)
+_P_DATA = 0x04
+_SMALL_PDU_BYTES = 64
+
+
+@dataclass(frozen=True)
+class CallerRule:
+    """One allowed caller: an AE title (``None``: any) from a network (``None``: any host)."""
+
+    ae_title: str | None
+    network: IpNetwork | None
+
+    @classmethod
+    def parse(cls, text: str) -> CallerRule:
+        """``AE``, ``AE@host-ip``, ``AE@network/prefix`` or ``*@network/prefix``.
+
+        Raises:
+            ValueError: the text is none of these; the message shows the forms.
+        """
+        ae, _, host = text.strip().partition("@")
+        if not ae or len(ae) > 16 or "\\" in ae or (ae == "*" and not host):
+            raise ValueError(f"caller {text!r} is not AE, AE@HOST or AE@NETWORK/PREFIX (e.g. ORTHANC@10.0.0.0/8).")
+        try:
+            network = ipaddress.ip_network(host, strict=False) if host else None
+        except ValueError as err:
+            raise ValueError(f"caller {text!r}: {host!r} is not an IP address or network (e.g. 10.0.0.0/8).") from err
+        return cls(None if ae == "*" else ae, network)
+
+    def host_matches(self, ip: str) -> bool:
+        try:
+            return self.network is None or ipaddress.ip_address(ip.split("%")[0]) in self.network
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"{self.ae_title or '*'}@{self.network}" if self.network else str(self.ae_title)
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """The node's access and resource limits (``pneumo dicom listen`` maps its options onto this).
+
+    Attributes:
+        callers: allowed callers; empty allows any caller (a warning is logged at start).
+        check_called_ae: reject associations addressed to another AE title.
+        max_associations: associations admitted at once (more get A-ASSOCIATE-RJ, local limit exceeded).
+        max_pending: connections not yet admitted (more evict the oldest of them).
+        request_timeout_s: ACSE timeout: how long a connection may take to send its A-ASSOCIATE-RQ.
+        dimse_timeout_s: how long the node waits for a DIMSE message it expects.
+        network_timeout_s: an association idle this long is aborted; also the time one PDU may take to arrive.
+        max_request_bytes: largest A-ASSOCIATE-RQ accepted.
+        max_pdu_bytes: the Maximum Length the node receives (negotiated; larger P-DATA PDUs close the connection).
+        max_instance_bytes: largest C-STORE dataset accepted.
+        tls_handshake_s: time allowed for the TLS handshake, when TLS is on.
+    """
+
+    callers: tuple[CallerRule, ...] = ()
+    check_called_ae: bool = True
+    max_associations: int = 32
+    max_pending: int = 16
+    request_timeout_s: float = 10.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_request_bytes: int = 64 * 1024
+    max_pdu_bytes: int = 256 * 1024
+    max_instance_bytes: int = 1024 * 2**20
+    tls_handshake_s: float = 10.0
+
+    def host_allowed(self, ip: str) -> bool:
+        return not self.callers or any(rule.host_matches(ip) for rule in self.callers)
+
+    def caller_allowed(self, ae_title: str, ip: str) -> bool:
+        return not self.callers or any(
+            rule.host_matches(ip) and (rule.ae_title is None or rule.ae_title == ae_title) for rule in self.callers
+        )
+
+
+@dataclass
+class Connection:
+    """One TCP connection to the SCP: who, since when, and whether its association was admitted."""
+
+    sock: socket.socket
+    peer: str
+    opened: float = field(default_factory=time.monotonic)
+    admitted: bool = False
+    closed: bool = False
+    assoc: Any = None
+
+    @property
+    def finished(self) -> bool:
+        """Its association thread ran and ended (its socket may have been closed without telling us)."""
+        return self.closed or (self.assoc is not None and self.assoc.ident is not None and not self.assoc.is_alive())
+
+    def peer_left(self) -> bool:
+        """The peer closed its side (a zero-byte peek on a readable socket), without reading any data."""
+        if isinstance(self.sock, ssl.SSLSocket):  # no peeking under TLS; its handshake has its own timeout
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (OSError, ValueError):
+            return True
+
+    def drop(self) -> None:
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class Guard:
+    """The policy applied: the connection table, admission, and the audit of refusals.
+
+    Args:
+        policy: the limits.
+        ae_title: the node's own (called) AE title.
+        on_refusal: called with ``(reason, peer, calling_ae, called_ae, detail)`` for every refusal.
+    """
+
+    def __init__(self, policy: AccessPolicy, ae_title: str, on_refusal: Callable[..., None]) -> None:
+        self.policy = policy
+        self.ae_title = ae_title
+        self.on_refusal = on_refusal
+        self._lock = threading.Lock()
+        self._connections: dict[int, Connection] = {}
+
+    def open(self, sock: socket.socket, peer: str) -> bool:
+        """Register a new connection, evicting the oldest unadmitted one when too many wait; False refuses it."""
+        if not self.policy.host_allowed(peer):
+            self.on_refusal("host_not_allowed", peer)
+            return False
+        with self._lock:
+            live = {key: c for key, c in self._connections.items() if not c.finished}
+            self._connections = live
+            # Connections whose peer already left go first, then the oldest: a flood of short-lived or idle
+            # connections only ever displaces itself, while a sender that associates at once gets through.
+            pending = sorted((c for c in live.values() if not c.admitted), key=lambda c: (not c.peer_left(), c.opened))
+            while len(pending) >= self.policy.max_pending:
+                oldest = pending.pop(0)
+                oldest.drop()
+                self.on_refusal("evicted_unassociated", oldest.peer, detail={"open_s": round(time.monotonic() - oldest.opened, 1)})
+            self._connections[id(sock)] = Connection(sock, peer)
+        return True
+
+    def connection(self, sock: Any) -> Connection | None:
+        return self._connections.get(id(sock))
+
+    def admit(self, sock: Any, calling_ae: str, called_ae: str, peer: str) -> tuple[str, tuple[int, int, int]] | None:
+        """Decide on an A-ASSOCIATE-RQ: ``None`` admits it, else ``(reason, (result, source, diagnostic))``."""
+        if not self.policy.caller_allowed(calling_ae, peer):
+            return "calling_ae_not_allowed", (0x01, 0x01, 0x03)
+        if self.policy.check_called_ae and called_ae != self.ae_title:
+            return "called_ae_not_recognised", (0x01, 0x01, 0x07)
+        with self._lock:
+            admitted = sum(1 for c in self._connections.values() if c.admitted and not c.finished)
+            if admitted >= self.policy.max_associations:
+                return "association_limit", (0x02, 0x03, 0x02)
+            conn = self._connections.get(id(sock))
+            if conn is not None:
+                conn.admitted = True
+        return None
+
+    def close(self, sock: Any) -> None:
+        with self._lock:
+            conn = self._connections.pop(id(sock), None)
+        if conn is not None:
+            conn.closed = True
+
+    def pdu_limit(self, pdu_type: int) -> int:
+        if pdu_type in _ASSOCIATE_TYPES:
+            return self.policy.max_request_bytes
+        if pdu_type == _P_DATA:
+            return self.policy.max_pdu_bytes + _SMALL_PDU_BYTES
+        return _SMALL_PDU_BYTES
+
+
+class BoundedSocket(AssociationSocket):
+    """pynetdicom's socket, refusing any PDU over its limit at the 6-byte header, and oversized instances.
+
+    pynetdicom reads a PDU as ``recv(6)`` (type and length) then ``recv(length)``; answering an
+    over-limit length with no bytes makes pynetdicom see a closed connection (after this closes it).
+    """
+
+    guard: Guard
+    peer: str
+    raw: Any = None
+    _pdu: tuple[int, int] | None = None
+    _requested = False
+    _instance_bytes = 0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        deadline = time.monotonic() + self.guard.policy.network_timeout_s
+        if self._pdu is None:
+            data = self._read(nr_bytes, deadline)
+            if nr_bytes == 6 and len(data) == 6:
+                pdu_type, _, length = struct.unpack(">BBL", bytes(data))
+                if length > self.guard.pdu_limit(pdu_type):
+                    return self._refuse("request_too_large" if pdu_type == 0x01 else "pdu_too_large", length)
+                self._pdu = (pdu_type, length)
+            elif len(data) < nr_bytes:
+                self._closed_early()
+            return data
+        pdu_type, length = self._pdu
+        self._pdu = None
+        data = self._read(nr_bytes, deadline)
+        if len(data) < length:
+            self._closed_early()
+        elif pdu_type == 0x01:
+            self._requested = True
+        elif pdu_type == _P_DATA and not self._count_instance_bytes(data):
+            return self._refuse("instance_too_large", self._instance_bytes)
+        return data
+
+    def _closed_early(self) -> None:
+        """The peer left before completing its A-ASSOCIATE-RQ: end the association thread now.
+
+        pynetdicom's acceptor would wait out the whole ACSE timeout for a request that cannot come
+        (a flood of such connections piles up threads); ``None`` on its queue means "timed out".
+        """
+        if not self._requested:
+            self.assoc.dul.to_user_queue.put(None)
+
+    def _read(self, nr_bytes: int, deadline: float) -> bytearray:
+        """Up to ``nr_bytes``; fewer when the peer closes or the PDU does not arrive by ``deadline``."""
+        sock = self.socket
+        data = bytearray()
+        while sock is not None and len(data) < nr_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                sock.settimeout(left)
+                chunk = sock.recv(min(65536, nr_bytes - len(data)))
+            except (OSError, ValueError):  # timeout, reset, or closed under us: a short read says "closed"
+                break
+            if not chunk:
+                break
+            data += chunk
+        if sock is not None:
+            try:
+                sock.settimeout(None)
+            except OSError:
+                pass
+        return data
+
+    def _count_instance_bytes(self, body: bytearray) -> bool:
+        """Add the dataset bytes of this P-DATA PDU to the instance being received; False when over the limit."""
+        offset = 0
+        while offset + 6 <= len(body):
+            (item_length,) = struct.unpack(">L", bytes(body[offset : offset + 4]))
+            header = body[offset + 5]
+            if not header & 0x01:  # a dataset fragment (not a command)
+                self._instance_bytes += max(0, item_length - 2)
+                if self._instance_bytes > self.guard.policy.max_instance_bytes:
+                    return False
+                if header & 0x02:  # the last fragment of this dataset
+                    self._instance_bytes = 0
+            offset += 4 + item_length
+        return True
+
+    def _refuse(self, reason: str, size: int) -> bytearray:
+        self.guard.on_refusal(reason, self.peer, detail={"bytes": size})
+        self._closed_early()
+        if self.socket is not None:
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return bytearray()
+
+
+class GuardedHandler(RequestHandler):
+    """pynetdicom's request handler, with the TLS handshake here (under a timeout) and the bounded socket."""
+
+    server: GuardedServer
+
+    def handle(self) -> None:
+        guard = self.server.guard
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.settimeout(guard.policy.tls_handshake_s)
+                sock.do_handshake()
+                sock.settimeout(None)
+            except (OSError, ssl.SSLError) as err:
+                guard.on_refusal("tls_handshake_failed", self.client_address[0], detail={"error": type(err).__name__})
+                guard.close(sock)
+                self.server.shutdown_request(sock)
+                return
+        super().handle()
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        guarded = assoc.dul.socket
+        guarded.__class__ = BoundedSocket  # same object and state, bounded recv (see BoundedSocket)
+        guarded.guard = self.server.guard
+        guarded.peer = str(self.client_address[0])
+        guarded.raw = self.request
+        conn = self.server.guard.connection(self.request)
+        if conn is not None:
+            conn.assoc = assoc
+        return assoc
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the :class:`Guard` at ``accept()`` and TLS handshakes off the accept loop."""
+
+    def __init__(self, *args: Any, guard: Guard, **kwargs: Any) -> None:
+        self.guard = guard
+        super().__init__(*args, request_handler=GuardedHandler, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.guard.open(request, str(client_address[0]))
+
+    def shutdown_request(self, request: Any) -> None:
+        self.guard.close(request)
+        super().shutdown_request(request)
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (started by the node, not through ``AE.start_server``)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def tls_server_context(certificate: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 or later) that requires a client certificate signed by ``client_ca``.
+
+    Raises:
+        ValueError: a file is missing or unreadable; the message names it.
+    """
+    for path in (certificate, key, client_ca):
+        if not Path(path).is_file():
+            raise ValueError(f"TLS file {path} does not exist; give the node's certificate, its key and the CA.")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(str(certificate), str(key))
+    except (OSError, ssl.SSLError) as err:
+        raise ValueError(f"TLS certificate {certificate} or key {key} cannot be loaded ({err}).") from err
+    return context
