@@ -1,8 +1,9 @@
 """Real DICOM peers and fixtures for the node's tests: the test model, Orthanc, a pynetdicom Storage SCP as
 destination, a node factory, SCU helpers and test films.
 
-Test modules import the fixtures they use from here (``from peers import node_factory  # noqa: F401``): a
-``conftest.py`` in this folder would shadow ``tests/conftest.py``, which the shared helpers import by name.
+Test modules take the fixtures with ``from peers import *`` (``__all__`` lists the fixtures only) and import the
+helpers by name: a ``conftest.py`` in this folder would shadow ``tests/conftest.py``, which the shared helpers
+import by name.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pneumo.dicom.node import Destination, DicomNode, NodeConfig, RetryPolicy
 from pneumo.inference import Predictor
 
 SINK_AET = "SINK"
+#: The fixtures (``from peers import *``).
+__all__ = ["bundle", "node_factory", "pacs", "predictor", "sink_factory"]
 
 
 class Sink:

@@ -32,7 +32,7 @@ from orthanc_helpers import (
     study_fields,
     study_files,
 )
-from peers import bundle, pacs, predictor  # noqa: F401
+from peers import *  # noqa: F403  (the fixtures)
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
@@ -85,7 +85,10 @@ def _check_reports(
         items = content_items(report)
         assert report.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and report.Modality == "SR"
         if "Rows" in source:
-            assert items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+            assert (
+                items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                == source.SOPInstanceUID
+            )
         assert report.SeriesInstanceUID != source.SeriesInstanceUID, "reports go into a new series"
         for keyword in IDENTIFIERS:
             assert str(report.get(keyword, "")) == str(study[keyword]), f"{name}: {keyword} not copied"

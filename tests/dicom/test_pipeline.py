@@ -20,7 +20,8 @@ from typing import Any
 import pydicom
 import pytest
 from orthanc_helpers import free_port
-from peers import Sink, bundle, film, node_factory, predictor, sink_factory, store  # noqa: F401
+from peers import *  # noqa: F403  (the fixtures)
+from peers import Sink, film, store
 from typer.testing import CliRunner
 
 from pneumo.cli import app
@@ -50,7 +51,7 @@ def audit_lines(node: DicomNode) -> list[dict[str, Any]]:
 def test_a_destination_refusing_sr_gets_the_overlay_and_the_sr_is_a_reported_dead_letter(
     node_factory: Callable[..., DicomNode], sink_factory: Callable[..., Sink]
 ) -> None:
-    """Before: ValueError 'No presentation context for Comprehensive SR' killed the worker; nothing more was answered."""
+    """Before: ValueError 'No presentation context for Comprehensive SR' killed the worker; nothing more came."""
     sink = sink_factory(SC)
     node = node_factory(sink.destination, heatmap=True)
     assert store(node.port, [film(), film()]) == [0, 0]

@@ -204,7 +204,9 @@ def _print_status(state: dict[str, Any], spool: Path) -> None:
     oldest = queue.get("oldest_age_s")
     typer.echo(f"health: {'ok' if state.get('healthy') else 'FAILING: ' + '; '.join(state.get('problems', []))}")
     for name, stage in state.get("stages", {}).items():
-        extra = f", {stage.get('restarts', 0)} restart(s), {stage.get('errors', 0)} error(s)" if "errors" in stage else ""
+        extra = (
+            f", {stage.get('restarts', 0)} restart(s), {stage.get('errors', 0)} error(s)" if "errors" in stage else ""
+        )
         typer.echo(f"  stage {name}: {'alive' if stage.get('alive') else 'NOT ALIVE'}{extra}")
     typer.echo(
         f"queue: {queue.get('incoming', 0)} to analyse, {queue.get('outgoing', 0)} to deliver"
@@ -252,7 +254,9 @@ def dicomweb(
     worker = DicomWebWorker(connect(url), analyser, AuditLog(audit_log, (analyser.model.name, analyser.model.version)))
 
     def show(outcome: Any) -> None:
-        answer = f"{outcome.label} p={outcome.probability:.3f}" if outcome.label else f"{outcome.status} ({outcome.code})"
+        answer = (
+            f"{outcome.label} p={outcome.probability:.3f}" if outcome.label else f"{outcome.status} ({outcome.code})"
+        )
         typer.echo(f"{outcome.sop_instance_uid}\t{answer}")
         sys.stdout.flush()
 

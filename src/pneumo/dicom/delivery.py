@@ -76,7 +76,9 @@ def send(
     classes: dict[Path, str] = {}
     for path in files:
         try:
-            classes[path] = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+            classes[path] = str(
+                pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID
+            )
         except Exception as err:  # a spooled result that cannot be read back will never become readable
             report.refused[path] = f"the spooled result cannot be read ({type(err).__name__})"
     ae = AE(ae_title=calling_ae_title)
@@ -102,7 +104,9 @@ def send(
         for path, sop_class in classes.items():
             if sop_class not in accepted:
                 name = pydicom.uid.UID(sop_class).name
-                report.refused[path] = f"{destination} does not accept {name} ({sop_class}): presentation context rejected"
+                report.refused[path] = (
+                    f"{destination} does not accept {name} ({sop_class}): presentation context rejected"
+                )
                 continue
             try:
                 status = assoc.send_c_store(path)

@@ -124,7 +124,9 @@ class DicomWebWorker:
         try:
             data = retrieve_bytes(self.client, study_uid, series_uid, sop_uid)
         except Exception as err:  # not remembered as done: the next poll tries again
-            log.warning("WADO-RS retrieve of an instance failed (%s); it is retried on the next poll.", type(err).__name__)
+            log.warning(
+                "WADO-RS retrieve of an instance failed (%s); it is retried on the next poll.", type(err).__name__
+            )
             return None
         outcome = self.analyser.analyse(data)
         del data

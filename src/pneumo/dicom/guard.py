@@ -22,6 +22,7 @@ administrator also needs, and this module adds, in the few places pynetdicom lea
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import select
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -147,10 +148,8 @@ class Connection:
 
     def drop(self) -> None:
         self.closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 class Guard:
@@ -183,7 +182,9 @@ class Guard:
             while len(pending) >= self.policy.max_pending:
                 oldest = pending.pop(0)
                 oldest.drop()
-                self.on_refusal("evicted_unassociated", oldest.peer, detail={"open_s": round(time.monotonic() - oldest.opened, 1)})
+                self.on_refusal(
+                    "evicted_unassociated", oldest.peer, detail={"open_s": round(time.monotonic() - oldest.opened, 1)}
+                )
             self._connections[id(sock)] = Connection(sock, peer)
         return True
 
@@ -282,10 +283,8 @@ class BoundedSocket(AssociationSocket):
                 break
             data += chunk
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.settimeout(None)
-            except OSError:
-                pass
         return data
 
     def _count_instance_bytes(self, body: bytearray) -> bool:
@@ -307,10 +306,8 @@ class BoundedSocket(AssociationSocket):
         self.guard.on_refusal(reason, self.peer, detail={"bytes": size})
         self._closed_early()
         if self.socket is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         return bytearray()
 
 
@@ -336,7 +333,7 @@ class GuardedHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        guarded = assoc.dul.socket
+        guarded = cast(BoundedSocket, assoc.dul.socket)
         guarded.__class__ = BoundedSocket  # same object and state, bounded recv (see BoundedSocket)
         guarded.guard = self.server.guard
         guarded.peer = str(self.client_address[0])
@@ -350,9 +347,19 @@ class GuardedHandler(RequestHandler):
 class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the :class:`Guard` at ``accept()`` and TLS handshakes off the accept loop."""
 
-    def __init__(self, *args: Any, guard: Guard, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        ae: Any,
+        address: Any,
+        ae_title: str,
+        contexts: Any,
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: Any = None,
+        *,
+        guard: Guard,
+    ) -> None:
         self.guard = guard
-        super().__init__(*args, request_handler=GuardedHandler, **kwargs)
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=GuardedHandler)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None

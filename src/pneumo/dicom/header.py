@@ -175,7 +175,11 @@ def tolerant_copy(header: Dataset) -> tuple[Dataset, list[HeaderNote]]:
         if value or keyword in COPIED_TYPE2:
             setattr(copy, keyword, int(value) if vr == "IS" and value else value)
     orientation = header.get("PatientOrientation")
-    if orientation is not None and len(orientation) == 2 and all(re.fullmatch(r"[AFHLPR]{1,3}", v) for v in orientation):
+    if (
+        orientation is not None
+        and len(orientation) == 2
+        and all(re.fullmatch(r"[AFHLPR]{1,3}", v) for v in orientation)
+    ):
         copy.PatientOrientation = list(orientation)
     for keyword in ("ProcedureCodeSequence", "Rows", "Columns"):
         if keyword in header:

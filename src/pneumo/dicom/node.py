@@ -16,6 +16,7 @@ the spool. Logs never carry patient data: only error codes, counts and SOP Insta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import threading
@@ -140,33 +141,31 @@ class DicomNode:
         ae.maximum_associations = access.max_associations + 4 * access.max_pending
         if not access.callers:
             log.warning("No --allow-caller given: any calling AE title from any host may send instances.")
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        context: ssl.SSLContext | None = None
+        tls: ssl.SSLContext | None = None
         if self.config.tls is not None:
             from pneumo.dicom.guard import tls_server_context
 
-            context = tls_server_context(*self.config.tls)
+            tls = tls_server_context(*self.config.tls)
         self._server = ae.make_server(
             (self.config.host, self.config.port),
-            ssl_context=context,
+            ssl_context=tls,
             evt_handlers=handlers,
             server_class=GuardedServer,
             guard=self.guard,
         )
-        self._server_thread = threading.Thread(
-            target=self._server.serve_forever, name="pneumo-dicom-scp", daemon=True
-        )
+        self._server_thread = threading.Thread(target=self._server.serve_forever, name="pneumo-dicom-scp", daemon=True)
         self._server_thread.start()
         self.pipeline.start()
         log.info(
             "DICOM node %s listening on %s:%d%s", self.config.ae_title, self.config.host, self.port,
-            " (TLS, client certificate required)" if context else "",
+            " (TLS, client certificate required)" if tls else "",
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -246,10 +245,8 @@ class DicomNode:
         try:
             header = read_header(source, self.analyser.predictor.limits)
         except HeaderError as err:
-            try:
+            with contextlib.suppress(OSError):
                 self.spool.adopt(source, err.sop_instance_uid, self.spool.rejected)
-            except OSError:
-                pass
             self.audit.event(
                 "instance_refused", channel="dimse", **sender, sop_instance_uid=err.sop_instance_uid,
                 outcome="refused", reason=err.code, detail={"status": f"0x{STATUS_CANNOT_UNDERSTAND:04X}"},
@@ -266,7 +263,9 @@ class DicomNode:
                 "instance_refused", channel="dimse", **sender, sop_instance_uid=uid, outcome="refused",
                 reason="spool_unwritable", detail={"error": err.strerror or str(err), "status": "0xA700"},
             )  # fmt: skip
-            log.error("The spool cannot be written (%s); answered 0x%04X.", err.strerror or err, STATUS_OUT_OF_RESOURCES)
+            log.error(
+                "The spool cannot be written (%s); answered 0x%04X.", err.strerror or err, STATUS_OUT_OF_RESOURCES
+            )
             return STATUS_OUT_OF_RESOURCES
         self.audit.event("instance_received", channel="dimse", **sender, sop_instance_uid=uid, outcome="accepted")
         self.pipeline.wake()

@@ -30,7 +30,7 @@ from typing import Any
 
 from pneumo.dicom.analysis import Analyser
 from pneumo.dicom.audit import AuditLog
-from pneumo.dicom.delivery import Destination, DeliveryReport, send
+from pneumo.dicom.delivery import DeliveryReport, Destination, send
 from pneumo.dicom.spool import Spool, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,10 @@ class Pipeline:
         self.retry = retry
         self.send_timeout = send_timeout
         self.receive_alive = receive_alive
-        self.stages = {"analyse": Stage("analyse", self._analyse_round), "deliver": Stage("deliver", self._deliver_round)}
+        self.stages = {
+            "analyse": Stage("analyse", self._analyse_round),
+            "deliver": Stage("deliver", self._deliver_round),
+        }
         self.failures: deque[dict[str, Any]] = deque(maxlen=50)
         self.last_delivery: dict[str, Any] | None = None
         self._stop = threading.Event()
@@ -185,7 +188,9 @@ class Pipeline:
                 self._analyse_one(path, meta)
             except Exception as err:
                 log.exception("Analysis of spool file %s failed.", path.name)
-                self._item_failed("analyse", path.stem, [path, path.with_suffix(".json")], meta, err, path.with_suffix(".json"))
+                self._item_failed(
+                    "analyse", path.stem, [path, path.with_suffix(".json")], meta, err, path.with_suffix(".json")
+                )
         return min([1.0, *waiting])
 
     def _analyse_one(self, path: Path, meta: dict[str, Any]) -> None:
@@ -275,7 +280,9 @@ class Pipeline:
                 "dead_letter", **sender, sop_instance_uid=uid, outcome="gave_up", reason=reason,
                 detail={"stage": stage, "attempts": attempts, "entry": entry.name},
             )  # fmt: skip
-            log.error("Gave up on %s after %d attempt(s) in %s: %s (dead letter %s)", uid, attempts, stage, reason, entry)
+            log.error(
+                "Gave up on %s after %d attempt(s) in %s: %s (dead letter %s)", uid, attempts, stage, reason, entry
+            )
             if stage == "deliver" and state_file.parent.is_dir() and not any(state_file.parent.glob("*.dcm")):
                 state_file.unlink(missing_ok=True)
             return

@@ -149,7 +149,8 @@ class Spool:
         free = shutil.disk_usage(self.root).free
         if free < self.min_free_bytes:
             raise SpoolFullError(
-                28, f"only {free // 2**20} MB free on the spool's file system (reserve {self.min_free_bytes // 2**20} MB)"
+                28,
+                f"only {free // 2**20} MB free on the spool's file system (reserve {self.min_free_bytes // 2**20} MB)",
             )
 
     # --- receiving ---

@@ -125,9 +125,7 @@ def build_report(
         finding_sites=[hd.sr.FindingSite(LUNG)] if finding is not None else None,
         measurements=measurements or None,
         qualitative_evaluations=evaluations,
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), str(source.SOPInstanceUID))
-        ]
+        source_images=[hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), str(source.SOPInstanceUID))]
         if is_image
         else None,
     )
