@@ -9,6 +9,8 @@ import by name.
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,8 +24,8 @@ from orthanc_helpers import ORTHANC_AET, PNEUMO_AET, Orthanc, free_port, orthanc
 from pydicom.uid import generate_uid
 
 from pneumo.dicom.analysis import Analyser
-from pneumo.dicom.guard import AccessPolicy, CallerRule
 from pneumo.dicom.node import Destination, DicomNode, NodeConfig, RetryPolicy
+from pneumo.dicom.policy import AccessPolicy, CallerRule
 from pneumo.inference import Predictor
 
 SINK_AET = "SINK"
@@ -57,6 +59,17 @@ class Sink:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+def dcmtk(tool: str) -> str | None:
+    """The path of dcmtk's ``tool`` (``storescu``, ``echoscu``, ``dsrdump``), not a same-named Python script."""
+    for folder in ("/usr/bin", "/usr/local/bin", "/opt/homebrew/bin"):
+        path = shutil.which(tool, path=folder)
+        if path is not None:
+            run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+            if "dcmtk" in (run.stdout + run.stderr).lower() or "offis" in (run.stdout + run.stderr).lower():
+                return path
+    return None
 
 
 def film(**fields: Any) -> bytes:

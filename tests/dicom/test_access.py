@@ -9,7 +9,6 @@ AE title and the caller's host were never checked, and refusals were not audited
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import ssl
 import struct
@@ -23,11 +22,11 @@ from typing import Any
 
 import pytest
 from peers import *  # noqa: F403  (the fixtures)
-from peers import echo, film, store
+from peers import dcmtk, echo, film, store
 
 from pneumo.dicom.audit import AUDIT_KEYS
-from pneumo.dicom.guard import AccessPolicy, CallerRule
 from pneumo.dicom.node import Destination, DicomNode
+from pneumo.dicom.policy import AccessPolicy, CallerRule
 
 NOWHERE = Destination("NOBODY", "127.0.0.1", 9)
 
@@ -205,13 +204,19 @@ def test_every_audit_line_has_the_one_shape(
 
 
 def test_dcmtk_echoscu_and_storescu_interoperate(node_factory: Callable[..., DicomNode], tmp_path: Path) -> None:
-    if shutil.which("echoscu") is None:
+    echoscu, storescu = dcmtk("echoscu"), dcmtk("storescu")
+    if echoscu is None or storescu is None:
         pytest.skip("dcmtk is not installed (Debian package dcmtk)")
     node = node_factory(NOWHERE)
-    echo_ok = ["echoscu", "-aet", "SENDER", "-aec", "PNEUMO", "127.0.0.1", str(node.port)]
+    echo_ok = [echoscu, "-aet", "SENDER", "-aec", "PNEUMO", "127.0.0.1", str(node.port)]
     assert subprocess.run(echo_ok, capture_output=True, timeout=60).returncode == 0
-    echo_wrong = ["echoscu", "-aet", "SENDER", "-aec", "WRONG", "127.0.0.1", str(node.port)]
+    echo_wrong = [echoscu, "-aet", "SENDER", "-aec", "WRONG", "127.0.0.1", str(node.port)]
     assert subprocess.run(echo_wrong, capture_output=True, timeout=60).returncode != 0
+    path = tmp_path / "film.dcm"
+    path.write_bytes(film())
+    sent = [storescu, "-aet", "SENDER", "-aec", "PNEUMO", "127.0.0.1", str(node.port), str(path)]
+    assert subprocess.run(sent, capture_output=True, timeout=60).returncode == 0
+    assert [line["outcome"] for line in audit(node) if line["event"] == "instance_received"] == ["accepted"]
 
 
 # ------------------------------------------------------------------------------------------------- TLS

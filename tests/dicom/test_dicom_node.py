@@ -41,8 +41,8 @@ from pneumo.dicom.analysis import Analyser
 from pneumo.dicom.audit import AuditLog
 from pneumo.dicom.codes import ModelInfo
 from pneumo.dicom.dicomweb import DicomWebWorker, connect
-from pneumo.dicom.guard import AccessPolicy, CallerRule
 from pneumo.dicom.node import Destination, DicomNode, NodeConfig, RetryPolicy
+from pneumo.dicom.policy import AccessPolicy, CallerRule
 from pneumo.inference import Predictor
 
 MODEL = ModelInfo("tiny-test", "9.9.9", "Decision support for frontal chest X-rays of children.")
@@ -308,6 +308,25 @@ def test_dicomweb_answers_each_instance_once(pacs: Orthanc, predictor: Predictor
     assert not worker.run([study["StudyInstanceUID"]]), "own reports and answered instances are skipped"
     restarted = DicomWebWorker(connect(f"{pacs.url}/dicom-web"), Analyser.from_predictor(predictor), audit)
     assert not restarted.run([study["StudyInstanceUID"]]), "the audit log remembers across restarts"
+
+
+@needs_orthanc
+def test_dicomweb_worker_keeps_no_past_outcomes(pacs: Orthanc, predictor: Predictor, tmp_path: Path) -> None:
+    """Before: every outcome (overlay pixels included) stayed in a list: +2.9 MB per instance, never given back."""
+    import gc
+    import weakref
+
+    study = study_fields()
+    for number in range(3):
+        pacs.upload(dicom_bytes(xray_array(), SeriesInstanceUID=generate_uid(), InstanceNumber=number, **study))
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    worker = DicomWebWorker(connect(f"{pacs.url}/dicom-web"), Analyser.from_predictor(predictor, True), audit)
+    kept: list[weakref.ref] = []
+    counts = worker.run([study["StudyInstanceUID"]], on_outcome=lambda outcome: kept.append(weakref.ref(outcome)))
+    gc.collect()
+    assert counts == {"result": 3} and len(kept) == 3
+    assert all(ref() is None for ref in kept), "no outcome outlives its instance"
+    assert len(pacs.instances_of(study["StudyInstanceUID"], "OT")) == 3
 
 
 @needs_orthanc

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pydicom
 import pytest
 from orthanc_helpers import free_port
 from peers import *  # noqa: F403  (the fixtures)
-from peers import Sink, film, store
+from peers import Sink, dcmtk, film, store
 from typer.testing import CliRunner
 
 from pneumo.cli import app
@@ -130,14 +129,15 @@ def test_a_dead_stage_is_restarted_and_the_instance_still_answered(
 def test_dcmtk_storescu_is_answered_and_restart_resumes_from_the_spool(
     node_factory: Callable[..., DicomNode], sink_factory: Callable[..., Sink], tmp_path: Path
 ) -> None:
-    if shutil.which("storescu") is None:
+    storescu = dcmtk("storescu")
+    if storescu is None:
         pytest.skip("dcmtk's storescu is not installed (Debian package dcmtk)")
     files = [tmp_path / f"film{i}.dcm" for i in range(3)]
     for path in files:
         path.write_bytes(film())
     spool = tmp_path / "spool-restart"
     down = node_factory(Destination("NOBODY", "127.0.0.1", free_port()), spool=spool, retry=RetryPolicy(100, 30, 30))
-    command = ["storescu", "-aet", "SENDER", "-aec", "PNEUMO", "127.0.0.1", str(down.port), *map(str, files)]
+    command = [storescu, "-aet", "SENDER", "-aec", "PNEUMO", "127.0.0.1", str(down.port), *map(str, files)]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
     assert wait_until(lambda: len(list((spool / "outgoing").iterdir())) == 3), "analysed, waiting for the destination"
     down.stop()

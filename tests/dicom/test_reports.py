@@ -20,7 +20,7 @@ import pytest
 from app_helpers import dicom_bytes, xray_array
 from orthanc_helpers import PATIENT, content_items
 from peers import *  # noqa: F403  (the fixtures)
-from peers import film
+from peers import dcmtk, film
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
@@ -76,7 +76,7 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 
 def _dsrdump_problems(path: Path) -> list[str]:
-    run = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([str(dcmtk("dsrdump")), str(path)], capture_output=True, text=True, timeout=60)
     problems = [line for line in run.stderr.splitlines() if line.startswith(("E:", "F:"))]
     return problems + ([f"dsrdump exit {run.returncode}"] if run.returncode else [])
 
@@ -99,7 +99,7 @@ def _every_kind(predictor: Predictor) -> dict[str, Dataset]:
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools' dciodvfy is not installed")
-@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk's dsrdump is not installed")
+@pytest.mark.skipif(dcmtk("dsrdump") is None, reason="dcmtk's dsrdump is not installed")
 def test_every_kind_of_object_passes_dciodvfy_and_dsrdump(predictor: Predictor, tmp_path: Path) -> None:
     """Before: the overlay failed dciodvfy (Laterality, Type 2C) and a GSPS's report was invalid for dsrdump."""
     for name, ds in _every_kind(predictor).items():

@@ -115,8 +115,9 @@ def listen(
     """Receive chest X-rays by C-STORE and send a structured report for each to --destination."""
     import tempfile
 
-    from pneumo.dicom.guard import AccessPolicy, CallerRule
     from pneumo.dicom.node import Destination, DicomNode, NodeConfig, RetryPolicy
+    from pneumo.dicom.pipeline import limit_malloc_arenas
+    from pneumo.dicom.policy import AccessPolicy, CallerRule
 
     try:
         target = Destination.parse(destination)
@@ -131,6 +132,7 @@ def listen(
     if min(max_associations, max_pending, max_attempts) < 1 or min(acse_timeout, dimse_timeout, network_timeout) <= 0:
         fail("limits must be at least 1 and timeouts above 0.")
     _service_logging()
+    limit_malloc_arenas()
     access = AccessPolicy(
         callers=callers,
         check_called_ae=not any_called_ae,

@@ -28,9 +28,10 @@ from typing import Any
 from pneumo.dicom.analysis import Analyser
 from pneumo.dicom.audit import AuditLog
 from pneumo.dicom.delivery import Destination
-from pneumo.dicom.guard import AccessPolicy, Guard, GuardedServer
+from pneumo.dicom.guard import Guard, GuardedServer
 from pneumo.dicom.header import HeaderError, read_header
 from pneumo.dicom.pipeline import Pipeline, RetryPolicy
+from pneumo.dicom.policy import AccessPolicy
 from pneumo.dicom.spool import Quota, Spool
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class DicomNode:
         ]
         tls: ssl.SSLContext | None = None
         if self.config.tls is not None:
-            from pneumo.dicom.guard import tls_server_context
+            from pneumo.dicom.policy import tls_server_context
 
             tls = tls_server_context(*self.config.tls)
         self._server = ae.make_server(

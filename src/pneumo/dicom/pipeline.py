@@ -18,8 +18,10 @@ a bound, either delivered or as a dead letter in ``SPOOL/failed`` with its reaso
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -208,6 +210,8 @@ class Pipeline:
         if path.exists():
             path.unlink()
         path.with_suffix(".json").unlink(missing_ok=True)
+        del outcome
+        release_memory()
 
     # --- delivery: outgoing/<uid>/ -> destination ---
 
@@ -332,6 +336,32 @@ class Pipeline:
 
     def write_status(self) -> None:
         write_json(self.spool.status_file, self.status())
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (one per thread by default): a threaded server keeps tens of MB in them.
+
+    Call it once, early, in the process that runs the node (``pneumo dicom listen`` does); elsewhere a no-op.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the system after an item (a film's buffers are tens of MB)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another C library: nothing to tune
+        return None
 
 
 def _uid_of(file_name: str) -> str:
