@@ -71,6 +71,7 @@ def test_slow_association_requests_do_not_lock_out_a_legitimate_sender(node_fact
         assert store(node.port, [film()]) == [0]
 
 
+@pytest.mark.slow  # four threads connect and close for the length of five C-STOREs: about 13 s
 def test_a_connection_flood_does_not_lock_out_a_legitimate_sender(node_factory: Callable[..., DicomNode]) -> None:
     node = node_factory(NOWHERE)
     stop = threading.Event()

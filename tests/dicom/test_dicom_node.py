@@ -391,7 +391,10 @@ def test_shipped_model_reports_real_films_and_refuses_a_non_xray(
         pacs.route_to_pneumo([pacs.upload(data) for data in files.values()])
         reports = pacs.wait_for(study["StudyInstanceUID"], "SR", 3)
         overlays = pacs.wait_for(study["StudyInstanceUID"], "OT", 2)
-    by_source = {str(content_items(r)["Source"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID): r for r in reports}
+    by_source = {
+        str(content_items(r)["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID): r
+        for r in reports
+    }
     for name, data in files.items():
         report = by_source[str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)]
         if name == "document":

@@ -126,6 +126,7 @@ def test_a_dead_stage_is_restarted_and_the_instance_still_answered(
         node.stop()
 
 
+@pytest.mark.slow  # three films analysed, a node stopped and another started: about 30 s on 2 busy cores
 def test_dcmtk_storescu_is_answered_and_restart_resumes_from_the_spool(
     node_factory: Callable[..., DicomNode], sink_factory: Callable[..., Sink], tmp_path: Path
 ) -> None:

@@ -117,6 +117,7 @@ class Pipeline:
             "deliver": Stage("deliver", self._deliver_round),
         }
         self.failures: deque[dict[str, Any]] = deque(maxlen=50)
+        self._failures_lock = threading.Lock()
         self.last_delivery: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -300,10 +301,11 @@ class Pipeline:
         )  # fmt: skip
 
     def _note_failure(self, stage: str, uid: str | None, reason: str, attempts: int, dead: bool) -> None:
-        self.failures.append(
-            {"time": time.time(), "stage": stage, "sop_instance_uid": uid, "reason": reason, "attempts": attempts,
-             "dead_letter": dead}
-        )  # fmt: skip
+        with self._failures_lock:
+            self.failures.append(
+                {"time": time.time(), "stage": stage, "sop_instance_uid": uid, "reason": reason,
+                 "attempts": attempts, "dead_letter": dead}
+            )  # fmt: skip
 
     # --- status and health ---
 
@@ -314,6 +316,8 @@ class Pipeline:
         pending, outgoing = self.spool.pending(), self.spool.deliveries()
         ages = [now - p.stat().st_mtime for p in pending if p.exists()]
         ages += [now - float(read_json(f / "item.json").get("received", now)) for f in outgoing]
+        with self._failures_lock:
+            failures = list(self.failures)
         problems = [f"{name} stage is not alive" for name, stage in stages.items() if not stage["alive"]]
         if not self.audit.healthy:
             problems.append(f"audit log cannot be written ({self.audit.error}); {self.audit.backlog} line(s) waiting")
@@ -328,7 +332,7 @@ class Pipeline:
                 "outgoing": len(outgoing),
                 "oldest_age_s": round(max(ages), 1) if ages else None,
             },
-            "failures": list(self.failures)[-20:],
+            "failures": failures[-20:],
             "dead_letters": self.spool.count(self.spool.failed),
             "last_delivery": self.last_delivery,
             "audit": {"healthy": self.audit.healthy, "error": self.audit.error, "backlog": self.audit.backlog},
