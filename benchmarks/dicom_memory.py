@@ -21,6 +21,7 @@ target is missed. Memory, not time: the load average is recorded but does not ma
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -145,22 +146,27 @@ def main() -> int:
                 line = node.stderr.readline()
             result["started_mb"] = round(_memory_mb(node.pid)[0], 1)
 
-            films = [pydicom.dcmread(__import__("io").BytesIO(data)) for data in _films(args.data, args.films)]
+            films = [pydicom.dcmread(io.BytesIO(data)) for data in _films(args.data, args.films)]
             _store(port, films)
             deadline = time.monotonic() + 600
             while len(received) < 2 * len(films) and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(2)
             rss, peak = _memory_mb(node.pid)
-            result["steady_heatmap"] = {"films": len(films), "objects_delivered": len(received), "rss_mb": round(rss, 1),
-                                        "peak_mb": round(peak, 1), "film_px": list(films[0].pixel_array.shape)}  # fmt: skip
+            result["steady_heatmap"] = {
+                "films": len(films),
+                "objects_delivered": len(received),
+                "rss_mb": round(rss, 1),
+                "peak_mb": round(peak, 1),
+                "film_px": list(films[0].pixel_array.shape),
+            }
             del films
 
             rows = int((args.big_mb * 2**20 / 2) ** 0.5)
             from app_helpers import dicom_bytes
 
             big = dicom_bytes(np.zeros((rows, rows), np.uint16), StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.3.4")
-            big_ds = pydicom.dcmread(__import__("io").BytesIO(big))
+            big_ds = pydicom.dcmread(io.BytesIO(big))
             del big
             _reset_peak(node.pid)
             before = _memory_mb(node.pid)[0]
@@ -170,8 +176,12 @@ def main() -> int:
             while len(received) == delivered and time.monotonic() < deadline:  # its report: analysed too
                 time.sleep(0.2)
             peak = _memory_mb(node.pid)[1]
-            result["big_cstore"] = {"mb": round(rows * rows * 2 / 2**20, 1), "status": f"0x{statuses[0]:04X}",
-                                    "rss_before_mb": round(before, 1), "peak_growth_mb": round(peak - before, 1)}  # fmt: skip
+            result["big_cstore"] = {
+                "mb": round(rows * rows * 2 / 2**20, 1),
+                "status": f"0x{statuses[0]:04X}",
+                "rss_before_mb": round(before, 1),
+                "peak_growth_mb": round(peak - before, 1),
+            }
             del big_ds
 
             time.sleep(2)

@@ -126,6 +126,32 @@ def test_a_dead_stage_is_restarted_and_the_instance_still_answered(
         node.stop()
 
 
+class _AlwaysFails(Analyser):
+    """The real analyser, except that building anything fails (say, a disk that cannot take the results)."""
+
+    def analyse(self, source: Path | bytes) -> Any:
+        raise OSError(28, "No space left on device")
+
+
+def test_an_instance_that_always_fails_analysis_becomes_a_dead_letter_with_its_reason(
+    node_factory: Callable[..., DicomNode], sink_factory: Callable[..., Sink]
+) -> None:
+    node = node_factory(sink_factory().destination, start=False, retry=RetryPolicy(3, 0.1, 0.2))
+    node.pipeline.analyser = _AlwaysFails(node.analyser.predictor, node.analyser.model)
+    node.start()
+    try:
+        assert store(node.port, [film()]) == [0]
+        assert wait_until(lambda: node.health()["dead_letters"] == 1 and not node.health()["queue"]["incoming"])
+        entry = next(node.spool.failed.iterdir())
+        reason = json.loads((entry / "reason.json").read_text())
+        assert (reason["stage"], reason["attempts"]) == ("analyse", 3) and "No space left" in reason["reason"]
+        assert any(path.suffix == ".dcm" for path in entry.iterdir()), "the received instance is kept"
+        events = [line["event"] for line in audit_lines(node)]
+        assert events.count("analysis_failed") == 2 and events.count("dead_letter") == 1
+    finally:
+        node.stop()
+
+
 @pytest.mark.slow  # three films analysed, a node stopped and another started: about 30 s on 2 busy cores
 def test_dcmtk_storescu_is_answered_and_restart_resumes_from_the_spool(
     node_factory: Callable[..., DicomNode], sink_factory: Callable[..., Sink], tmp_path: Path
