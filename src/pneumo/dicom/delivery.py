@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydicom.dataset import Dataset
 
 #: Transfer syntaxes offered for every object pneumo sends (what highdicom writes, and its implicit twin).
 SEND_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
@@ -45,11 +48,11 @@ class Destination:
 
 @dataclass
 class DeliveryReport:
-    """What happened to each object of one delivery (paths of the spooled files)."""
+    """What happened to each object of one delivery, by its index in the list sent."""
 
-    stored: list[Path] = field(default_factory=list)
-    refused: dict[Path, str] = field(default_factory=dict)
-    failed: dict[Path, str] = field(default_factory=dict)
+    stored: list[int] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -58,29 +61,27 @@ class DeliveryReport:
 
 def send(
     destination: Destination,
-    files: list[Path],
+    objects: Sequence[Path | Dataset],
     calling_ae_title: str,
     timeout: float = 30.0,
     max_pdu: int = 65536,
     ssl_context: ssl.SSLContext | None = None,
 ) -> DeliveryReport:
-    """C-STORE the DICOM ``files`` to ``destination`` in one association; never raises for a network answer.
+    """C-STORE ``objects`` (datasets, or spooled files read when sent) to ``destination`` in one association.
 
-    Each file is read only when it is sent (pynetdicom streams it from disk), so a large overlay is
-    never held twice in memory.
+    Never raises for a network answer: the report says, per object, stored, refused or failed.
     """
     import pydicom
     from pynetdicom import AE
 
     report = DeliveryReport()
-    classes: dict[Path, str] = {}
-    for path in files:
+    classes: dict[int, str] = {}
+    for index, item in enumerate(objects):
         try:
-            classes[path] = str(
-                pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID
-            )
+            header = item if isinstance(item, Dataset) else pydicom.dcmread(item, specific_tags=["SOPClassUID"])
+            classes[index] = str(header.SOPClassUID)
         except Exception as err:  # a spooled result that cannot be read back will never become readable
-            report.refused[path] = f"the spooled result cannot be read ({type(err).__name__})"
+            report.refused[index] = f"the spooled result cannot be read ({type(err).__name__})"
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.maximum_pdu_size = max_pdu
@@ -95,31 +96,37 @@ def send(
         reason = f"cannot connect to {destination} ({type(err).__name__}: {err})"
         report.failed.update(dict.fromkeys(classes, reason))
         return report
+    refused_classes = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+    if not assoc.is_established and refused_classes >= set(classes.values()):  # accepted, but none of them
+        for index, sop_class in classes.items():
+            name = pydicom.uid.UID(sop_class).name
+            report.refused[index] = f"{destination} does not accept {name} ({sop_class}): presentation context rejected"
+        return report
     if not assoc.is_established:
         what = "rejected" if assoc.is_rejected else "did not accept or answer"
         report.failed.update(dict.fromkeys(classes, f"{destination} {what} the association"))
         return report
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        for path, sop_class in classes.items():
+        for index, sop_class in classes.items():
             if sop_class not in accepted:
                 name = pydicom.uid.UID(sop_class).name
-                report.refused[path] = (
+                report.refused[index] = (
                     f"{destination} does not accept {name} ({sop_class}): presentation context rejected"
                 )
                 continue
             try:
-                status = assoc.send_c_store(path)
+                status = assoc.send_c_store(objects[index])
             except Exception as err:  # a dropped connection mid-send: transient
-                report.failed[path] = f"C-STORE to {destination} failed ({type(err).__name__})"
+                report.failed[index] = f"C-STORE to {destination} failed ({type(err).__name__})"
                 continue
             code = int(getattr(status, "Status", -1)) if status else -1
             if code == 0 or 0xB000 <= code <= 0xBFFF:  # success, or a warning: the object was stored
-                report.stored.append(path)
+                report.stored.append(index)
             elif code == -1 or code in _TRANSIENT_STATUS:
-                report.failed[path] = f"{destination} answered C-STORE with {_status(code)}"
+                report.failed[index] = f"{destination} answered C-STORE with {_status(code)}"
             else:
-                report.refused[path] = f"{destination} answered C-STORE with {_status(code)}"
+                report.refused[index] = f"{destination} answered C-STORE with {_status(code)}"
             if not assoc.is_established:  # the destination aborted: the rest waits for the next attempt
                 for rest in classes:
                     if rest not in report.stored and rest not in report.refused:

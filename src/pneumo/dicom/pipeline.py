@@ -11,6 +11,9 @@ a bound, either delivered or as a dead letter in ``SPOOL/failed`` with its reaso
   dead letter with the destination's answer, and the delivery is audited as ``partial``;
 * a destination that cannot be reached costs every due item one attempt (no head-of-line
   blocking, no retrying every 5 s forever);
+* when no delivery is waiting, the analyse stage sends the results at once (nothing staged, no
+  extra fsync on the common path); whatever was not stored is staged in ``SPOOL/outgoing`` for
+  the deliver stage, which alone retries;
 * the supervisor rewrites ``SPOOL/status.json`` (queue depth, oldest item, failures, dead letters,
   last delivery, stage liveness) for ``pneumo dicom status``, whose health check fails when a
   stage is not alive or the status is stale (the node is gone).
@@ -206,8 +209,15 @@ class Pipeline:
             self.spool.enforce_quota(self.spool.rejected)
         elif outcome.objects:
             item = {**record, "received": meta.get("received", path.stat().st_mtime), "attempts": 0, "next_try": 0}
-            self.spool.stage_result(outcome.sop_instance_uid or path.stem, outcome.objects, item)
-            self.wake("deliver")
+            waiting = outcome.objects
+            if not self.spool.deliveries():  # no backlog (the destination answers): send now, stage nothing
+                report = self._send(outcome.objects)
+                if report.stored:
+                    self._audit_delivery(item, [outcome.objects[i] for i in report.stored], report.complete)
+                waiting = [ds for i, ds in enumerate(outcome.objects) if i not in report.stored]
+            if waiting:  # what was not stored goes to the deliver stage: retries, refusals, dead letters
+                self.spool.stage_result(outcome.sop_instance_uid or path.stem, waiting, item)
+                self.wake("deliver")
         if path.exists():
             path.unlink()
         path.with_suffix(".json").unlink(missing_ok=True)
@@ -230,25 +240,37 @@ class Pipeline:
             files = sorted(folder.glob("*.dcm"))
             self.stages["deliver"].heartbeat = time.time()
             if unreachable is not None:  # the destination is down: this item fails the same way, unsent
-                report = DeliveryReport(failed=dict.fromkeys(files, unreachable))
+                report = DeliveryReport(failed=dict.fromkeys(range(len(files)), unreachable))
             else:
-                try:
-                    report = send(self.destination, files, self.ae_title, timeout=self.send_timeout)
-                except Exception as err:
-                    report = DeliveryReport(failed=dict.fromkeys(files, f"{type(err).__name__}: {err}"))
+                report = self._send(files)
                 if files and not report.stored and len(report.failed) == len(files):
                     unreachable = next(iter(report.failed.values()))
-            self._delivered(folder, item, report)
+            self._delivered(folder, item, files, report)
             if item.get("next_try", 0) > now:
                 waiting.append(item["next_try"] - now)
         return min([5.0, *waiting])
 
-    def _delivered(self, folder: Path, item: dict[str, Any], report: DeliveryReport) -> None:
+    def _send(self, objects: list[Any]) -> DeliveryReport:
+        try:
+            return send(self.destination, objects, self.ae_title, timeout=self.send_timeout)
+        except Exception as err:  # whatever it was, every object waits for the next attempt
+            return DeliveryReport(failed=dict.fromkeys(range(len(objects)), f"{type(err).__name__}: {err}"))
+
+    def _audit_delivery(self, item: dict[str, Any], stored: list[Any], complete: bool) -> None:
+        sender = {key: item.get(key) for key in ("channel", "calling_ae", "called_ae", "peer")}
+        uid = item.get("sop_instance_uid")
+        uids = [_uid_of(obj.name) if isinstance(obj, Path) else str(obj.SOPInstanceUID) for obj in stored]
+        outcome = "delivered" if complete else "partial"
+        self.audit.event("result_delivered", **sender, sop_instance_uid=uid, outcome=outcome, result_uids=uids)
+        self.last_delivery = {"time": time.time(), "sop_instance_uid": uid, "result_uids": uids}
+
+    def _delivered(self, folder: Path, item: dict[str, Any], files: list[Path], report: DeliveryReport) -> None:
         uid = item.get("sop_instance_uid")
         sender = {key: item.get(key) for key in ("channel", "calling_ae", "called_ae", "peer")}
-        for path in report.stored:
-            path.unlink(missing_ok=True)
-        for path, reason in report.refused.items():
+        for index in report.stored:
+            files[index].unlink(missing_ok=True)
+        for index, reason in report.refused.items():
+            path = files[index]
             entry = self.spool.dead_letter([path], uid, {"stage": "deliver", "reason": reason, "file": path.name})
             self._note_failure("deliver", uid, reason, int(item.get("attempts", 0)) + 1, dead=True)
             self.audit.event(
@@ -256,13 +278,11 @@ class Pipeline:
                 result_uids=[_uid_of(path.name)], detail={"entry": entry.name},
             )  # fmt: skip
         if report.stored:
-            stored = [_uid_of(path.name) for path in report.stored]
-            outcome = "delivered" if report.complete else "partial"
-            self.audit.event("result_delivered", **sender, sop_instance_uid=uid, outcome=outcome, result_uids=stored)
-            self.last_delivery = {"time": time.time(), "sop_instance_uid": uid, "result_uids": stored}
+            self._audit_delivery(item, [files[i] for i in report.stored], report.complete)
         if report.failed:
             reason = next(iter(report.failed.values()))
-            self._item_failed("deliver", uid, list(report.failed), item, RuntimeError(reason), folder / "item.json")
+            failed = [files[i] for i in report.failed]
+            self._item_failed("deliver", uid, failed, item, RuntimeError(reason), folder / "item.json")
         if not any(folder.glob("*.dcm")):
             for leftover in folder.iterdir():
                 leftover.unlink(missing_ok=True)
