@@ -56,6 +56,7 @@ def raw_sockets(port: int, count: int, first_bytes: bytes = b"") -> Iterator[lis
             sock.close()
 
 
+@pytest.mark.slow  # 40 sockets held while a C-ECHO and a C-STORE go through: 6-15 s on 2 busy cores
 def test_idle_sockets_do_not_lock_out_a_legitimate_sender(node_factory: Callable[..., DicomNode]) -> None:
     node = node_factory(NOWHERE)
     with raw_sockets(node.port, 40):
@@ -64,6 +65,7 @@ def test_idle_sockets_do_not_lock_out_a_legitimate_sender(node_factory: Callable
     assert "evicted_unassociated" in refusals(node)
 
 
+@pytest.mark.slow  # 30 half-sent requests held while a C-ECHO and a C-STORE go through: 6-15 s
 def test_slow_association_requests_do_not_lock_out_a_legitimate_sender(node_factory: Callable[..., DicomNode]) -> None:
     node = node_factory(NOWHERE)
     with raw_sockets(node.port, 30, first_bytes=b"\x01\x00\x00\x00"):  # an A-ASSOCIATE-RQ header, never finished

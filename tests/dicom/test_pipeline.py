@@ -207,6 +207,20 @@ def test_status_command_shows_the_queue_and_fails_health_when_the_node_is_gone(
     assert gone.exit_code == 1 and "not running" in gone.output
 
 
+def test_health_fails_while_a_stage_is_not_alive(node_factory: Callable[..., DicomNode]) -> None:
+    node = node_factory(Destination("NOBODY", "127.0.0.1", free_port()), start=False)
+    state = node.health()
+    assert not state["healthy"]
+    assert {"receive stage is not alive", "analyse stage is not alive", "deliver stage is not alive"} <= set(
+        state["problems"]
+    )
+    node.start()
+    try:
+        assert node.health()["healthy"]
+    finally:
+        node.stop()
+
+
 @pytest.mark.slow  # a fresh interpreter loads the model: 10-20 s on a busy 2-core machine
 def test_listen_health_check_passes_while_running_and_fails_after_a_kill(bundle: Path, tmp_path: Path) -> None:
     port, spool = free_port(), tmp_path / "spool"
