@@ -75,7 +75,7 @@ def _instances(films: list[np.ndarray]) -> tuple[str, list[bytes]]:
 def _report_uid(data: bytes, model: Any) -> str:
     import pydicom
 
-    from pneumo.dicom.sr import derived_uid
+    from pneumo.dicom.codes import derived_uid
 
     uid = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)
     return derived_uid(uid, "pneumo-sr", model.name, model.version)
@@ -97,10 +97,12 @@ def _wait(pacs: Orthanc, report_uids: list[str], timeout: float = 300) -> float:
 def _measure(pacs: Orthanc, predictor: Any, heatmap: bool, n: int, films: list[np.ndarray], spool: Path) -> dict:
     from pneumo.dicom.analysis import Analyser
     from pneumo.dicom.node import Destination, DicomNode, NodeConfig
+    from pneumo.dicom.policy import AccessPolicy, CallerRule
 
     analyser = Analyser.from_predictor(predictor, heatmap=heatmap)
     destination = Destination(ORTHANC_AET, "127.0.0.1", pacs.dicom_port)
-    config = NodeConfig(destination, spool, port=pacs.pneumo_port, ae_title=PNEUMO_AET, allowed_callers=(ORTHANC_AET,))
+    access = AccessPolicy(callers=(CallerRule.parse(ORTHANC_AET),))
+    config = NodeConfig(destination, spool, port=pacs.pneumo_port, ae_title=PNEUMO_AET, access=access)
     with DicomNode(config, analyser):
         _, warm = _instances(films[:1])
         pacs.route_to_pneumo([pacs.upload(warm[0])])

@@ -229,7 +229,7 @@ def study_files(study: dict[str, Any], pixels: np.ndarray | None = None) -> dict
     broken = pydicom.dcmread(io.BytesIO(film(scaled(12), 12, 6)))
     broken.PixelData = broken.PixelData[: len(broken.PixelData) // 3]
     files["broken"] = _encode(broken)
-    # Compressed with a syntax pneumo does not read (MPEG-2 video; JPEG Lossless is decoded since issue 21).
+    # Compressed with a syntax pneumo does not read (MPEG-2 video; every JPEG family is decoded since issue 21).
     compressed = pydicom.dcmread(io.BytesIO(film(scaled(12), 12, 7)))
     compressed.file_meta.TransferSyntaxUID = MPEG2MPML
     compressed.PixelData = encapsulate([b"\xff\xd8\xff\xc3 not a real codestream \xff\xd9"])
@@ -258,5 +258,7 @@ def _encode(ds: pydicom.Dataset) -> bytes:
 
 
 def content_items(report: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
-    """The report's top-level content items by concept meaning."""
-    return {str(item.ConceptNameCodeSequence[0].CodeMeaning): item for item in report.ContentSequence}
+    """The report's content items by concept meaning, at any depth of the TID 1500 tree."""
+    from pneumo.dicom.sr import report_items
+
+    return report_items(report)

@@ -14,18 +14,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from app_helpers import dicom_bytes, pneumo_log_handlers_restored, xray_array
-from model_helpers import SURFACE_META, tiny_bundle
 from orthanc_helpers import (
     EXPECTED_CODES,
     ORTHANC_AET,
-    PATIENT,
     PNEUMO_AET,
     ROUTE_LUA,
     Orthanc,
@@ -35,14 +32,17 @@ from orthanc_helpers import (
     study_fields,
     study_files,
 )
+from peers import *  # noqa: F403  (the fixtures)
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
 from pneumo.cli import app
-from pneumo.dicom.analysis import Analyser, AuditLog
+from pneumo.dicom.analysis import Analyser
+from pneumo.dicom.audit import AuditLog
+from pneumo.dicom.codes import ModelInfo
 from pneumo.dicom.dicomweb import DicomWebWorker, connect
-from pneumo.dicom.node import Destination, DicomNode, NodeConfig
-from pneumo.dicom.sr import Finding, ModelInfo, build_overlay, build_report
+from pneumo.dicom.node import Destination, DicomNode, NodeConfig, RetryPolicy
+from pneumo.dicom.policy import AccessPolicy, CallerRule
 from pneumo.inference import Predictor
 
 MODEL = ModelInfo("tiny-test", "9.9.9", "Decision support for frontal chest X-rays of children.")
@@ -50,28 +50,10 @@ IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "St
 needs_orthanc = pytest.mark.skipif(orthanc_available() is not None, reason=str(orthanc_available()))
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_bundle(tmp_path_factory.mktemp("bundle"), head="wide", **SURFACE_META)[0]
-
-
-@pytest.fixture(scope="module")
-def predictor(bundle: Path) -> Predictor:
-    return Predictor(bundle)  # what the node runs: the bundle's ONNX graph, heatmaps from CAM
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    reason = orthanc_available()
-    if reason:
-        pytest.skip(reason)
-    with Orthanc(tmp_path_factory.mktemp("orthanc"), pneumo_port=free_port()) as server:
-        yield server
-
-
 def _node(pacs: Orthanc, predictor: Predictor, spool: Path, heatmap: bool = False, **config: object) -> DicomNode:
     destination = Destination(ORTHANC_AET, "127.0.0.1", pacs.dicom_port)
-    options = {"port": pacs.pneumo_port, "ae_title": PNEUMO_AET, "allowed_callers": (ORTHANC_AET,), **config}
+    access = AccessPolicy(callers=(CallerRule.parse(ORTHANC_AET),))
+    options = {"port": pacs.pneumo_port, "ae_title": PNEUMO_AET, "access": access, **config}
     return DicomNode(NodeConfig(destination, spool, **options), Analyser.from_predictor(predictor, heatmap))  # type: ignore[arg-type]
 
 
@@ -101,8 +83,12 @@ def _check_reports(
         source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         report = by_source[str(source.SOPInstanceUID)]
         items = content_items(report)
-        assert report.SOPClassUID == pydicom.uid.ComprehensiveSRStorage and report.Modality == "SR"
-        assert items["Source"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert report.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and report.Modality == "SR"
+        if "Rows" in source:
+            assert (
+                items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                == source.SOPInstanceUID
+            )
         assert report.SeriesInstanceUID != source.SeriesInstanceUID, "reports go into a new series"
         for keyword in IDENTIFIERS:
             assert str(report.get(keyword, "")) == str(study[keyword]), f"{name}: {keyword} not copied"
@@ -117,58 +103,13 @@ def _check_reports(
             threshold = float(items["Decision threshold"].MeasuredValueSequence[0].NumericValue)
             assert probability == pytest.approx(truth.probability, abs=1e-6)
             assert threshold == pytest.approx(predictor.threshold)
-            said_yes = items["Pneumonia"].ConceptCodeSequence[0].CodeMeaning == "Yes"
+            said_yes = items["Pneumonia"].ConceptCodeSequence[0].CodeMeaning == "Present"
             assert said_yes == (truth.label == "PNEUMONIA")
         else:
             assert "Pneumonia" not in items and "Decision threshold" not in items
 
 
-# ------------------------------------------------------------------------- reports, without a server
-
-
-def test_report_holds_the_finding_and_copies_identifiers() -> None:
-    source = _source(**PATIENT, AccessionNumber="A1", InstanceNumber=3)
-    report = build_report(source, MODEL, Finding(True, 0.83, 0.47))
-    items = content_items(report)
-    assert items["Pneumonia"].ConceptCodeSequence[0].CodeValue == "373066001"
-    assert float(items["Calibrated probability of pneumonia"].MeasuredValueSequence[0].NumericValue) == 0.83
-    assert float(items["Decision threshold"].MeasuredValueSequence[0].NumericValue) == 0.47
-    assert items["Source"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert (report.StudyInstanceUID, report.PatientID, report.AccessionNumber) == (
-        source.StudyInstanceUID,
-        source.PatientID,
-        "A1",
-    )
-    assert report.VerificationFlag == "UNVERIFIED" and report.CompletionFlag == "COMPLETE"
-    again = build_report(source, MODEL, Finding(True, 0.83, 0.47))
-    assert again.SOPInstanceUID == report.SOPInstanceUID, "the same image and model give the same report UID"
-
-
-def test_report_never_invents_identifiers_the_source_lacks() -> None:
-    report = build_report(_source(PatientID="P7"), MODEL, Finding(False, 0.1, 0.5))
-    assert report.PatientID == "P7"
-    assert report.PatientName == "" and report.PatientBirthDate == "" and report.AccessionNumber == ""
-    assert content_items(report)["Pneumonia"].ConceptCodeSequence[0].CodeMeaning == "No"
-
-
-def test_no_result_report_says_why_and_gives_no_finding() -> None:
-    report = build_report(_source(), MODEL, None, ("lateral_view", "The header says lateral."))
-    items = content_items(report)
-    assert items["No result reason"].TextValue == "lateral_view: The header says lateral."
-    assert "Pneumonia" not in items and "Calibrated probability of pneumonia" not in items
-
-
-def test_overlay_is_a_secondary_capture_in_a_new_series_of_the_study() -> None:
-    source = _source(**PATIENT)
-    overlay = np.zeros((80, 90, 3), np.uint8)
-    overlay[..., 0] = 200
-    capture = build_overlay(source, MODEL, overlay, "PNEUMONIA")
-    assert capture.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
-    assert capture.StudyInstanceUID == source.StudyInstanceUID and capture.PatientID == PATIENT["PatientID"]
-    assert capture.SeriesInstanceUID != source.SeriesInstanceUID
-    assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert capture.PhotometricInterpretation == "RGB" and capture.pixel_array.shape == (80, 90, 3)
-    assert (capture.pixel_array[..., 0] == 200).all()
+# ------------------------------------------------------------------------------- without a server
 
 
 @pytest.mark.parametrize("text", ["ORTHANC@127.0.0.1", "@host:104", "TOO_LONG_AE_TITLE_X@h:1", "A@h:70000", "A@h:x"])
@@ -189,11 +130,20 @@ def test_own_reports_are_never_classified(predictor: Predictor) -> None:
 def test_unreadable_spool_file_is_kept_aside_and_audited(predictor: Predictor, tmp_path: Path) -> None:
     config = NodeConfig(Destination("NOBODY", "127.0.0.1", free_port()), tmp_path / "spool", audit_log=tmp_path / "a")
     node = DicomNode(config, Analyser.from_predictor(predictor))
-    path = node.spool.put(b"not a DICOM file at all", "1.2.3.4")
-    assert node.process(path) is True
-    assert not path.exists() and (tmp_path / "spool" / "rejected" / "1.2.3.4.dcm").read_bytes().startswith(b"not a")
+    path = node.spool.adopt(b"not a DICOM file at all", "1.2.3.4", node.spool.incoming)
+    with node:
+        rejected = tmp_path / "spool" / "rejected" / "1.2.3.4.dcm"
+        deadline = time.monotonic() + 30
+        while not rejected.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert not path.exists() and rejected.read_bytes().startswith(b"not a")
     line = json.loads((tmp_path / "a").read_text())
-    assert (line["status"], line["error_code"], line["sent"]) == ("rejected", "unreadable_dataset", [])
+    assert (line["event"], line["outcome"], line["reason"], line["result_uids"]) == (
+        "instance_analysed",
+        "rejected",
+        "unreadable_dataset",
+        [],
+    )
 
 
 # ---------------------------------------------------------------------------- DIMSE, through Orthanc
@@ -218,13 +168,15 @@ def test_every_routed_instance_gets_its_report_and_overlay(pacs: Orthanc, predic
     assert len({o.SeriesInstanceUID for o in overlays} | {r.SeriesInstanceUID for r in reports}) == 2
 
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert sorted(line["error_code"] or "" for line in lines) == sorted(c or "" for c in EXPECTED_CODES.values())
+    analysed = [line for line in lines if line["event"] == "instance_analysed"]
+    assert sorted(line["reason"] or "" for line in analysed) == sorted(c or "" for c in EXPECTED_CODES.values())
     assert all(line["model_version"] == "9.9.9" and line["channel"] == "dimse" for line in lines)
     text = audit.read_text()
     assert not any(
         str(study[key]) in text for key in ("PatientName", "PatientID", "AccessionNumber", "StudyInstanceUID")
     )
     assert not list((tmp_path / "spool" / "incoming").iterdir()), "answered instances leave the spool"
+    assert not list((tmp_path / "spool" / "outgoing").iterdir()), "delivered results leave the spool"
 
 
 @needs_orthanc
@@ -271,8 +223,9 @@ def test_dataset_without_study_uid_is_refused_with_a_status_and_kept(
         assoc.release()
     assert status.Status == 0xC210
     assert [p.name for p in (tmp_path / "spool" / "rejected").iterdir()] == [f"{ds.SOPInstanceUID}.dcm"]
-    line = json.loads((tmp_path / "audit.jsonl").read_text())
-    assert (line["status"], line["error_code"]) == ("rejected", "missing_identifiers")
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    refused = [line for line in lines if line["event"] == "instance_refused"]
+    assert [(line["reason"], line["calling_ae"]) for line in refused] == [("missing_identifiers", ORTHANC_AET)]
 
 
 @needs_orthanc
@@ -284,18 +237,18 @@ def test_accepted_instances_survive_a_restart(pacs: Orthanc, predictor: Predicto
     spool = tmp_path / "spool"
     dead = Destination(ORTHANC_AET, "127.0.0.1", free_port())
     node = DicomNode(
-        NodeConfig(dead, spool, port=pacs.pneumo_port, ae_title=PNEUMO_AET, retry_s=0.2),
+        NodeConfig(dead, spool, port=pacs.pneumo_port, ae_title=PNEUMO_AET, retry=RetryPolicy(100, 0.2, 0.5)),
         Analyser.from_predictor(predictor),
     )
     with node:
         assert pacs.route_to_pneumo(ids)["FailedInstancesCount"] == 0, "accepted while the destination is down"
         time.sleep(1.0)
-    assert len(list((spool / "incoming").glob("*.dcm"))) == 2
+    assert len(list((spool / "incoming").glob("*.dcm"))) + len(list((spool / "outgoing").iterdir())) == 2
     assert pacs.instances_of(study["StudyInstanceUID"], "SR") == []
     with _node(pacs, predictor, spool):
         reports = pacs.wait_for(study["StudyInstanceUID"], "SR", 2)
     assert sorted(str(_reason(r)) for r in reports) == ["None", "lateral_view"]
-    assert not list((spool / "incoming").glob("*.dcm"))
+    assert not list((spool / "incoming").glob("*.dcm")) and not list((spool / "outgoing").iterdir())
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch: 10-20 s on a busy 2-core machine
@@ -319,7 +272,8 @@ def test_listen_command_runs_until_sigterm(pacs: Orthanc, bundle: Path, tmp_path
         process.send_signal(signal.SIGTERM)
         _, rest = process.communicate(timeout=60)
     assert process.returncode == 0, rest
-    assert json.loads((tmp_path / "audit.jsonl").read_text())["status"] == "result"
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [line["outcome"] for line in lines if line["event"] == "instance_analysed"] == ["result"]
 
 
 @needs_orthanc
@@ -345,13 +299,34 @@ def test_dicomweb_answers_each_instance_once(pacs: Orthanc, predictor: Predictor
         pacs.upload(data)
     audit = AuditLog(tmp_path / "audit.jsonl")
     worker = DicomWebWorker(connect(f"{pacs.url}/dicom-web"), Analyser.from_predictor(predictor, True), audit)
-    outcomes = worker.run([study["StudyInstanceUID"]])
-    assert len(outcomes) == len(files)
+    seen: list[str] = []
+    counts = worker.run([study["StudyInstanceUID"]], on_outcome=lambda outcome: seen.append(outcome.status))
+    assert sum(counts.values()) == len(seen) == len(files)
+    assert counts == {"result": 4, "outside_intended_use": 2, "no_result": 2}
     _check_reports(pacs, predictor, study, files, pacs.instances_of(study["StudyInstanceUID"], "SR"))
     assert len(pacs.instances_of(study["StudyInstanceUID"], "OT")) == 4
-    assert worker.run([study["StudyInstanceUID"]]) == [], "own reports and answered instances are skipped"
+    assert not worker.run([study["StudyInstanceUID"]]), "own reports and answered instances are skipped"
     restarted = DicomWebWorker(connect(f"{pacs.url}/dicom-web"), Analyser.from_predictor(predictor), audit)
-    assert restarted.run([study["StudyInstanceUID"]]) == [], "the audit log remembers across restarts"
+    assert not restarted.run([study["StudyInstanceUID"]]), "the audit log remembers across restarts"
+
+
+@needs_orthanc
+def test_dicomweb_worker_keeps_no_past_outcomes(pacs: Orthanc, predictor: Predictor, tmp_path: Path) -> None:
+    """Before: every outcome (overlay pixels included) stayed in a list: +2.9 MB per instance, never given back."""
+    import gc
+    import weakref
+
+    study = study_fields()
+    for number in range(3):
+        pacs.upload(dicom_bytes(xray_array(), SeriesInstanceUID=generate_uid(), InstanceNumber=number, **study))
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    worker = DicomWebWorker(connect(f"{pacs.url}/dicom-web"), Analyser.from_predictor(predictor, True), audit)
+    kept: list[weakref.ref] = []
+    counts = worker.run([study["StudyInstanceUID"]], on_outcome=lambda outcome: kept.append(weakref.ref(outcome)))
+    gc.collect()
+    assert counts == {"result": 3} and len(kept) == 3
+    assert all(ref() is None for ref in kept), "no outcome outlives its instance"
+    assert len(pacs.instances_of(study["StudyInstanceUID"], "OT")) == 3
 
 
 @needs_orthanc
@@ -416,7 +391,10 @@ def test_shipped_model_reports_real_films_and_refuses_a_non_xray(
         pacs.route_to_pneumo([pacs.upload(data) for data in files.values()])
         reports = pacs.wait_for(study["StudyInstanceUID"], "SR", 3)
         overlays = pacs.wait_for(study["StudyInstanceUID"], "OT", 2)
-    by_source = {str(content_items(r)["Source"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID): r for r in reports}
+    by_source = {
+        str(content_items(r)["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID): r
+        for r in reports
+    }
     for name, data in files.items():
         report = by_source[str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)]
         if name == "document":

@@ -1,7 +1,7 @@
 """pneumo in the hospital's DICOM flow: a Storage SCP that answers with structured reports, and a DICOMweb worker."""
 
-from pneumo.dicom.analysis import Analyser, AuditLog, Outcome
-from pneumo.dicom.dicomweb import DicomWebWorker
-from pneumo.dicom.node import Destination, DicomNode, NodeConfig
+from pneumo.dicom.analysis import Analyser, Outcome
+from pneumo.dicom.audit import AuditLog
+from pneumo.dicom.intended_use import IntendedUse
 
-__all__ = ["Analyser", "AuditLog", "Destination", "DicomNode", "DicomWebWorker", "NodeConfig", "Outcome"]
+__all__ = ["Analyser", "AuditLog", "IntendedUse", "Outcome"]

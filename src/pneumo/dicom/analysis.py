@@ -1,29 +1,30 @@
-"""What pneumo answers for one DICOM instance, whichever way it came (DIMSE or DICOMweb), and the audit log.
+"""What pneumo answers for one DICOM instance, whichever way it came (DIMSE or DICOMweb).
 
-:class:`Analyser` runs the one inference path (:class:`~pneumo.inference.predictor.Predictor`: decoding,
-limits, OOD gate, error codes) on the bytes of an instance, adds the header checks only DICOM
-can make (a lateral view, identifiers missing), and turns the answer or the refusal into the
-objects to store at the PACS (:mod:`pneumo.dicom.sr`). :class:`AuditLog` records one JSON line
-per finished instance with no patient or study identifier in it.
+:class:`Analyser` reads the header within bounds (:func:`pneumo.dicom.header.read_header`), skips
+pneumo's own output, copies the header tolerantly (a non-conformant value is noted, never fatal),
+applies the intended-use gate (:mod:`pneumo.dicom.intended_use`), runs the one inference path
+(:class:`~pneumo.inference.predictor.Predictor`: decoding, limits, OOD gate, error codes) and turns
+the answer, or the reason there is none, into the objects to store at the PACS: a TID 1500 report
+(:mod:`pneumo.dicom.sr`) and, with heatmaps on, a Secondary Capture (:mod:`pneumo.dicom.sc`) whose
+map comes from the ONNX graph (:func:`pneumo.inference.cam.make_explainer`; the node never imports torch).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import os
-import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from pneumo.core.errors import DicomError, PneumoError
-from pneumo.dicom.sr import Finding, ModelInfo, build_overlay, build_report, is_own_output
+from pneumo.core.errors import PneumoError
+from pneumo.dicom.codes import Finding, ModelInfo, is_own_output
+from pneumo.dicom.header import COPIED_TYPE2, HeaderError, HeaderNote, read_header, tolerant_copy
+from pneumo.dicom.intended_use import IntendedUse, OutsideIntendedUse
+from pneumo.dicom.sc import build_overlay
+from pneumo.dicom.sr import build_report
 
 if TYPE_CHECKING:
     from pneumo.inference.explain import Explainer
@@ -31,17 +32,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: ViewPosition values that say the film is not frontal (DICOM defined terms LL/RL, and vendor spellings).
-LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LEFT LATERAL", "RIGHT LATERAL"})
-#: Identifiers without which no report can be placed in the source's study.
-REQUIRED_IDENTIFIERS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: Outcome statuses: a finding, no finding (and why), outside the intended use, no report possible, pneumo's own.
+STATUSES = ("result", "no_result", "outside_intended_use", "rejected", "ignored")
 
 
 @dataclass
 class Outcome:
-    """What happened to one received instance: the audit line and the objects to send back."""
+    """What happened to one received instance: the objects to send back and what the audit line says."""
 
-    status: str  # "result", "no_result", "rejected" (no report possible) or "ignored" (pneumo's own output)
+    status: str
     sop_instance_uid: str | None
     code: str | None = None
     label: str | None = None
@@ -49,69 +48,44 @@ class Outcome:
     threshold: float | None = None
     objects: list[Dataset] = field(default_factory=list)
     overlay_error: str | None = None
+    #: Keywords of source attributes that did not conform (their values stay out of the audit log).
+    notes: tuple[str, ...] = ()
 
-    def audit(self, model: ModelInfo, channel: str) -> dict[str, Any]:
-        """The JSON-lines audit record: no names, no patient or study identifiers, only the SOP Instance UID."""
+    def audit_fields(self) -> dict[str, Any]:
+        """The fields of this outcome in the audit shape (:mod:`pneumo.dicom.audit`)."""
+        detail = {key: value for key, value in (("overlay_error", self.overlay_error), ("notes", self.notes)) if value}
         return {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "channel": channel,
             "sop_instance_uid": self.sop_instance_uid,
-            "status": self.status,
+            "outcome": self.status,
+            "reason": self.code,
+            "result_uids": [str(ds.SOPInstanceUID) for ds in self.objects],
             "result": self.label,
             "probability": self.probability,
             "threshold": self.threshold,
-            "error_code": self.code,
-            "overlay_error": self.overlay_error,
-            "model": model.name,
-            "model_version": model.version,
-            "sent": [str(ds.SOPInstanceUID) for ds in self.objects],
+            "detail": detail or None,
         }
 
 
-class AuditLog:
-    """Append-only JSON lines, one per finished instance, safe to call from several threads."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with self._lock, self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def finished_uids(self) -> set[str]:
-        """SOP Instance UIDs already answered (used by the DICOMweb poll to skip them)."""
-        if self.path is None or not self.path.is_file():
-            return set()
-        done: set[str] = set()
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash: that instance is simply redone
-                continue
-            if record.get("status") in ("result", "no_result") and record.get("sop_instance_uid"):
-                done.add(str(record["sop_instance_uid"]))
-        return done
-
-
 class Analyser:
-    """Turns the bytes of one DICOM instance into an :class:`Outcome` through the one :class:`Predictor`.
+    """Turns one DICOM instance (a file or its bytes) into an :class:`Outcome` through the one Predictor.
 
     Args:
         predictor: the loaded model (its decoding, limits, OOD gate and error codes apply).
         model: name, version and intended use written into the reports.
         heatmap: also build the heatmap Secondary Capture (CAM from the ONNX graph).
+        intended_use: the header gate; default :class:`IntendedUse` (children, frontal chest radiographs).
     """
 
-    def __init__(self, predictor: Predictor, model: ModelInfo, heatmap: bool = False) -> None:
+    def __init__(
+        self,
+        predictor: Predictor,
+        model: ModelInfo,
+        heatmap: bool = False,
+        intended_use: IntendedUse | None = None,
+    ) -> None:
         self.predictor = predictor
         self.model = model
+        self.intended_use = intended_use or IntendedUse()
         self.explainer: Explainer | None = None
         if heatmap:  # CAM from the ONNX graph: the node never imports torch
             from pneumo.inference.cam import make_explainer
@@ -119,31 +93,46 @@ class Analyser:
             self.explainer = make_explainer(predictor)
 
     @classmethod
-    def from_predictor(cls, predictor: Predictor, heatmap: bool = False) -> Analyser:
+    def from_predictor(
+        cls, predictor: Predictor, heatmap: bool = False, intended_use: IntendedUse | None = None
+    ) -> Analyser:
         from pneumo.inference.model_info import INTENDED_USE
 
         meta = predictor.meta
-        return cls(predictor, ModelInfo(meta.name, meta.version, INTENDED_USE), heatmap)
+        return cls(predictor, ModelInfo(meta.name, meta.version, INTENDED_USE), heatmap, intended_use)
 
-    def analyse(self, data: bytes) -> Outcome:
-        header = read_header(data)
-        if isinstance(header, Outcome):
-            return header
+    def analyse(self, source: Path | bytes) -> Outcome:
+        """The outcome for ``source``; a header that cannot be read gives a ``rejected`` outcome.
+
+        Raises:
+            Exception: only when not even a no-result report can be built (the pipeline retries, then
+                dead-letters the instance with the reason).
+        """
+        try:
+            header = read_header(source, self.predictor.limits)
+        except HeaderError as err:
+            return Outcome("rejected", err.sop_instance_uid, code=err.code)
         uid = str(header.SOPInstanceUID)
         if is_own_output(header, self.model):
             return Outcome("ignored", uid, code="own_output")
+        clean, notes = tolerant_copy(header)
+        del header
+        noted = tuple(note.keyword for note in notes)
         try:
-            check_view(header)
-            prediction = self.predictor.predict(data)
+            self.intended_use.check(clean)
+        except OutsideIntendedUse as err:
+            report = self._report(clean, None, (err.code, err.message), notes, outside=True)
+            return Outcome("outside_intended_use", uid, code=err.code, objects=[report], notes=noted)
+        try:
+            prediction = self.predictor.predict(source)
         except PneumoError as err:
-            report = build_report(header, self.model, None, (err.code, err.message))
-            return Outcome("no_result", uid, code=err.code, objects=[report])
+            report = self._report(clean, None, (err.code, err.message), notes)
+            return Outcome("no_result", uid, code=err.code, objects=[report], notes=noted)
         except Exception:  # a bug in pneumo, not the file: the report says so, details go to the log only
             log.exception("internal error while classifying a received instance")
             reason = ("internal_error", "pneumo failed on this image; the error was logged for the administrator.")
-            return Outcome(
-                "no_result", uid, code="internal_error", objects=[build_report(header, self.model, None, reason)]
-            )
+            report = self._report(clean, None, reason, notes)
+            return Outcome("no_result", uid, code="internal_error", objects=[report], notes=noted)
         finding = Finding(prediction.label == "PNEUMONIA", prediction.probability, prediction.threshold)
         outcome = Outcome(
             "result",
@@ -151,39 +140,37 @@ class Analyser:
             label=prediction.label,
             probability=prediction.probability,
             threshold=prediction.threshold,
-            objects=[build_report(header, self.model, finding)],
+            objects=[self._report(clean, finding, None, notes)],
+            notes=noted,
         )
         if self.explainer is not None:
             try:
-                explanation = self.explainer.explain(self.predictor.decode(data), target_label=prediction.label)
+                explanation = self.explainer.explain(self.predictor.decode(source), target_label=prediction.label)
                 overlay = np.asarray(explanation.overlay())
-                outcome.objects.append(build_overlay(header, self.model, overlay, prediction.label))
+                del explanation
+                outcome.objects.append(build_overlay(clean, self.model, overlay, prediction.label))
             except PneumoError as err:  # the finding stands without its picture; the audit line says why
                 outcome.overlay_error = err.code
         return outcome
 
-
-def read_header(data: bytes) -> Dataset | Outcome:
-    """The header of ``data`` without pixels, or a ``rejected`` outcome when no report could be placed."""
-    import pydicom
-
-    try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        missing = [key for key in REQUIRED_IDENTIFIERS if not str(header.get(key, "") or "")]
-    except Exception:  # any parse failure means the same: this is not a dataset pneumo can answer
-        return Outcome("rejected", None, code="unreadable_dataset")
-    if missing:
-        uid = str(header.get("SOPInstanceUID", "") or "") or None
-        return Outcome("rejected", uid, code="missing_identifiers")
-    return header
-
-
-def check_view(header: Dataset) -> None:
-    """Refuse a film whose header says it is a lateral view (the model saw frontal films only)."""
-    view = str(header.get("ViewPosition", "") or "").strip().upper()
-    if view in LATERAL_VIEWS:
-        raise DicomError(
-            f"The DICOM header says this is a lateral view (ViewPosition {view}); pneumo reads frontal "
-            "(AP or PA) chest films only. Send the frontal film of the study.",
-            code="lateral_view",
-        )
+    def _report(
+        self,
+        clean: Dataset,
+        finding: Finding | None,
+        error: tuple[str, str] | None,
+        notes: list[HeaderNote],
+        outside: bool = False,
+    ) -> Dataset:
+        """The report; should the full one fail (an attribute highdicom refuses), one with identifiers only."""
+        try:
+            return build_report(clean, self.model, finding, error, outside_intended_use=outside, notes=notes)
+        except Exception:
+            log.exception("The report could not be built from the source's attributes; sending one without them.")
+            bare = Dataset()
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
+                setattr(bare, keyword, clean.get(keyword, ""))
+            for keyword in COPIED_TYPE2:
+                setattr(bare, keyword, "")
+            bare.SpecificCharacterSet = "ISO_IR 192"
+            dropped = [HeaderNote("(patient and study attributes)", "not copied", "")]
+            return build_report(bare, self.model, finding, error, outside_intended_use=outside, notes=dropped)

@@ -1,10 +1,15 @@
-"""pneumo over DICOMweb: find studies (QIDO-RS), fetch their instances (WADO-RS), store reports back (STOW-RS).
+"""pneumo over DICOMweb: find studies (QIDO-RS), fetch their instances (WADO-RS), store results back (STOW-RS).
 
 The HTTP side is ``dicomweb-client``'s; the analysis is the same :class:`~pneumo.dicom.analysis.Analyser`
-as the DIMSE node's, so both paths give the same report for the same file. What this module adds
-is the bookkeeping a poll needs: which instances are pneumo's own output (never classified:
-that would loop), and which were already answered (remembered in memory and, across restarts,
-read back from the audit log).
+as the DIMSE node's, so both paths give the same report for the same file. What this module adds:
+
+* the bookkeeping a poll needs: pneumo's own series are skipped (classifying them would loop), and
+  an instance is answered once (in memory for this run and, across restarts, from the audit log);
+* bounded memory: an instance is fetched as the bytes the server stores (its header then goes
+  through the one bounded reader, :func:`pneumo.dicom.header.read_header`, instead of a plain
+  ``dcmread`` that inflates a Deflated file whole), and the worker keeps no past outcomes (it used
+  to keep every outcome, pixel data of the overlays included: 2.9 MB more per instance, forever).
+  :meth:`DicomWebWorker.run` reports each outcome to a callback as it happens and returns counts.
 """
 
 from __future__ import annotations
@@ -12,20 +17,23 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydicom.dataset import Dataset
 
 from pneumo.core.errors import PneumoError
-from pneumo.dicom.analysis import Analyser, AuditLog, Outcome
-from pneumo.dicom.sr import sc_series_uid, sr_series_uid
+from pneumo.dicom.analysis import Analyser, Outcome
+from pneumo.dicom.audit import AuditLog
+from pneumo.dicom.codes import sc_series_uid, sr_series_uid
 
 log = logging.getLogger(__name__)
 
-#: WADO-RS media type asking for each instance in the transfer syntax it is stored in ("*"), so a
+#: WADO-RS Accept header asking for each instance in the transfer syntax it is stored in ("*"), so a
 #: compressed film is not transcoded (or refused) by the server; the decoder question is pneumo's.
-_AS_STORED = (("application/dicom", "*"),)
+_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+CHANNEL = "dicomweb"
 
 
 class DicomWebError(PneumoError):
@@ -55,12 +63,31 @@ def find_studies(client: Any, since: str) -> list[str]:
     return [uid for uid in (_value(study, "0020000D") for study in studies) if uid]
 
 
+def retrieve_bytes(client: Any, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
+    """The instance as the server stores it (WADO-RS, ``transfer-syntax=*``), as the bytes of a DICOM file.
+
+    dicomweb-client's ``retrieve_instance`` parses the part with a plain ``dcmread``; its own URL and
+    multipart helpers give the raw part instead. Where they are missing (another client version),
+    the parsed dataset is written back to bytes.
+    """
+    try:
+        from dicomweb_client.api import _Transaction  # type: ignore[attr-defined]
+
+        url = client._get_instances_url(_Transaction.RETRIEVE, study_uid, series_uid, sop_uid)
+        response = client._http_get(url, headers={"Accept": _AS_STORED})
+        parts = client._decode_multipart_message(response, stream=False)
+        return bytes(next(iter(parts)))
+    except (AttributeError, ImportError):
+        dataset = client.retrieve_instance(study_uid, series_uid, sop_uid, media_types=(("application/dicom", "*"),))
+        return _encode(dataset)
+
+
 class DicomWebWorker:
     """Answers the instances of studies on a DICOMweb server, each once.
 
     Args:
         client: a ``DICOMwebClient``.
-        analyser: the shared analysis (model, heatmap).
+        analyser: the shared analysis (model, heatmap, intended use).
         audit: the audit log; instances it already lists as answered are skipped.
     """
 
@@ -68,45 +95,56 @@ class DicomWebWorker:
         self.client = client
         self.analyser = analyser
         self.audit = audit
-        self.done: set[str] = audit.finished_uids()
+        #: SOP Instance UIDs answered (a set of short strings: the only state kept between polls).
+        self.done: set[str] = audit.finished_uids(CHANNEL)
 
-    def process_study(self, study_uid: str) -> list[Outcome]:
-        """Classify every instance of the study not answered yet and STOW-RS the reports into it."""
+    def process_study(self, study_uid: str, on_outcome: Callable[[Outcome], None] | None = None) -> Counter[str]:
+        """Classify every instance of the study not answered yet and STOW-RS the results into it."""
         model = self.analyser.model
         own_series = {sr_series_uid(study_uid, model), sc_series_uid(study_uid, model)}
         try:
             found = self.client.search_for_instances(study_instance_uid=study_uid)
         except Exception as err:
             raise DicomWebError(f"QIDO-RS search for the instances of a study failed ({type(err).__name__}).") from err
-        outcomes: list[Outcome] = []
+        counts: Counter[str] = Counter()
         for attributes in found:
             series, sop = _value(attributes, "0020000E"), _value(attributes, "00080018")
             if not series or not sop or series in own_series or sop in self.done:
                 continue
             outcome = self._process_instance(study_uid, series, sop)
-            if outcome is not None:
-                outcomes.append(outcome)
-        return outcomes
+            if outcome is None:
+                continue
+            counts[outcome.status] += 1
+            if on_outcome is not None:
+                on_outcome(outcome)
+            outcome.objects.clear()  # nothing of it outlives this instance
+        return counts
 
     def _process_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> Outcome | None:
         try:
-            dataset = self.client.retrieve_instance(study_uid, series_uid, sop_uid, media_types=_AS_STORED)
+            data = retrieve_bytes(self.client, study_uid, series_uid, sop_uid)
         except Exception as err:  # not remembered as done: the next poll tries again
             log.warning(
                 "WADO-RS retrieve of an instance failed (%s); it is retried on the next poll.", type(err).__name__
             )
             return None
-        outcome = self.analyser.analyse(_encode(dataset))
-        self.done.add(sop_uid)
+        outcome = self.analyser.analyse(data)
+        del data
+        self.audit.event("instance_analysed", channel=CHANNEL, **outcome.audit_fields())
         if outcome.status == "ignored":  # pneumo's output for another model version
+            self.done.add(sop_uid)
             return None
         if outcome.objects:
             try:
                 self.client.store_instances(outcome.objects, study_instance_uid=study_uid)
             except Exception as err:
-                self.done.discard(sop_uid)
-                raise DicomWebError(f"STOW-RS of a report failed ({type(err).__name__}).") from err
-        self.audit.write(outcome.audit(self.analyser.model, "dicomweb"))
+                raise DicomWebError(f"STOW-RS of a result failed ({type(err).__name__}).") from err
+        self.done.add(sop_uid)
+        fields = outcome.audit_fields()
+        self.audit.event(
+            "result_delivered", channel=CHANNEL, sop_instance_uid=sop_uid, outcome="delivered",
+            result_uids=fields["result_uids"], reason=outcome.code,
+        )  # fmt: skip
         log.info("Answered an instance over DICOMweb: %s %s", outcome.status, outcome.code or outcome.label)
         return outcome
 
@@ -116,25 +154,28 @@ class DicomWebWorker:
         since: str | None = None,
         poll_s: float = 0.0,
         stop: threading.Event | None = None,
-    ) -> list[Outcome]:
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> Counter[str]:
         """Process ``studies`` and, with ``since``, every study dated since then; repeat every ``poll_s`` seconds.
 
         With ``poll_s`` 0 it runs once; otherwise until ``stop`` is set. A failed poll (server
-        down) is logged and retried at the next interval rather than ending the loop.
+        down) is logged and retried at the next interval rather than ending the loop. Each outcome
+        goes to ``on_outcome`` as it happens; the return value counts outcomes by status.
         """
         stop = stop or threading.Event()
-        outcomes: list[Outcome] = []
+        studies = list(studies)
+        counts: Counter[str] = Counter()
         while True:
             try:
                 targets = list(dict.fromkeys([*studies, *(find_studies(self.client, since) if since else [])]))
                 for study_uid in targets:
-                    outcomes += self.process_study(study_uid)
+                    counts += self.process_study(study_uid, on_outcome)
             except DicomWebError as err:
                 if poll_s <= 0:
                     raise
                 log.warning("%s Retrying in %g s.", err.message, poll_s)
             if poll_s <= 0 or stop.wait(poll_s):
-                return outcomes
+                return counts
 
 
 def _encode(dataset: Dataset) -> bytes:

@@ -1,33 +1,38 @@
 """pneumo as a DICOM node: a Storage SCP that answers every chest radiograph with a structured report.
 
-The flow (see ``docs/dicom.md``)::
+The flow (see ``docs/dicom.md``, which is also the conformance statement)::
 
-    modality / PACS --C-STORE--> SCP --write + fsync--> spool/incoming/<SOP UID>.dcm --> answer 0x0000
-    worker: spool file -> Analyser (the one Predictor) -> SR (+ Grad-CAM SC)
-            --C-STORE--> destination PACS -> audit line -> spool file removed
+    PACS --A-ASSOCIATE--> Guard (host, AE titles, limits, TLS)          pneumo.dicom.guard
+         --C-STORE------> written to SPOOL/tmp as it arrives (pynetdicom's chunked receive)
+                          -> header read within bounds -> fsync + rename into SPOOL/incoming -> 0x0000
+    supervised stages:    analyse (report + overlay) -> SPOOL/outgoing -> deliver -> audit
+                          (retries with backoff, then SPOOL/failed with the reason)   pneumo.dicom.pipeline
 
-The network protocol is pynetdicom's; this module only adds what a DICOM library cannot know:
-the spool that makes an accepted instance survive a crash or restart (it is on disk before the
-sender hears "success", and leaves the disk only after its report was stored at the
-destination), and the worker that drains it. Logs never carry patient data: only error codes,
-counts and spool file names.
+The network protocol is pynetdicom's. This module wires the pieces: the SCP's event handlers (a
+sender hears "success" only for an instance on disk; every association, refusal, abort and
+instance is audited in the one shape of :mod:`pneumo.dicom.audit`) and the pipeline that drains
+the spool. Logs never carry patient data: only error codes, counts and SOP Instance UIDs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import re
+import ssl
 import threading
-import uuid
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
-
-from pneumo.core.errors import PneumoError
-from pneumo.dicom.analysis import Analyser, AuditLog, Outcome, read_header
+from pneumo.dicom.analysis import Analyser
+from pneumo.dicom.audit import AuditLog
+from pneumo.dicom.delivery import Destination
+from pneumo.dicom.guard import Guard, GuardedServer
+from pneumo.dicom.header import HeaderError, read_header
+from pneumo.dicom.pipeline import Pipeline, RetryPolicy
+from pneumo.dicom.policy import AccessPolicy
+from pneumo.dicom.spool import Quota, Spool
 
 log = logging.getLogger(__name__)
 
@@ -35,92 +40,8 @@ log = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # the spool could not be written: nothing was accepted, the sender keeps it
 STATUS_CANNOT_UNDERSTAND = 0xC210  # the dataset cannot be parsed or lacks the identifiers a report needs
-#: Transfer syntaxes the destination is offered for reports and overlays.
-_SEND_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
-
-class DestinationError(PneumoError):
-    """The destination node refused the association or a C-STORE; the results stay in the spool."""
-
-    code = "destination_unavailable"
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM node to send reports to, written ``AET@HOST:PORT``."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        match = re.fullmatch(r"([^@\s]{1,16})@([^:\s]+):(\d{1,5})", text.strip())
-        if not match or not 0 < int(match.group(3)) < 65536:
-            raise ValueError(f"destination {text!r} is not AET@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242).")
-        return cls(match.group(1), match.group(2), int(match.group(3)))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-class Spool:
-    """Received instances on disk until their report is stored: ``incoming/`` (to do) and ``rejected/``."""
-
-    def __init__(self, root: Path) -> None:
-        self.incoming = root / "incoming"
-        self.rejected = root / "rejected"
-        self.failed = root / "failed"
-        for folder in (self.incoming, self.rejected, self.failed):
-            folder.mkdir(parents=True, exist_ok=True)
-
-    def put(self, data: bytes, sop_instance_uid: str | None, folder: Path | None = None) -> Path:
-        """Write ``data`` durably (temp file, fsync, atomic rename, fsync of the folder) and return its path."""
-        folder = folder or self.incoming
-        safe = sop_instance_uid if sop_instance_uid and re.fullmatch(r"[0-9.]{1,64}", sop_instance_uid) else None
-        target = folder / f"{safe or uuid.uuid4().hex}.dcm"
-        temp = folder / f".{uuid.uuid4().hex}.part"
-        with temp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        return target
-
-    def pending(self) -> list[Path]:
-        """Spooled instances not yet answered, oldest first (left-over ``.part`` files are ignored)."""
-        files = [p for p in self.incoming.glob("*.dcm") if p.is_file()]
-        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
-
-
-def send(destination: Destination, datasets: list[Dataset], calling_ae_title: str, timeout: float = 30.0) -> None:
-    """C-STORE ``datasets`` to ``destination`` in one association.
-
-    Raises:
-        DestinationError: the association or any C-STORE failed (nothing is forgotten by the caller).
-    """
-    from pynetdicom import AE
-
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
-        ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        raise DestinationError(f"{destination} refused or did not answer the association.")
-    try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            code = int(getattr(status, "Status", -1)) if status else -1
-            if code != 0 and not 0xB000 <= code <= 0xBFFF:  # success, or a warning (the object was stored)
-                raise DestinationError(f"{destination} answered C-STORE with status 0x{code & 0xFFFF:04X}.")
-    finally:
-        assoc.release()
+__all__ = ["AccessPolicy", "Destination", "DicomNode", "NodeConfig", "RetryPolicy"]
 
 
 @dataclass(frozen=True)
@@ -128,12 +49,16 @@ class NodeConfig:
     """How ``pneumo dicom listen`` runs (the CLI maps its options onto this).
 
     Attributes:
-        destination: where reports go.
+        destination: where results go.
         spool: folder of the spool (created).
         host, port, ae_title: where and as whom the SCP listens (loopback by default).
-        allowed_callers: calling AE titles accepted; empty accepts any caller.
+        access: callers, called-AE check, association and PDU limits, timeouts.
         audit_log: JSON-lines file, or ``None`` for none.
-        retry_s: pause before trying an unreachable destination again.
+        retry: retries and backoff of analysis and delivery, before a dead letter.
+        send_timeout: ACSE/DIMSE/network timeout when sending to the destination.
+        tls: ``(certificate, key, client CA)``: DICOM TLS with a client certificate required.
+        min_free_bytes: free space kept on the spool's file system (below it, C-STORE gets 0xA700).
+        rejected_quota, failed_quota: limits of ``SPOOL/rejected`` and ``SPOOL/failed``.
     """
 
     destination: Destination
@@ -141,27 +66,41 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     ae_title: str = "PNEUMO"
-    allowed_callers: tuple[str, ...] = ()
+    access: AccessPolicy = field(default_factory=AccessPolicy)
     audit_log: Path | None = None
-    retry_s: float = 5.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    send_timeout: float = 30.0
+    tls: tuple[Path, Path, Path] | None = None
+    min_free_bytes: int = 256 * 2**20
+    rejected_quota: Quota = field(default_factory=lambda: Quota(200, 2**30))
+    failed_quota: Quota = field(default_factory=Quota)
 
 
 class DicomNode:
-    """The Storage SCP and the worker that drains the spool (``start`` / ``stop``, or ``with``).
+    """The Storage SCP and the supervised pipeline that drains its spool (``start`` / ``stop``, or ``with``).
 
-    The worker processes anything already in the spool when it starts: instances accepted
+    The pipeline processes anything already in the spool when it starts: instances accepted
     before a crash or a restart are answered then.
     """
 
     def __init__(self, config: NodeConfig, analyser: Analyser) -> None:
         self.config = config
         self.analyser = analyser
-        self.spool = Spool(config.spool)
-        self.audit = AuditLog(config.audit_log)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self.spool = Spool(config.spool, config.min_free_bytes, config.rejected_quota, config.failed_quota)
+        self.audit = AuditLog(config.audit_log, (analyser.model.name, analyser.model.version))
+        self.guard = Guard(config.access, config.ae_title, self._refused)
+        self.pipeline = Pipeline(
+            self.spool,
+            analyser,
+            config.destination,
+            self.audit,
+            config.ae_title,
+            config.retry,
+            config.send_timeout,
+            receive_alive=self._receiving,
+        )
         self._server: Any = None
-        self._worker: threading.Thread | None = None
+        self._server_thread: threading.Thread | None = None
 
     def __enter__(self) -> DicomNode:
         self.start()
@@ -175,99 +114,160 @@ class DicomNode:
         """The port actually bound (useful with ``port=0``)."""
         return int(self._server.server_address[1]) if self._server else self.config.port
 
+    def health(self) -> dict[str, Any]:
+        """The pipeline's status (stages alive, queue, failures, dead letters, last delivery, audit)."""
+        return self.pipeline.status()
+
     def start(self) -> None:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
+        # Received datasets go to a file as they arrive, never whole into memory (a 300 MB C-STORE cost +926 MB).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self.spool.clean()
+        access = self.config.access
         ae = AE(ae_title=self.config.ae_title)
         # Every storage SOP class and transfer syntax is accepted, so that a CT, a compressed film or
         # an SR gets a report saying why there is no result instead of a bare association failure.
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        if self.config.allowed_callers:
-            ae.require_calling_aet = list(self.config.allowed_callers)
-        else:
-            log.warning("No --allow-caller given: any calling AE title may send instances to this node.")
-        self._stop.clear()
-        self._worker = threading.Thread(target=self._drain, name="pneumo-dicom-worker", daemon=True)
-        self._worker.start()
-        self._server = ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        ae.maximum_pdu_size = access.max_pdu_bytes
+        ae.acse_timeout = access.request_timeout_s
+        ae.dimse_timeout = access.dimse_timeout_s
+        ae.network_timeout = access.network_timeout_s
+        ae.require_called_aet = False  # the Guard checks it, and audits the refusal
+        # pynetdicom counts the threads of unassociated and closing connections too; the Guard enforces the real
+        # limits first, and this margin only keeps pynetdicom's count from refusing what the Guard admitted.
+        ae.maximum_associations = access.max_associations + 4 * access.max_pending
+        if not access.callers:
+            log.warning("No --allow-caller given: any calling AE title from any host may send instances.")
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        tls: ssl.SSLContext | None = None
+        if self.config.tls is not None:
+            from pneumo.dicom.policy import tls_server_context
+
+            tls = tls_server_context(*self.config.tls)
+        self._server = ae.make_server(
+            (self.config.host, self.config.port),
+            ssl_context=tls,
+            evt_handlers=handlers,
+            server_class=GuardedServer,
+            guard=self.guard,
         )
-        log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
+        self._server_thread = threading.Thread(target=self._server.serve_forever, name="pneumo-dicom-scp", daemon=True)
+        self._server_thread.start()
+        self.pipeline.start()
+        log.info(
+            "DICOM node %s listening on %s:%d%s", self.config.ae_title, self.config.host, self.port,
+            " (TLS, client certificate required)" if tls else "",
+        )  # fmt: skip
 
     def stop(self) -> None:
-        """Stop accepting, let the worker finish the instance in hand; the rest waits in the spool."""
+        """Stop accepting, let the stages finish the items in hand; the rest waits in the spool."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        self._stop.set()
-        self._wake.set()
-        if self._worker is not None:
-            self._worker.join(timeout=120)
-            self._worker = None
+        if self._server_thread is not None:
+            self._server_thread.join(timeout=10)
+            self._server_thread = None
+        self.pipeline.stop()
+
+    def _receiving(self) -> bool:
+        return self._server_thread is not None and self._server_thread.is_alive()
+
+    # --- the association: who, and the audit of each step ---
+
+    @staticmethod
+    def _sender(assoc: Any) -> dict[str, Any]:
+        primitive = getattr(assoc.requestor, "primitive", None)
+        return {
+            "calling_ae": str(getattr(primitive, "calling_ae_title", "") or assoc.requestor.ae_title or "") or None,
+            "called_ae": str(getattr(primitive, "called_ae_title", "") or "") or None,
+            "peer": f"{assoc.requestor.address}:{assoc.requestor.port}",
+        }
+
+    def _refused(
+        self,
+        reason: str,
+        peer: str,
+        calling_ae: str | None = None,
+        called_ae: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        event = "instance_refused" if reason == "instance_too_large" else "association_rejected"
+        self.audit.event(
+            event, channel="dimse", calling_ae=calling_ae, called_ae=called_ae, peer=peer, outcome="refused",
+            reason=reason, detail=detail,
+        )  # fmt: skip
+        log.warning("Refused a connection from %s (%s).", peer, reason)
+
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        sender = self._sender(assoc)
+        raw = getattr(assoc.dul.socket, "raw", None)
+        decision = self.guard.admit(raw, sender["calling_ae"] or "", sender["called_ae"] or "", assoc.requestor.address)
+        if decision is None:
+            return
+        reason, (result, source, diagnostic) = decision
+        self.audit.event("association_rejected", channel="dimse", **sender, outcome="rejected", reason=reason)
+        log.warning("Rejected an association from %s (%s).", sender["peer"], reason)
+        assoc.acse.send_reject(result, source, diagnostic)
+        assoc.kill()
+
+    def _on_accepted(self, event: Any) -> None:
+        self.audit.event("association_accepted", channel="dimse", **self._sender(event.assoc), outcome="accepted")
+
+    def _on_aborted(self, event: Any) -> None:
+        self.audit.event("association_aborted", channel="dimse", **self._sender(event.assoc), outcome="aborted")
+
+    def _on_closed(self, event: Any) -> None:
+        assoc = event.assoc
+        self.guard.close(getattr(assoc.dul.socket, "raw", None))
+        message = getattr(assoc.dimse, "message", None)  # a dataset cut off mid-transfer: its temp file goes
+        partial = getattr(message, "_data_set_path", None)
+        if isinstance(partial, Path):
+            partial.unlink(missing_ok=True)
 
     # --- receiving: nothing is answered "success" before it is on disk ---
 
     def _on_store(self, event: Any) -> int:
+        sender = self._sender(event.assoc)
         try:
-            data = bytes(event.encoded_dataset())
-        except Exception:
-            log.warning("A received dataset could not be encoded to a file; answered 0x%04X.", STATUS_CANNOT_UNDERSTAND)
+            source: Path | bytes = Path(event.dataset_path)
+        except AttributeError:  # chunked receive off (another pynetdicom user in this process): bytes
+            source = bytes(event.encoded_dataset())
+        try:
+            header = read_header(source, self.analyser.predictor.limits)
+        except HeaderError as err:
+            with contextlib.suppress(OSError):
+                self.spool.adopt(source, err.sop_instance_uid, self.spool.rejected)
+            self.audit.event(
+                "instance_refused", channel="dimse", **sender, sop_instance_uid=err.sop_instance_uid,
+                outcome="refused", reason=err.code, detail={"status": f"0x{STATUS_CANNOT_UNDERSTAND:04X}"},
+            )  # fmt: skip
+            log.warning("Refused a received dataset (%s): answered 0x%04X.", err.code, STATUS_CANNOT_UNDERSTAND)
             return STATUS_CANNOT_UNDERSTAND
-        header = read_header(data)
+        uid = str(header.SOPInstanceUID)
+        del header
         try:
-            if isinstance(header, Outcome):  # kept for inspection, and the sender hears the failure
-                path = self.spool.put(data, header.sop_instance_uid, self.spool.rejected)
-                self.audit.write(header.audit(self.analyser.model, "dimse"))
-                log.warning("Rejected a received dataset (%s), kept as %s.", header.code, path.name)
-                return STATUS_CANNOT_UNDERSTAND
-            self.spool.put(data, str(header.SOPInstanceUID))
+            self.spool.check_free_space()
+            self.spool.adopt(source, uid, self.spool.incoming, meta={**sender, "received": time.time()})
         except OSError as err:
-            log.error("The spool cannot be written (%s); answered 0x%04X.", err.strerror, STATUS_OUT_OF_RESOURCES)
+            self.audit.event(
+                "instance_refused", channel="dimse", **sender, sop_instance_uid=uid, outcome="refused",
+                reason="spool_unwritable", detail={"error": err.strerror or str(err), "status": "0xA700"},
+            )  # fmt: skip
+            log.error(
+                "The spool cannot be written (%s); answered 0x%04X.", err.strerror or err, STATUS_OUT_OF_RESOURCES
+            )
             return STATUS_OUT_OF_RESOURCES
-        self._wake.set()
+        self.audit.event("instance_received", channel="dimse", **sender, sop_instance_uid=uid, outcome="accepted")
+        self.pipeline.wake()
         return STATUS_SUCCESS
-
-    # --- processing: from the spool, so a restart picks up where the last run stopped ---
-
-    def _drain(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            waiting = False
-            for path in self.spool.pending():
-                if self._stop.is_set():
-                    return
-                if not self.process(path):
-                    waiting = True
-                    break
-            self._wake.wait(self.config.retry_s if waiting else 1.0)
-
-    def process(self, path: Path) -> bool:
-        """Answer one spooled instance; False when the destination is unreachable (the file stays)."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:  # a duplicate was already answered
-            return True
-        try:
-            outcome = self.analyser.analyse(data)
-        except Exception:  # even building the "no result" report failed: keep the file aside, say so
-            log.exception("Could not build a report for spool file %s; moved to failed/.", path.name)
-            os.replace(path, self.spool.failed / path.name)
-            uid = path.stem if re.fullmatch(r"[0-9.]{1,64}", path.stem) else None
-            self.audit.write(Outcome("rejected", uid, code="internal_error").audit(self.analyser.model, "dimse"))
-            return True
-        if outcome.objects:
-            try:
-                send(self.config.destination, outcome.objects, self.config.ae_title)
-            except PneumoError as err:
-                log.warning("%s %d instance(s) wait in the spool.", err.message, len(self.spool.pending()))
-                return False
-        self.audit.write(outcome.audit(self.analyser.model, "dimse"))
-        log.info("Answered a spooled instance: %s %s", outcome.status, outcome.code or outcome.label)
-        if outcome.status == "rejected":  # e.g. a file dropped into the spool by hand: kept, never deleted
-            os.replace(path, self.spool.rejected / path.name)
-        else:
-            path.unlink(missing_ok=True)
-        return True

@@ -1,230 +1,224 @@
-"""The DICOM objects pneumo sends back to the PACS: a Comprehensive SR per image, and a Grad-CAM capture.
+"""The report pneumo stores back for each instance: a TID 1500 Measurement Report, as IHE AI Results uses it.
 
-Both are built with ``highdicom``, which copies the patient and study modules from the source
-image (identifiers are copied, never invented) and fills the SOP common, series and equipment
-modules. This module only decides *what the report says* (the content tree below, documented
-in ``docs/dicom.md``) and *which UIDs* the new objects get:
+Built with highdicom (``MeasurementReport`` in a ``Comprehensive3DSR``), which copies the patient
+and study modules from the source (identifiers are copied, never invented; the source's header
+first goes through :func:`pneumo.dicom.header.tolerant_copy`) and fills the SOP common, series
+and equipment modules. The content tree (documented in ``docs/dicom.md``)::
 
-```
-CONTAINER (18748-4, LN, "Diagnostic imaging report")
-  HAS CONCEPT MOD  CODE (121058, DCM, "Procedure reported") = (399208008, SCT, "Plain chest X-ray")
-  HAS CONCEPT MOD  TEXT (111001, DCM, "Algorithm Name"), TEXT (111003, DCM, "Algorithm Version")   [TID 4019]
-  CONTAINS IMAGE   (260753009, SCT, "Source") -> the source SOP Class / SOP Instance UID
-  CONTAINS CODE    (233604007, SCT, "Pneumonia") = (373066001, SCT, "Yes") | (373067005, SCT, "No")   [result]
-  CONTAINS NUM     (PNEUMO01, 99PNEUMO, "Calibrated probability of pneumonia") unit (1, UCUM, "no units")   [result]
-  CONTAINS NUM     (PNEUMO02, 99PNEUMO, "Decision threshold") unit (1, UCUM, "no units")   [result]
-  CONTAINS TEXT    (PNEUMO03, 99PNEUMO, "No result reason") = "<error code>: <message>"   [no result]
-  CONTAINS TEXT    (PNEUMO04, 99PNEUMO, "Intended use") = the intended-use statement
-```
+    CONTAINER (126000, DCM, "Imaging Measurement Report")                      TID 1500
+      HAS CONCEPT MOD  Language of Content Item and Descendants = English
+      HAS OBS CONTEXT  Observer Type = Device; Device Observer UID, Name, Manufacturer, Model Name  (TID 1004)
+      HAS CONCEPT MOD  Procedure Reported = the source's procedure (or one named after its modality)
+      CONTAINS CONTAINER Imaging Measurements
+        CONTAINS CONTAINER Measurement Group                                    TID 1501
+          HAS OBS CONTEXT  Tracking Identifier / Tracking Unique Identifier
+          CONTAINS CODE    Finding = (233604007, SCT, "Pneumonia")
+          HAS CONCEPT MOD  Algorithm Name / Algorithm Version / Algorithm Manufacturer     TID 4019
+          CONTAINS IMAGE   Source -> the source image                           (images only)
+          CONTAINS NUM     (PNEUMO01, 99PNEUMO, "Calibrated probability of pneumonia")    [result]
+          CONTAINS NUM     (PNEUMO02, 99PNEUMO, "Decision threshold")                      [result]
+          CONTAINS CODE    (PNEUMO05, 99PNEUMO, "Analysis outcome") = Analysed | Not analysed
+                           | Not analysed: outside intended use
+          CONTAINS CODE    Pneumonia = (52101004, SCT, "Present") | (2667000, SCT, "Absent")  [result]
+          CONTAINS TEXT    (PNEUMO03, 99PNEUMO, "No result reason") = "<code>: <message>"  [no result]
+          CONTAINS TEXT    (PNEUMO09, 99PNEUMO, "Non-conformant source attribute")         [per note]
+          CONTAINS TEXT    (PNEUMO04, 99PNEUMO, "Intended use")
 
-UIDs are derived (``generate_uid(entropy_srcs=...)``) from the source UIDs and the model
-version, so processing the same image twice with the same model (e.g. after a crash between
-sending and forgetting the spooled file) gives the same SOP Instance UID, which a PACS treats
-as the same object instead of a duplicate report.
+The algorithm is also named in the Contributing Equipment Sequence, the private codes are declared
+in the Coding Scheme Identification Sequence, and the series description carries the caution.
+A source that is not an image (a presentation state, another SR) is referenced in the evidence
+sequence only: an IMAGE content item may point at images only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
 from pneumo import __version__
-
-#: Manufacturer written into every object pneumo makes (and how pneumo recognises its own output).
-MANUFACTURER = "pneumo"
-#: Series numbers of the report and overlay series pneumo adds to a study (high, to stay clear of the modality's).
-SR_SERIES_NUMBER = 9901
-SC_SERIES_NUMBER = 9902
-SR_SERIES_DESCRIPTION = "pneumo pneumonia result"
-SC_SERIES_DESCRIPTION = "pneumo Grad-CAM overlay"
-
-# Coded concepts of the content tree. Standard codes (LOINC, DICOM, SNOMED CT) where one exists;
-# the 99PNEUMO private scheme for the three values no standard names.
-REPORT_TITLE = Code("18748-4", "LN", "Diagnostic imaging report")
-PROCEDURE_REPORTED = Code("121058", "DCM", "Procedure reported")
-CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
-SOURCE = Code("260753009", "SCT", "Source")
-PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
-YES = Code("373066001", "SCT", "Yes")
-NO = Code("373067005", "SCT", "No")
-PROBABILITY = Code("PNEUMO01", "99PNEUMO", "Calibrated probability of pneumonia")
-THRESHOLD = Code("PNEUMO02", "99PNEUMO", "Decision threshold")
-NO_RESULT_REASON = Code("PNEUMO03", "99PNEUMO", "No result reason")
-INTENDED_USE_CONCEPT = Code("PNEUMO04", "99PNEUMO", "Intended use")
-NO_UNITS = Code("1", "UCUM", "no units")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What the model said about one image."""
-
-    pneumonia: bool
-    probability: float
-    threshold: float
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The model named in every report."""
-
-    name: str
-    version: str
-    intended_use: str
-
-
-def derived_uid(*parts: str) -> str:
-    """A UID that is a pure function of ``parts`` (pydicom's root, SHA-512 of the parts)."""
-    return str(generate_uid(entropy_srcs=list(parts)))
-
-
-def sr_series_uid(study_uid: str, model: ModelInfo) -> str:
-    """The one series that holds every pneumo report of a study (for a model version)."""
-    return derived_uid(study_uid, "pneumo-sr-series", model.name, model.version)
-
-
-def sc_series_uid(study_uid: str, model: ModelInfo) -> str:
-    """The one series that holds every pneumo Grad-CAM overlay of a study (for a model version)."""
-    return derived_uid(study_uid, "pneumo-sc-series", model.name, model.version)
-
-
-def is_own_output(header: Dataset, model: ModelInfo) -> bool:
-    """True when ``header`` is a report or overlay pneumo made (never classify those: it would loop)."""
-    study = str(header.get("StudyInstanceUID", ""))
-    series = str(header.get("SeriesInstanceUID", ""))
-    if str(header.get("Manufacturer", "")) == MANUFACTURER and str(header.get("Modality", "")) in ("SR", "OT"):
-        return True
-    return bool(study) and series in (sr_series_uid(study, model), sc_series_uid(study, model))
+from pneumo.dicom.codes import (
+    ABSENT,
+    ANALYSED,
+    ANALYSIS_OUTCOME,
+    CHEST_XRAY,
+    HEADER_NOTE,
+    IMAGING_PROCEDURE,
+    INTENDED_USE_CONCEPT,
+    LUNG,
+    MANUFACTURER,
+    NO_RESULT_REASON,
+    NO_UNITS,
+    NOT_ANALYSED,
+    OUTSIDE_INTENDED_USE,
+    PNEUMONIA,
+    PRESENT,
+    PROBABILITY,
+    PROCEDURES_BY_MODALITY,
+    PROCESSING_EQUIPMENT,
+    RADIOGRAPHY,
+    SR_SERIES_DESCRIPTION,
+    SR_SERIES_NUMBER,
+    THRESHOLD,
+    Finding,
+    ModelInfo,
+    coding_scheme_identification,
+    derived_uid,
+    instance_number,
+    sr_series_uid,
+)
+from pneumo.dicom.header import HeaderNote, tolerant_copy
+from pneumo.dicom.intended_use import RADIOGRAPH_MODALITIES
 
 
 def build_report(
-    source: Dataset, model: ModelInfo, finding: Finding | None, error: tuple[str, str] | None = None
+    source: Dataset,
+    model: ModelInfo,
+    finding: Finding | None,
+    error: tuple[str, str] | None = None,
+    *,
+    outside_intended_use: bool = False,
+    notes: list[HeaderNote] | None = None,
 ) -> Dataset:
-    """The Comprehensive SR for one source image: its finding, or why there is none.
+    """The Comprehensive 3D SR (TID 1500) for one source: its finding, or why there is none.
 
     Args:
-        source: the source image's header (pixel data not needed): patient, study and the
-            referenced SOP Class / Instance UIDs are taken from it.
+        source: the source's header (pixels not needed); it goes through :func:`~pneumo.dicom.header.tolerant_copy`
+            (idempotent), so whatever it holds, the report carries only conformant values.
         model: model name, version and intended use, written into every report.
         finding: the result, or ``None`` when no result could be given.
         error: ``(code, message)`` of the reason, when ``finding`` is ``None``.
+        outside_intended_use: the reason is the intended-use gate ("not analysed: outside intended use").
+        notes: source attributes that did not conform, stated in the report.
     """
-    import highdicom as hd  # lazy: only the DICOM node needs it
+    import highdicom as hd  # lazy: only the DICOM surfaces need it
+    from pydicom.sr.codedict import codes
 
     relation = hd.sr.RelationshipTypeValues
-    root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id=None)
-    items: list[Any] = [
-        hd.sr.CodeContentItem(PROCEDURE_REPORTED, CHEST_XRAY, relationship_type=relation.HAS_CONCEPT_MOD),
-        *hd.sr.AlgorithmIdentification(name=model.name, version=model.version, manufacturer=MANUFACTURER),
-        hd.sr.ImageContentItem(
-            SOURCE,
-            referenced_sop_class_uid=str(source.SOPClassUID),
-            referenced_sop_instance_uid=str(source.SOPInstanceUID),
-            relationship_type=relation.CONTAINS,
-        ),
-    ]
+    source, own_notes = tolerant_copy(source)
+    notes = [*(notes or ()), *own_notes]
+    is_image = "Rows" in source and "Columns" in source  # an image IOD; a GSPS, an SR or a PDF has neither
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version, manufacturer=MANUFACTURER)
+    evaluations: list[Any] = []
+    measurements: list[Any] = []
     if finding is not None:
-        items += [
-            hd.sr.CodeContentItem(PNEUMONIA, YES if finding.pneumonia else NO, relationship_type=relation.CONTAINS),
-            hd.sr.NumContentItem(PROBABILITY, finding.probability, NO_UNITS, relationship_type=relation.CONTAINS),
-            hd.sr.NumContentItem(THRESHOLD, finding.threshold, NO_UNITS, relationship_type=relation.CONTAINS),
+        measurements = [
+            hd.sr.Measurement(PROBABILITY, finding.probability, NO_UNITS),
+            hd.sr.Measurement(THRESHOLD, finding.threshold, NO_UNITS),
+        ]
+        evaluations = [
+            hd.sr.QualitativeEvaluation(ANALYSIS_OUTCOME, ANALYSED),
+            hd.sr.QualitativeEvaluation(PNEUMONIA, PRESENT if finding.pneumonia else ABSENT),
         ]
     else:
+        outcome = OUTSIDE_INTENDED_USE if outside_intended_use else NOT_ANALYSED
+        evaluations = [hd.sr.QualitativeEvaluation(ANALYSIS_OUTCOME, outcome)]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(str(source.SOPInstanceUID), "pneumo-tracking", model.name, model.version),
+            identifier="pneumo pneumonia classification",
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(LUNG)] if finding is not None else None,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup(str(source.SOPClassUID), str(source.SOPInstanceUID))]
+        if is_image
+        else None,
+    )
+    texts: list[tuple[Any, str]] = []
+    if finding is None:
         code, message = error or ("no_result", "No result was given.")
-        items.append(hd.sr.TextContentItem(NO_RESULT_REASON, f"{code}: {message}", relationship_type=relation.CONTAINS))
-    items.append(hd.sr.TextContentItem(INTENDED_USE_CONCEPT, model.intended_use, relationship_type=relation.CONTAINS))
-    root.ContentSequence = hd.sr.ContentSequence(items)
+        texts.append((NO_RESULT_REASON, f"{code}: {message}"[:1024]))
+    texts += [(HEADER_NOTE, note.text()[:1024]) for note in notes or ()]
+    texts.append((INTENDED_USE_CONCEPT, model.intended_use))
+    for concept, text in texts:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(concept, text, relationship_type=relation.CONTAINS))
 
+    device_uid = derived_uid("pneumo-device", model.name, model.version)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=model.name[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{model.name} {model.version}"[:64],
+        ),
+    )
+    content = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure_of(source),
+        imaging_measurements=[group],
+    )
     study_uid = str(source.StudyInstanceUID)
-    report = hd.sr.ComprehensiveSR(
-        evidence=[with_type2_identifiers(source)],
-        content=root,
+    report = hd.sr.Comprehensive3DSR(
+        evidence=[source],
+        content=content[0],
         series_instance_uid=sr_series_uid(study_uid, model),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid(str(source.SOPInstanceUID), "pneumo-sr", model.name, model.version),
-        instance_number=int(source.get("InstanceNumber", 1) or 1),
+        instance_number=instance_number(str(source.SOPInstanceUID), "sr"),
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,  # not verified by a clinician: decision support, not a diagnosis
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
         software_versions=__version__,
+        contributing_equipment=[contributing_equipment(model)],
     )
+    report.SpecificCharacterSet = "ISO_IR 192"
+    report.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
     now = datetime.now()
     report.ContentDate, report.ContentTime = DA(now.date()), TM(now.time().replace(microsecond=0))
     return report
 
 
-def build_overlay(source: Dataset, model: ModelInfo, overlay_rgb: np.ndarray, label: str) -> Dataset:
-    """A Secondary Capture of the Grad-CAM overlay, in pneumo's overlay series of the source's study.
+def contributing_equipment(model: ModelInfo) -> Any:
+    """The Contributing Equipment item that names the algorithm (IHE AI Results: who made this object)."""
+    import highdicom as hd
 
-    Args:
-        source: the source image's header.
-        model: the model whose evidence the overlay shows.
-        overlay_rgb: (H, W, 3) uint8 picture (``Explanation.overlay()``).
-        label: the answer the heatmap explains, written into the image comments.
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name=model.name[:64],
+        software_versions=[model.version[:64], f"pneumo {__version__}"[:64]],
+        contribution_description="AI decision support: pneumonia classification (not for diagnostic use)",
+    )
+
+
+def procedure_of(source: Dataset) -> Any:
+    """The procedure the report is about: the source's own code, else one named after its modality.
+
+    A CT slice's report used to say "Plain chest X-ray"; the procedure is now what the source was.
     """
     import highdicom as hd
 
-    pixels = np.ascontiguousarray(overlay_rgb, dtype=np.uint8)
-    orientation = source.get("PatientOrientation")
-    capture = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        pixel_array=pixels,
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=sc_series_uid(str(source.StudyInstanceUID), model),
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(str(source.SOPInstanceUID), "pneumo-sc", model.name, model.version),
-        instance_number=int(source.get("InstanceNumber", 1) or 1),
-        manufacturer=MANUFACTURER,
-        # highdicom insists on an orientation; the overlay is the source resized, never turned, so the
-        # source's own value is right. Where the source has none, it is emptied below (DICOM: unknown).
-        patient_orientation=tuple(orientation) if orientation and len(orientation) == 2 else ("L", "F"),
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-    )
-    capture.PatientOrientation = list(orientation) if orientation and len(orientation) == 2 else []
-    capture.SeriesDescription = SC_SERIES_DESCRIPTION
-    capture.ImageType = ["DERIVED", "SECONDARY"]
-    capture.BurnedInAnnotation = "NO"
-    capture.ImageComments = f"Grad-CAM evidence for {label} ({model.name} {model.version}); not for diagnosis."
-    capture.DerivationDescription = "Grad-CAM heatmap of the model's decision laid over the source radiograph."
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = source.SOPClassUID
-    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    capture.SourceImageSequence = [ref]
-    return capture
+    for item in source.get("ProcedureCodeSequence", None) or []:
+        try:
+            return hd.sr.CodedConcept(
+                str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning)[:64] or "Procedure"
+            )
+        except Exception:  # an incomplete code item: fall back to the modality
+            break
+    modality = str(source.get("Modality", "") or "").upper()
+    if modality in RADIOGRAPH_MODALITIES:
+        body_part = str(source.get("BodyPartExamined", "") or "").upper()
+        return CHEST_XRAY if body_part in ("", "CHEST", "THORAX", "LUNG", "LUNGS") else RADIOGRAPHY
+    return PROCEDURES_BY_MODALITY.get(modality, IMAGING_PROCEDURE)
 
 
-#: Type 2 patient and study attributes highdicom reads from the source (they must exist, may be empty).
-_TYPE2_IDENTIFIERS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
+def report_items(report: Dataset) -> dict[str, Dataset]:
+    """Every content item of ``report`` by concept meaning, depth first (the last of a meaning wins)."""
+    found: dict[str, Dataset] = {}
 
+    def walk(items: Any) -> None:
+        for item in items or []:
+            if "ConceptNameCodeSequence" in item:
+                found[str(item.ConceptNameCodeSequence[0].CodeMeaning)] = item
+            walk(item.get("ContentSequence"))
 
-def with_type2_identifiers(source: Dataset) -> Dataset:
-    """A copy of ``source`` where absent type 2 identifiers are present and empty.
-
-    DICOM's "empty" means "unknown": the report says exactly what the source said, never an invented
-    value, and highdicom (which reads these attributes unconditionally) gets a well-formed evidence dataset.
-    """
-    copy = Dataset(source)
-    for keyword in _TYPE2_IDENTIFIERS:
-        if keyword not in copy:
-            setattr(copy, keyword, "")
-    return copy
+    walk(report.get("ContentSequence"))
+    return found

@@ -76,7 +76,7 @@ MAX_AUC_DELTA = 0.002
 DEFAULT_CALIBRATION_IMAGES = 300
 #: How many convolutions (from the stem, in graph order; the stem counts) stay fp32, tried in this
 #: order: the first graph that passes the check on both image sets ships (fewer fp32 = faster).
-FP32_EARLY_CONVS = (6, 12, 24)
+FP32_EARLY_CONVS = (6, 12, 24, 48)
 #: Training images outside the calibration sample on which every try must agree too (see the module docstring).
 HELDOUT_IMAGES = 1000
 
