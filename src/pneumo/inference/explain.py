@@ -22,6 +22,20 @@ DEFAULT_OPACITY = 0.45
 #: Longest side of the image the heatmap is drawn on (a DICOM can be 3000 px; a screen shows ~600).
 DEFAULT_MAX_SIDE = 1024
 
+# Matplotlib's ``jet`` (its ``_jet_data`` segments, sampled as its 256-entry lookup table): the same
+# colours to 1e-15 (tests/modeling/test_gradcam.py), without an 80 MB plotting library in the serving install.
+_JET_SEGMENTS = (
+    ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+)
+_JET = np.stack([np.interp(np.linspace(0.0, 1.0, 256), *zip(*seg, strict=True)) for seg in _JET_SEGMENTS], axis=1)
+
+
+def jet_colours(heat: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] (shape ``heat.shape + (3,)``) of heat values in [0, 1], as ``matplotlib.colormaps["jet"]``."""
+    return _JET[np.clip((np.asarray(heat) * 256).astype(np.int64), 0, 255)]
+
 
 class ExplainUnavailableError(PneumoError):
     """No heatmap for this model (its graph exports no feature map, or the backend has none)."""
@@ -74,15 +88,13 @@ def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, opacity: float = DE
     Raises:
         ValueError: the heatmap does not have the image's size, or ``opacity`` is outside [0, 1].
     """
-    import matplotlib  # lazy: only drawing needs it
-
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}.")
     if heatmap.shape != (image.height, image.width):
         raise ValueError(f"heatmap shape {heatmap.shape} does not match the image ({image.height}, {image.width}).")
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     heat = np.clip(heatmap.astype(np.float32), 0.0, 1.0)
-    colour = matplotlib.colormaps["jet"](heat)[..., :3].astype(np.float32)
+    colour = jet_colours(heat).astype(np.float32)
     weight = (opacity * heat)[..., None]
     blended = base * (1.0 - weight) + colour * weight
     return Image.fromarray(np.round(blended * 255.0).astype(np.uint8), mode="RGB")

@@ -1,0 +1,77 @@
+"""Progress bars for long work (feature caching, evaluation, robustness, quantization, folders of files).
+
+One choice for the whole command line: rich (already installed with typer, and what Lightning's own
+epoch bar uses), drawn on stderr so stdout stays the command's output. Bars are off unless the
+command line turns them on (:func:`configure`: a terminal on stderr and no ``--quiet``), so a
+library call inside someone else's process never draws on their terminal.
+
+Library code reports work through :func:`track` (an iterable) or :func:`task` (a counter it
+advances); both cost nothing when bars are off.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+T = TypeVar("T")
+
+_enabled = False
+
+
+def configure(*, quiet: bool = False, force: bool | None = None) -> bool:
+    """Turn bars on for this process when stderr is a terminal and not ``quiet``; ``force`` overrides the check.
+
+    Returns whether bars are now on.
+    """
+    global _enabled
+    _enabled = (sys.stderr.isatty() if force is None else force) and not quiet
+    return _enabled
+
+
+def enabled() -> bool:
+    """Whether the command line asked for progress bars (Lightning's epoch bar follows this too)."""
+    return _enabled
+
+
+def _progress() -> Progress:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
+@contextmanager
+def task(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A bar of ``total`` steps while the block runs; yields ``advance(n)``. A no-op when bars are off."""
+    if not _enabled:
+        yield lambda n=1: None
+        return
+    bar = _progress()
+    with bar:
+        handle = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(handle, n)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Yield ``items`` while a bar counts them (``total`` defaults to ``len(items)`` where it has one)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with task(description, total) as advance:
+        for item in items:
+            yield item
+            advance(1)
