@@ -1,4 +1,4 @@
-"""The heatmap colour map of the serving install equals matplotlib's ``jet`` (which only the training extra installs)."""
+"""The heatmap colours of the serving install equal matplotlib's ``jet`` (which only the training extra installs)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details and library banners.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (they are off when not a terminal).")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars (off anyway when not a terminal).")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,

@@ -77,10 +77,10 @@ def missing_modules(extra: str) -> list[str]:
 
 
 def require_extra(command: str, extra: str) -> None:
-    """Stop with one line when ``pneumo COMMAND`` needs an extra the install lacks (the base install is the serving node)."""
-    missing = missing_modules(extra)
+    """Stop with one line when ``pneumo COMMAND`` needs an extra the install lacks (the base is the serving node)."""
+    missing = ", ".join(missing_modules(extra))
     if missing:
-        fail(f"`pneumo {command}` needs the {extra} extra ({', '.join(missing)} missing): pip install 'pneumo[{extra}]'")
+        fail(f"`pneumo {command}` needs the {extra} extra ({missing} missing): pip install 'pneumo[{extra}]'")
 
 
 def require_train_extra(command: str) -> None:
@@ -98,7 +98,7 @@ def check_data_root(root: str | Path | None, splits: Sequence[str] = ("train", "
         fail("no training data: pass --data DATA_ROOT (a folder with train/NORMAL and train/PNEUMONIA).")
     path = Path(root).expanduser()
     if not path.is_dir():
-        fail(f"data root {path} does not exist; pass a folder with train/NORMAL and train/PNEUMONIA (README: Get the data).")
+        fail(f"data root {path} does not exist; pass a folder with train/NORMAL and train/PNEUMONIA (README: the data)")
     for split in splits:
         folder = path / split if split else path
         if (folder / "NORMAL").is_dir() and (folder / "PNEUMONIA").is_dir():

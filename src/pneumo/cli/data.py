@@ -15,7 +15,7 @@ data_app = typer.Typer(help="Check a dataset folder (the Kermany chest X-ray lay
 
 @data_app.command("check")
 def check(
-    root: Annotated[Path, typer.Argument(help="Dataset root: train/ (val/, test/) with NORMAL/ and PNEUMONIA/, or a class-folder root.")],
+    root: Annotated[Path, typer.Argument(help="Dataset root: train/ (val/, test/) with NORMAL/ and PNEUMONIA/ each.")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the findings as JSON here.")] = None,
 ) -> None:
     """Count images per split and class, patients, repeated films and duplicates; refuse a wrong layout in one line."""

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress
 
 T = TypeVar("T")
@@ -40,31 +41,36 @@ def enabled() -> bool:
 
 
 def _progress() -> Progress:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich import progress as rich
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
+    columns = (rich.BarColumn(), rich.MofNCompleteColumn(), rich.TimeElapsedColumn(), rich.TimeRemainingColumn())
+    return rich.Progress(rich.TextColumn("{task.description}"), *columns, console=_console(), transient=False)
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _nothing(n: int = 1) -> None:
+    return None
 
 
 @contextmanager
 def task(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """A bar of ``total`` steps while the block runs; yields ``advance(n)``. A no-op when bars are off."""
     if not _enabled:
-        yield lambda n=1: None
+        yield _nothing
         return
     bar = _progress()
     with bar:
         handle = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(handle, n)
+
+        def advance(n: int = 1) -> None:
+            bar.advance(handle, n)
+
+        yield advance
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
@@ -75,3 +81,21 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         for item in items:
             yield item
             advance(1)
+
+
+@contextmanager
+def status(description: str) -> Iterator[None]:
+    """A spinner with ``description`` while a step without a count runs (an export, a fit), then its time.
+
+    For the steps at the end of a training run that used to pass in silence. A no-op when bars are off.
+    """
+    if not _enabled:
+        yield
+        return
+    import time
+
+    console = _console()
+    started = time.perf_counter()
+    with console.status(description):
+        yield
+    console.print(f"{description}: done in {time.perf_counter() - started:.1f} s")

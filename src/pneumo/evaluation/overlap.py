@@ -48,7 +48,7 @@ def content_hash(image: Image.Image) -> bytes:
 
 
 def hash_files(paths: Sequence[Path | str], description: str = "hashing images") -> list[bytes | None]:
-    """:func:`content_hash` of each file (decoded as the Predictor decodes it); ``None`` for a file that cannot be read."""
+    """:func:`content_hash` of each file (decoded as the Predictor decodes it); ``None`` where it cannot be read."""
     from pneumo.core.decode import read_image
     from pneumo.core.errors import PneumoError
 

@@ -29,7 +29,7 @@ _JET_SEGMENTS = (
     ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
     ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
 )
-_JET = np.stack([np.interp(np.linspace(0.0, 1.0, 256), *zip(*seg, strict=True)) for seg in _JET_SEGMENTS], axis=1)
+_JET = np.stack([np.interp(np.linspace(0.0, 1.0, 256), *np.transpose(seg)) for seg in _JET_SEGMENTS], axis=1)
 
 
 def jet_colours(heat: np.ndarray) -> np.ndarray:
