@@ -64,11 +64,23 @@ def setup_logging(verbose: bool, quiet: bool = False) -> None:
     logger.propagate = False
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     progress.configure(quiet=quiet)
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    _verbosity["verbose"] = verbose
+    quiet_training_stack()
     if not verbose:
         for pattern in KNOWN_HARMLESS_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
+
+
+_verbosity = {"verbose": False}
+
+
+def quiet_training_stack() -> None:
+    """Lightning's INFO lines (seed, accelerators, its tip) only with ``--verbose``.
+
+    Call it again once Lightning is imported: its ``__init__`` sets its logger back to INFO.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.INFO if _verbosity["verbose"] else logging.WARNING)
 
 
 def missing_modules(extra: str) -> list[str]:
@@ -98,7 +110,8 @@ def check_data_root(root: str | Path | None, splits: Sequence[str] = ("train", "
         fail("no training data: pass --data DATA_ROOT (a folder with train/NORMAL and train/PNEUMONIA).")
     path = Path(root).expanduser()
     if not path.is_dir():
-        fail(f"data root {path} does not exist; pass a folder with train/NORMAL and train/PNEUMONIA (README: the data)")
+        fail(f"data root {path} does not exist; pass a folder with train/NORMAL and train/PNEUMONIA "
+             "(README.md, 'Get the data').")  # fmt: skip
     for split in splits:
         folder = path / split if split else path
         if (folder / "NORMAL").is_dir() and (folder / "PNEUMONIA").is_dir():

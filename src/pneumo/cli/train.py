@@ -29,7 +29,7 @@ HELP = {
     "data": "Dataset root (Kaggle layout, or NORMAL/ + PNEUMONIA/).",
     "out": "Run folder; the bundle goes to OUT/bundle.",
     "arch": "efficientnet_lite0|1|2, vgg19, xception or any timm name.",
-    "pretrained": "true/false: start from ImageNet weights.",
+    "pretrained": "Start from ImageNet weights.",
     "weights": "Local file of ImageNet weights for the backbone.",
     "label_mode": "binary or 3class.",
     "frozen_epochs": "Phase 1: epochs on a frozen backbone.",
@@ -57,16 +57,16 @@ HELP = {
     "augment.blur": "Augmentation: largest Gaussian blur sigma, in pixels (0 = off).",
     "augment.noise": "Augmentation: largest Gaussian noise standard deviation, unit intensities (0 = off).",
     "augment.text": "Augmentation: probability of burned-in text (0 = off).",
-    "augment.enabled": "true/false: training augmentation.",
+    "augment.enabled": "Training augmentation.",
     "val_fraction": "Share of patients carved out for validation.",
     "seed": "Seed of the patient split (and of initialization etc. unless --train-seed is given).",
     "train_seed": "Seed of initialization, shuffling and augmentation alone; the split stays --seed's.",
     "threshold_rule": "youden, sensitivity or f1 (on validation), or robust (MODEL_CARD.md: on the shifts too).",
     "target_sensitivity": "Sensitivity the 'sensitivity' threshold rule must reach on validation.",
     "mixup": "Mixup: Beta parameter of the mixing weight, on the network's input (0 = off).",
-    "robustness": "true/false: score the finished bundle on the robustness validation (its validation films, shifted).",
-    "int8": "true/false: add a checked INT8 ONNX graph to the bundle (served by default where it passes).",
-    "feature_cache": "true/false: cache the frozen stages' outputs (fast on a CPU).",
+    "robustness": "Score the finished bundle on the robustness validation (its validation films, shifted).",
+    "int8": "Add a checked INT8 ONNX graph to the bundle (served by default where it passes).",
+    "feature_cache": "Cache the frozen stages' outputs (fast on a CPU).",
     "cache_views": "Augmented views cached per image.",
     "cache_dir": "Reuse cached features across runs here.",
     "num_workers": "DataLoader worker processes (0: read images in the main process).",
@@ -192,7 +192,7 @@ def register(app: typer.Typer, fail: Any, require_train_extra: Any = None) -> No
     ``require_train_extra(command)`` (when given) stops the command with one line when the
     training stack is not installed (a base, serving-only install).
     """
-    from pneumo.cli.common import check_data_root
+    from pneumo.cli.common import check_data_root, quiet_training_stack
     from pneumo.modeling.config import TrainConfig
 
     options = list(config_options(TrainConfig))
@@ -223,6 +223,7 @@ def register(app: typer.Typer, fail: Any, require_train_extra: Any = None) -> No
         check_data_root(cfg.data)  # before torch and Lightning load (seconds) and print their banners
         from pneumo.modeling import training
 
+        quiet_training_stack()  # importing Lightning set its logger back to INFO
         try:
             training.keep_freed_memory()  # 1.1-2.2x faster CPU steps (its docstring; benchmarks/train_allocator.py)
             bundle_dir = training.fit(cfg)

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from pneumo.core import progress as bars
 from pneumo.core.bundle import (
     INPUT_NAME,
     INT8_FILE,
@@ -98,9 +99,12 @@ class _Reader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def load_arrays(paths: Sequence[Path], config: PreprocessConfig) -> np.ndarray:
+def load_arrays(
+    paths: Sequence[Path], config: PreprocessConfig, description: str = "INT8: reading images"
+) -> np.ndarray:
     """Images -> the model's input (N, 3, S, S) through the one preprocessing path."""
-    return np.stack([preprocess(read_image(p, draft_size=config.input_size).image, config) for p in paths])
+    images = bars.track(paths, description)
+    return np.stack([preprocess(read_image(p, draft_size=config.input_size).image, config) for p in images])
 
 
 def fp32_nodes(model: Any, early: int = FP32_EARLY_CONVS[0]) -> list[str]:
@@ -260,9 +264,12 @@ def quantize_bundle(
         "Calibrating on %d training images, checking on %d validation images (%s) and %d other training images.",
         len(picked), len(val), how, len(heldout),
     )  # fmt: skip
-    calibration = load_arrays([s.path for s in picked], meta.preprocess)
+    calibration = load_arrays([s.path for s in picked], meta.preprocess, "INT8: reading calibration images")
     sets = {
-        name: (load_arrays([s.path for s in samples], meta.preprocess), np.array([s.label for s in samples]))
+        name: (
+            load_arrays([s.path for s in samples], meta.preprocess, f"INT8: reading {name} images"),
+            np.array([s.label for s in samples]),
+        )
         for name, samples in (("validation", val), ("heldout", heldout))
         if samples  # a tiny dataset may leave no training image outside the calibration sample
     }
@@ -272,12 +279,13 @@ def quantize_bundle(
         fp32 = OnnxRunner(fp32_path)
         reference = {name: graph_probability(fp32, arrays, meta) for name, (arrays, _) in sets.items()}  # once
         for early in FP32_EARLY_CONVS:
-            candidate = quantize_onnx(fp32_path, Path(tmp) / f"int8-{early}.onnx", calibration, early=early)
-            int8 = OnnxRunner(candidate, kind=Backend.INT8)
-            reports = {
-                name: compare_probabilities(reference[name], graph_probability(int8, arrays, meta), labels, meta)
-                for name, (arrays, labels) in sets.items()
-            }
+            with bars.status(f"INT8: quantizing (first {early} convolutions in fp32) and checking agreement"):
+                candidate = quantize_onnx(fp32_path, Path(tmp) / f"int8-{early}.onnx", calibration, early=early)
+                int8 = OnnxRunner(candidate, kind=Backend.INT8)
+                reports = {
+                    name: compare_probabilities(reference[name], graph_probability(int8, arrays, meta), labels, meta)
+                    for name, (arrays, labels) in sets.items()
+                }
             passed = all(_passes(r) for r in reports.values())
             tries.append({"fp32_early_convs": early, "passed": passed} | {
                 f"{name}_agreement": r["decision_agreement"] for name, r in reports.items()
