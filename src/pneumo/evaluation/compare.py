@@ -6,6 +6,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pneumo.evaluation.report import format_ci
 
@@ -29,6 +30,14 @@ def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def save_curves(metrics_csv: Path, out: Path, runs: Sequence[tuple[str, Path]] | None = None) -> Path:
     """Loss and validation-AUC curves of one run, or of several runs overlaid (``runs``: label, csv)."""
+    figure = curves_figure(metrics_csv, runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    return out
+
+
+def curves_figure(metrics_csv: Path, runs: Sequence[tuple[str, Path]] | None = None) -> Any:
+    """The matplotlib Figure :func:`save_curves` writes: loss (left) and validation ROC AUC (right) per epoch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -48,11 +57,10 @@ def save_curves(metrics_csv: Path, out: Path, runs: Sequence[tuple[str, Path]] |
     auc_ax.set(title="Validation ROC AUC", xlabel="epoch")
     for ax in (loss_ax, auc_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    return out
+    return figure
 
 
 _COLUMNS = ("accuracy", "sensitivity", "specificity", "roc_auc")

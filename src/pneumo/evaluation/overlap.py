@@ -62,13 +62,16 @@ def hash_files(paths: Sequence[Path | str], description: str = "hashing images")
 
 
 def encode(hashes: Iterable[bytes]) -> str:
-    """Hashes as one base64 string (16 bytes each): about 22 characters per image in ``bundle.json``."""
-    return base64.b64encode(b"".join(hashes)).decode("ascii")
+    """Hashes as one URL-safe base64 string (16 bytes each, ~22 characters per image in ``bundle.json``).
+
+    URL-safe: no ``/`` in it, which :func:`pneumo.core.redact.strip_paths` would take for a server path.
+    """
+    return base64.urlsafe_b64encode(b"".join(hashes)).decode("ascii")
 
 
 def decode(text: str) -> np.ndarray:
     """The (N, 16) uint8 array of an :func:`encode` string."""
-    raw = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+    raw = np.frombuffer(base64.urlsafe_b64decode(text), dtype=np.uint8)
     if raw.size % 16:
         raise ValueError(f"a hash list must hold a multiple of 16 bytes, got {raw.size}")
     return raw.reshape(-1, 16)
