@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +99,12 @@ def test_evaluate_warns_when_the_bundle_saw_the_images(
     from pneumo.evaluation.evaluate import evaluate_folder
 
     root, seen_bundle, _ = data_and_bundles
-    with caplog.at_level("WARNING", logger="pneumo.evaluation.evaluate"):
+    logger = logging.getLogger("pneumo.evaluation.evaluate")  # the CLI stops pneumo's records at its own handler
+    logger.addHandler(caplog.handler)
+    try:
         report = evaluate_folder(root, seen_bundle, split="train", out_dir=tmp_path / "r", n_boot=50)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert report["overlap"]["checked"] and report["overlap"]["any"] == 12
     assert (report["overlap"]["train"], report["overlap"]["val"]) == (9, 3)
     assert "12 of 12 images were seen by the bundle" in caplog.text
