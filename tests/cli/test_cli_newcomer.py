@@ -172,6 +172,22 @@ def test_evaluate_of_few_images_prints_no_collapsed_interval(tmp_path: Path) -> 
     assert "no CI: too few images" in result.stdout  # ROC AUC is 1.0 in every resample
 
 
+def test_evaluate_warns_once_about_films_the_model_saw(tmp_path: Path) -> None:
+    from model_helpers import tiny_bundle
+
+    from pneumo.core.dataset import discover
+    from pneumo.evaluation.overlap import seen_images
+
+    root = write_tiny_dataset(tmp_path / "data", n_per_class=4)
+    samples = discover(root, "train")
+    bundle, _ = tiny_bundle(tmp_path / "bundle", training={"seen_images": seen_images({"train": samples[:5]})})
+    result = invoke("evaluate", root / "train", "--model", bundle, "--json", tmp_path / "m.json", "--n-boot", "20")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "were seen by" in line]
+    assert warnings == ["warning: 5 of 8 images were seen by this model (5 in training, 0 in validation): "
+                        "these figures overstate it on new children"]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- quiet by default
 
 

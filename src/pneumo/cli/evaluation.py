@@ -33,7 +33,9 @@ def evaluate(
     from pneumo.evaluation.evaluate import evaluate_folder
 
     try:
-        report = evaluate_folder(data, model, split=split, json_out=json_out, out_dir=out, n_boot=n_boot)
+        report = evaluate_folder(
+            data, model, split=split, json_out=json_out, out_dir=out, n_boot=n_boot, warn_overlap=False
+        )
     except PneumoError as err:
         fail(err.message)
     typer.echo(f"{'data':12s} {report['data']} ({report['n_images']} images, {report['n_patients']} patients)")

@@ -70,6 +70,7 @@ def evaluate_folder(
     n_boot: int = 1000,
     batch_size: int = 32,
     check_overlap: bool = True,
+    warn_overlap: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a bundle (default: the shipped one) on ``data`` and write JSON, Markdown and plots.
 
@@ -82,7 +83,8 @@ def evaluate_folder(
             ``evaluation/``.
         n_boot: bootstrap resamples (of patients) for the confidence intervals.
         check_overlap: hash the images and count those the bundle trained or validated on
-            (``report["overlap"]``; a warning is logged when there are any).
+            (``report["overlap"]``).
+        warn_overlap: log a warning when there are any (the command line prints its own, after the figures).
     """
     from pneumo.inference.predictor import Predictor
 
@@ -108,7 +110,7 @@ def evaluate_folder(
     report["n_failed"] = len(failures)
     report["failures"] = failures
     if check_overlap:
-        report["overlap"] = seen_by_bundle(predictor.meta, [s for s, _ in ok])
+        report["overlap"] = seen_by_bundle(predictor.meta, [s for s, _ in ok], warn=warn_overlap)
 
     out = out_dir or (json_out.parent / f"{json_out.stem}_report" if json_out else Path("evaluation"))
     plots = save_plots(y_true, prob, predictor.threshold, out)
@@ -122,7 +124,7 @@ def evaluate_folder(
     return report
 
 
-def seen_by_bundle(meta: Any, samples: list[Any]) -> dict[str, Any]:
+def seen_by_bundle(meta: Any, samples: list[Any], *, warn: bool = True) -> dict[str, Any]:
     """How many ``samples`` the bundle saw in training or validation (``training.seen_images``), with examples.
 
     ``{"checked": False, ...}`` for a bundle that records no hashes (trained before they existed).
@@ -136,7 +138,7 @@ def seen_by_bundle(meta: Any, samples: list[Any]) -> dict[str, Any]:
         return {"checked": False, "reason": f"unknown hash method {record.get('method')!r}"}
     indices = found.pop("indices")
     found.update(checked=True, examples=[str(samples[i].path) for i in indices[:5]])
-    if found["any"]:
+    if found["any"] and warn:
         log.warning(
             "%d of %d images were seen by the bundle (%d in training, %d in validation): "
             "these figures overstate how it does on new children.",
