@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import restore_process_state  # noqa: F401  (autouse, module scope)
 from conftest import write_tiny_dataset
 from typer.testing import CliRunner
 
