@@ -39,3 +39,12 @@ def test_bars_draw_on_stderr_when_on(capsys: pytest.CaptureFixture[str]) -> None
     assert out == ""
     assert "caching features" in err and "3/3" in err
     assert "exporting the fp32 graph: done in" in err
+
+
+def test_a_bar_may_run_inside_a_status(capsys: pytest.CaptureFixture[str]) -> None:
+    """A step's status line and a bar inside it (fit the gate: features of every training image) coexist."""
+    progress.configure(force=True)
+    with progress.status("fitting the gate"):
+        assert sum(progress.track(range(4), "features")) == 6
+    err = capsys.readouterr().err
+    assert err.index("fitting the gate ...") < err.index("features") < err.index("fitting the gate: done in")

@@ -85,9 +85,10 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 
 @contextmanager
 def status(description: str) -> Iterator[None]:
-    """A spinner with ``description`` while a step without a count runs (an export, a fit), then its time.
+    """A line when a step without a count starts (an export, a fit) and one with its time when it ends.
 
-    For the steps at the end of a training run that used to pass in silence. A no-op when bars are off.
+    For the steps at the end of a training run that used to pass in silence. Plain lines, not a live
+    spinner, so a bar may run inside the step (rich allows one live display at a time). A no-op when off.
     """
     if not _enabled:
         yield
@@ -96,6 +97,6 @@ def status(description: str) -> Iterator[None]:
 
     console = _console()
     started = time.perf_counter()
-    with console.status(description):
-        yield
+    console.print(f"{description} ...")
+    yield
     console.print(f"{description}: done in {time.perf_counter() - started:.1f} s")
