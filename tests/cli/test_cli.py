@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import restore_process_state  # noqa: F401  (autouse, module scope)
 from conftest import write_tiny_dataset
 from typer.testing import CliRunner
 
@@ -143,16 +144,16 @@ def test_compare_writes_one_row_per_run(trained: Trained, tmp_path: Path) -> Non
     assert missing.exit_code == 2 and "run.json" in missing.output
 
 
-def test_train_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
-    result = invoke("train", "--data", tmp_path, "--optimizer", "sgd")
+def test_train_errors_are_one_line_not_tracebacks(tiny_dataset: Path, tmp_path: Path) -> None:
+    result = invoke("train", "--data", tiny_dataset, "--optimizer", "sgd")
     assert result.exit_code == 2
     assert "error:" in result.output and "optimizer" in result.output and "Traceback" not in result.output
-    assert invoke("train", "--data", tmp_path, "--pretrained", "maybe").exit_code == 2
-    empty = invoke("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "run", "--arch", "no_such_net")
-    assert empty.exit_code == 2 and "no_such_net" in empty.output
+    assert invoke("train", "--data", tiny_dataset, "--pretrained", "maybe").exit_code == 2
+    unknown = invoke("train", "--data", tiny_dataset, "--out", tmp_path / "run", "--arch", "no_such_net")
+    assert unknown.exit_code == 2 and "no_such_net" in unknown.output
 
 
-def test_train_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_options_map_onto_the_config(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pneumo.modeling import training
 
     seen: list[Any] = []
@@ -160,7 +161,7 @@ def test_train_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.M
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("optimizer: adamax\nfinetune_epochs: 9\nlr: 0.01\n")
     result = invoke(
-        "train", "--config", yaml_file, "--data", tmp_path, "--epochs", "3", "--frozen-epochs", "1",
+        "train", "--config", yaml_file, "--data", tiny_dataset, "--epochs", "3", "--frozen-epochs", "1",
         "--optimizer", "adamw", "--augment", "false", "--feature-cache", "no", "--devices", "2",
         "--strategy", "ddp", "--weights", tmp_path / "w.pth",
     )  # fmt: skip
@@ -170,7 +171,7 @@ def test_train_options_map_onto_the_config(tmp_path: Path, monkeypatch: pytest.M
     assert (config.frozen_epochs, config.finetune_epochs) == (1, 2)
     assert config.augment.enabled is False and config.feature_cache is False
     assert config.devices == "2" and config.strategy == "ddp"
-    assert config.data == str(tmp_path) and config.weights == str(tmp_path / "w.pth")
+    assert config.data == str(tiny_dataset) and config.weights == str(tmp_path / "w.pth")
 
 
 def test_every_config_field_has_a_train_flag() -> None:
@@ -192,13 +193,15 @@ def test_every_config_field_has_a_train_flag() -> None:
     assert {"--config", "--epochs", "--augment", "--weight-decay", "--finetune-epochs"} <= flags
 
 
-def test_nested_and_formerly_missing_flags_reach_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nested_and_formerly_missing_flags_reach_the_config(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pneumo.modeling import training
 
     seen: list[Any] = []
     monkeypatch.setattr(training, "fit", lambda config: seen.append(config))
     result = invoke(
-        "train", "--data", tmp_path, "--weight-decay", "0.001", "--finetune-epochs", "0",
+        "train", "--data", tiny_dataset, "--weight-decay", "0.001", "--finetune-epochs", "0",
         "--augment-rotation-deg", "5", "--augment-hflip", "0.25", "--cache-dir", tmp_path / "cache",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

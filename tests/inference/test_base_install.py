@@ -135,3 +135,16 @@ def test_training_from_the_base_install_names_the_extra(base_env: Path, tmp_path
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'pneumo[train]'" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_base_install_is_the_serving_node_and_names_the_app_extra(base_env: Path) -> None:
+    """Streamlit, pandas and matplotlib are not in the base install (the heatmap test above draws without them);
+    `pneumo app` says in one line which extra to install."""
+    probe = "import importlib.util as u; print([m for m in ('streamlit', 'pandas', 'matplotlib') if u.find_spec(m)])"
+    proc = subprocess.run([str(base_env), "-c", probe], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+    app = subprocess.run([str(base_env.parent / "pneumo"), "app"], capture_output=True, text=True, timeout=120)
+    assert app.returncode == 2
+    lines = app.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'pneumo[app]'" in lines[0], app.stderr

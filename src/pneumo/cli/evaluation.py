@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -12,30 +12,57 @@ from pneumo.cli.common import ModelOption, fail, require_train_extra
 
 
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Folder with NORMAL/ and PNEUMONIA/, or a Kaggle root (uses test/).")],
+    data: Annotated[Path, typer.Argument(help="Folder with NORMAL/ and PNEUMONIA/, or a Kaggle root (see --split).")],
     model: ModelOption = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split of a Kaggle root: train, val or test (default: test where there is one).")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics JSON here.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for report.md and plots (default: next to --json).")] = None,
-    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples (of patients) for the 95% CIs.")] = 1000,
 ) -> None:
-    """Metrics with bootstrap 95% CIs, a Markdown report and ROC/PR/confusion/reliability plots."""
+    """Metrics with patient-level 95% CIs, a Markdown report and ROC/PR/confusion/reliability plots.
+
+    Warns when the images include films the model trained or validated on.
+    """
     from pneumo.core.errors import PneumoError
 
     require_train_extra("evaluate")
+    if not data.exists():
+        fail(f"{data} does not exist; pass a folder with NORMAL/ and PNEUMONIA/ or a Kaggle root.")
     from pneumo.evaluation.evaluate import evaluate_folder
 
     try:
-        report = evaluate_folder(data, model, json_out=json_out, out_dir=out, n_boot=n_boot)
+        report = evaluate_folder(
+            data, model, split=split, json_out=json_out, out_dir=out, n_boot=n_boot, warn_overlap=False
+        )
     except PneumoError as err:
         fail(err.message)
+    typer.echo(f"{'data':12s} {report['data']} ({report['n_images']} images, {report['n_patients']} patients)")
     ci = report.get("ci", {})
-    for key in ("n_images", "accuracy", "sensitivity", "specificity", "roc_auc", "threshold"):
+    for key in ("accuracy", "sensitivity", "specificity", "roc_auc", "threshold"):
         value = report.get(key)
-        bounds = ci.get(key)
-        extra = f"  (95% CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else ""
-        typer.echo(f"{key:12s} {value if isinstance(value, int) else format(value or 0.0, '.4f')}{extra}")
+        typer.echo(f"{key:12s} {'n/a' if value is None else format(value, '.4f')}{_interval(key, ci)}")
+    for key, note in (report.get("ci_notes") or {}).items():
+        if key in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+            typer.echo(f"note: {key} CI: {note}")
+    seen = report.get("overlap") or {}
+    if seen.get("any"):
+        typer.secho(
+            f"warning: {seen['any']} of {seen['of']} images were seen by this model ({seen.get('train', 0)} in "
+            f"training, {seen.get('val', 0)} in validation): these figures overstate it on new children",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     if report.get("n_failed"):
         typer.echo(f"{report['n_failed']} files could not be read; see failures in the JSON", err=True)
+
+
+def _interval(key: str, ci: dict[str, Any]) -> str:
+    if key not in ci:
+        return ""
+    bounds = ci[key]
+    return f"  (95% CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else "  (no CI: too few images)"
 
 
 def robustness(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pneumo.cli.common import ModelOption, fail
+from pneumo.cli.common import ModelOption, fail, require_extra
 
 
 def app_command(
@@ -16,6 +16,7 @@ def app_command(
     model: ModelOption = None,
 ) -> None:
     """Start the clinician's web page (Streamlit) at http://HOST:PORT."""
+    require_extra("app", "app")  # the base install is the serving node: one line, not an ImportError
     from streamlit.web import cli as streamlit_cli
 
     from pneumo.core.bundle import resolve_bundle

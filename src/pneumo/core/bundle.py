@@ -223,6 +223,9 @@ class TrainingRecord(_Section):
     epoch_seconds: list[float] = Field(default_factory=list)
     fit_seconds: float | None = None
     hardware: dict[str, Any] = Field(default_factory=dict)
+    #: Compact content hashes of the training and validation films (``pneumo.evaluation.overlap``), so
+    #: an evaluation can say when it is given films the model saw.
+    seen_images: dict[str, Any] | None = None
 
 
 class BundleMeta(BaseModel):

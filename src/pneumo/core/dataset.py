@@ -128,8 +128,10 @@ def discover(root: Path | str, split: str | None = None, label_mode: str = "bina
     missing = [c for c in CLASS_DIRS if not (folder / c).is_dir()]
     if missing:
         hint = ""
-        if split is None and (folder / "train").is_dir():
-            hint = " It looks like a Kaggle root: pass split='train' (or 'val', 'test')."
+        if split is None and any((folder / name).is_dir() for name in SPLITS):
+            hint = (
+                " It looks like a Kaggle root: choose a split (pneumo evaluate --split train; in Python split='train')."
+            )
         raise DataError(
             f"{folder} has no {' or '.join(m + '/' for m in missing)} folder (it holds {_listing(folder)}); "
             f"expected one sub-folder per class: {', '.join(c + '/' for c in CLASS_DIRS)}.{hint}",
@@ -249,3 +251,52 @@ def dataset_summary(samples: Sequence[Sample], label_mode: str) -> dict[str, Any
         "counts": dict(zip(names, _counts(samples, len(names)), strict=True)),
         "kinds": dict(sorted(Counter(s.kind for s in samples).items())),
     }
+
+
+def layout(root: Path | str) -> dict[str, Path]:
+    """The labelled folders of a dataset root: ``{"train": ..., "val": ..., "test": ...}`` (those present) for a
+    Kaggle root, ``{"": root}`` for a folder holding ``NORMAL/`` and ``PNEUMONIA/`` itself.
+
+    Raises:
+        DataError: ``root`` is not a folder, or holds neither layout (the message lists what it holds).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder.", code="bad_layout")
+    if all((root / c).is_dir() for c in CLASS_DIRS):
+        return {"": root}
+    found = {s: root / s for s in SPLITS if all((root / s / c).is_dir() for c in CLASS_DIRS)}
+    if not found:
+        raise DataError(
+            f"{root} holds {_listing(root)}; expected train/NORMAL and train/PNEUMONIA (the Kaggle layout, "
+            "optional val/ and test/ alike) or NORMAL/ and PNEUMONIA/ directly.",
+            code="bad_layout",
+        )
+    return found
+
+
+def inspect_root(root: Path | str) -> dict[str, Any]:
+    """What a dataset root holds, split by split: images per class and kind, patients, films per patient,
+    files with identical bytes, and patients found in more than one split (a leak between them).
+
+    Raises:
+        DataError: as :func:`layout`, or a class folder without images.
+    """
+    import hashlib
+
+    report: dict[str, Any] = {"root": str(root), "splits": {}}
+    patients: dict[str, set[str]] = {}
+    for split, folder in layout(root).items():
+        samples = discover(folder, None, "binary")
+        summary = dataset_summary(samples, "binary")
+        per_patient = Counter(s.patient for s in samples)
+        digests = Counter(hashlib.sha1(s.path.read_bytes()).hexdigest() for s in samples)
+        summary["patients_with_several_films"] = sum(1 for n in per_patient.values() if n > 1)
+        summary["duplicate_files"] = sum(n - 1 for n in digests.values() if n > 1)
+        report["splits"][split or "."] = summary
+        patients[split or "."] = set(per_patient)
+    names = sorted(patients)
+    report["shared_patients"] = {
+        f"{a}+{b}": len(patients[a] & patients[b]) for i, a in enumerate(names) for b in names[i + 1 :]
+    }
+    return report

@@ -6,6 +6,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pneumo.evaluation.report import format_ci
 
@@ -29,6 +30,14 @@ def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def save_curves(metrics_csv: Path, out: Path, runs: Sequence[tuple[str, Path]] | None = None) -> Path:
     """Loss and validation-AUC curves of one run, or of several runs overlaid (``runs``: label, csv)."""
+    figure = curves_figure(metrics_csv, runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    return out
+
+
+def curves_figure(metrics_csv: Path, runs: Sequence[tuple[str, Path]] | None = None) -> Any:
+    """The matplotlib Figure :func:`save_curves` writes: loss (left) and validation ROC AUC (right) per epoch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -37,10 +46,10 @@ def save_curves(metrics_csv: Path, out: Path, runs: Sequence[tuple[str, Path]] |
     loss_ax, auc_ax = figure.subplots(1, 2)
     for label, path in runs or [("", metrics_csv)]:
         series = read_metrics_csv(path)
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+        for key, style in (("train_loss", "-o"), ("val_loss", "--o")):  # markers: one epoch is one point, no line
             if key in series:
                 x, y = zip(*series[key], strict=True)
-                loss_ax.plot(x, y, style, label=f"{label} {key}".strip())
+                loss_ax.plot(x, y, style, markersize=3, label=f"{label} {key}".strip())
         if "val_auc" in series:
             x, y = zip(*series["val_auc"], strict=True)
             auc_ax.plot(x, y, "-o", markersize=3, label=label or "val_auc")
@@ -48,11 +57,10 @@ def save_curves(metrics_csv: Path, out: Path, runs: Sequence[tuple[str, Path]] |
     auc_ax.set(title="Validation ROC AUC", xlabel="epoch")
     for ax in (loss_ax, auc_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    return out
+    return figure
 
 
 _COLUMNS = ("accuracy", "sensitivity", "specificity", "roc_auc")
@@ -64,6 +72,14 @@ _ROBUST_COLUMNS = (
 )
 
 
+def wall_time(training: dict) -> str:
+    """The run's wall time: ``recipe_seconds`` (data to finished bundle, as run.json records it), else the
+    training loop alone (runs from before it was recorded; marked, since the end of a run can take minutes)."""
+    if training.get("recipe_seconds") is not None:
+        return f"{training['recipe_seconds'] / 60:.1f} min"
+    return f"{(training.get('cache_seconds', 0.0) + training.get('fit_seconds', 0.0)) / 60:.1f} min (fit only)"
+
+
 def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None = None) -> str:
     """A Markdown table of runs side by side (validation metrics with CIs, settings, times) + overlaid curves."""
     rows = []
@@ -73,7 +89,7 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
             raise FileNotFoundError(f"{run} has no run.json; pass folders written by `pneumo train --out`.")
         rows.append((run, json.loads(record_path.read_text())))
     header = ["run", "arch", "phases", "optimizer", "augment", *_COLUMNS, *(c[0] for c in _ROBUST_COLUMNS),
-              "threshold", "params", "train time"]  # fmt: skip
+              "threshold", "params", "wall time"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, rec in rows:
         cfg, val, tr = rec["training"]["config"], rec["validation"], rec["training"]
@@ -88,8 +104,7 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
             value = entry.get(stat)
             worst = f" ({entry['worst_shift']})" if stat == "worst" and "worst_shift" in entry else ""
             cells.append(f"{value:.3f}{worst}" if isinstance(value, int | float) else "n/a")
-        minutes = (tr["cache_seconds"] + tr["fit_seconds"]) / 60
-        cells += [f"{val['threshold']:.3f}", f"{tr['parameters'] / 1e6:.1f} M", f"{minutes:.1f} min"]
+        cells += [f"{val['threshold']:.3f}", f"{tr['parameters'] / 1e6:.1f} M", wall_time(tr)]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     out_md.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from sklearn.metrics import (
 
 from pneumo.core.bundle import NEGATIVE, POSITIVE, ThresholdRule, is_positive
 from pneumo.core.errors import PneumoError
+from pneumo.evaluation.intervals import cluster_bootstrap_ci, repair_degenerate
 
 logger = logging.getLogger(__name__)
 
@@ -401,16 +402,25 @@ def evaluation_report(
     seed: int = 0,
     alpha: float = 0.05,
     ci_metrics: Sequence[str] = REPORT_CI_METRICS,
+    groups: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """:func:`compute_metrics` plus ``"ci"`` (metric -> ``[low, high]`` or ``None``), ``"ci_level"`` and
-    ``"ci_method"``. ``n_boot=0`` skips the bootstrap (``"ci"`` is then empty)."""
+    """:func:`compute_metrics` plus ``"ci"`` (metric -> ``[low, high]`` or ``None``), ``"ci_level"``, ``"ci_method"``,
+    ``"ci_notes"``; ``n_boot=0`` skips them. ``groups`` (a patient id per image) resamples patients, not images;
+    collapsed intervals are repaired either way (:mod:`pneumo.evaluation.intervals`)."""
     report = compute_metrics(y_true, prob, threshold)
-    ci = bootstrap_ci(y_true, prob, threshold, ci_metrics, n_boot, seed, alpha) if n_boot > 0 else {}
+    ci: dict[str, tuple[float, float] | None] = {}
+    notes: dict[str, str] = {}
+    method = "none"
+    if n_boot > 0 and groups is not None:
+        y, p = _check_binary(y_true, prob)
+        ci = cluster_bootstrap_ci(y, p, _check_threshold(threshold), groups, ci_metrics, n_boot, seed, alpha,
+                                  score=_metric_rows)  # fmt: skip
+        method = (f"percentile bootstrap, n={n_boot} resamples of the {len(set(groups))} patients (cluster "
+                  f"bootstrap: all of a patient's images together), stratified by class, seed {seed}")  # fmt: skip
+    elif n_boot > 0:
+        ci = bootstrap_ci(y_true, prob, threshold, ci_metrics, n_boot, seed, alpha)
+        method = f"percentile bootstrap, n={n_boot} resamples of the images, stratified by class, seed {seed}"
+    ci, notes = repair_degenerate(report, ci, alpha) if ci else (ci, notes)
     report["ci"] = {name: (list(bounds) if bounds is not None else None) for name, bounds in ci.items()}
-    report["ci_level"] = 1.0 - alpha
-    report["ci_method"] = (
-        f"percentile bootstrap, n={n_boot} resamples of the images, stratified by class, seed {seed}"
-        if n_boot > 0
-        else "none"
-    )
+    report.update(ci_level=1.0 - alpha, ci_method=method, ci_notes=notes)
     return report

@@ -39,8 +39,16 @@ def markdown_report(report: Mapping[str, Any], title: str = "Evaluation") -> str
     ci: Mapping[str, Any] = report.get("ci") or {}
     level = float(report.get("ci_level", 0.95))
     lines = [f"# {title}", ""]
+    seen = report.get("overlap") or {}
+    if seen.get("any"):
+        lines += [
+            f"> **Warning: {seen['any']} of {seen['of']} images were seen by this model** ({seen.get('train', 0)} in "
+            f"training, {seen.get('val', 0)} in validation). These figures overstate how it does on new children.",
+            "",
+        ]
+    patients = f" from {report['n_patients']} patients" if report.get("n_patients") else ""
     lines.append(
-        f"{report['n_images']} images ({report['n_positive']} PNEUMONIA, {report['n_negative']} NORMAL). "
+        f"{report['n_images']} images{patients} ({report['n_positive']} PNEUMONIA, {report['n_negative']} NORMAL). "
         f"An image is called PNEUMONIA when P(pneumonia) >= {report['threshold']:.4f}"
         + (f" (chosen by: {report['threshold_rule']})." if report.get("threshold_rule") else ".")
     )
@@ -52,6 +60,8 @@ def markdown_report(report: Mapping[str, Any], title: str = "Evaluation") -> str
             lines.append(f"| {label} | {_fmt(report[key])} | {interval} |")
     if report.get("ci_method") and report["ci_method"] != "none":
         lines += ["", f"Confidence intervals: {report['ci_method']}."]
+        notes: Mapping[str, str] = report.get("ci_notes") or {}
+        lines += [f"- {name}: {note}." for name, note in notes.items()]
     (tn, fp), (fn, tp) = report["confusion_matrix"]
     lines += ["", "## Confusion matrix", "", "| true \\ predicted | NORMAL | PNEUMONIA |", "| --- | ---: | ---: |"]
     lines += [f"| NORMAL | {tn} | {fp} |", f"| PNEUMONIA | {fn} | {tp} |"]

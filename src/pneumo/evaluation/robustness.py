@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from pneumo.core import image_ops as ops
+from pneumo.core import progress
 from pneumo.core.bundle import is_positive
 from pneumo.evaluation.metrics import (
     compute_metrics,
@@ -175,13 +176,15 @@ def shifted_probabilities(
     if unknown:
         raise KeyError(f"Unknown shifts {unknown}; known: {', '.join(SHIFTS)}")
     out: dict[str, np.ndarray] = {}
-    for shift in shifts:
-        probs = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            probs.append(prob_fn([shift_image(image, shift, key) for key, image in chunk]))
-        out[shift] = np.concatenate(probs) if probs else np.zeros(0)
-        log.info("robustness: %s done", shift)
+    with progress.task(f"robustness ({len(shifts)} shifts)", len(shifts) * len(images)) as advance:
+        for shift in shifts:
+            probs = []
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                probs.append(prob_fn([shift_image(image, shift, key) for key, image in chunk]))
+                advance(len(chunk))
+            out[shift] = np.concatenate(probs) if probs else np.zeros(0)
+            log.info("robustness: %s done", shift)
     return out
 
 
@@ -347,7 +350,7 @@ def load_images(samples: Sequence[Any], input_size: int) -> list[tuple[str, Imag
     """Decode samples once (:func:`pneumo.core.decode.read_image`, as the model sees them), keyed by file name."""
     from pneumo.core.decode import read_image
 
-    return [(s.path.name, read_image(s.path, draft_size=input_size).image) for s in samples]
+    return [(s.path.name, read_image(s.path, draft_size=input_size).image) for s in progress.track(samples, "decoding")]
 
 
 def evaluate_bundle(

@@ -23,6 +23,20 @@ DEFAULT_OPACITY = 0.45
 #: Longest side of the image the heatmap is drawn on (a DICOM can be 3000 px; a screen shows ~600).
 DEFAULT_MAX_SIDE = 1024
 
+# Matplotlib's ``jet`` (its ``_jet_data`` segments, sampled as its 256-entry lookup table): the same
+# colours to 1e-15 (tests/modeling/test_gradcam.py), without an 80 MB plotting library in the serving install.
+_JET_SEGMENTS = (
+    ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+)
+_JET = np.stack([np.interp(np.linspace(0.0, 1.0, 256), *np.transpose(seg)) for seg in _JET_SEGMENTS], axis=1)
+
+
+def jet_colours(heat: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] (shape ``heat.shape + (3,)``) of heat values in [0, 1], as ``matplotlib.colormaps["jet"]``."""
+    return _JET[np.clip((np.asarray(heat) * 256).astype(np.int64), 0, 255)]
+
 
 class ExplainUnavailableError(PneumoError):
     """No heatmap for this model (its graph exports no feature map, or the backend has none)."""
@@ -68,16 +82,6 @@ class Explainer(Protocol):
         ...
 
 
-def jet(heat: np.ndarray) -> np.ndarray:
-    """The classic "jet" colour map (blue -> cyan -> yellow -> red) of values in [0, 1], as RGB floats.
-
-    The piecewise-linear form of the map (each channel a clipped tent), a few lines of NumPy instead
-    of importing matplotlib into every serving process for one colour map.
-    """
-    x = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)[..., None] * 4.0
-    return np.clip(1.5 - np.abs(x - np.array([3.0, 2.0, 1.0], dtype=np.float32)), 0.0, 1.0)
-
-
 def to_display(cam: np.ndarray, crop: Box, display_size: tuple[int, int]) -> np.ndarray:
     """A map over the model's input (the crop, squashed square) laid onto the displayed image; 0 outside the crop."""
     width, height = display_size
@@ -109,8 +113,9 @@ def overlay_heatmap(
         raise ValueError(f"heatmap shape {heatmap.shape} does not match the image ({image.height}, {image.width}).")
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     heat = np.clip(heatmap.astype(np.float32), 0.0, 1.0)
+    colour = jet_colours(heat).astype(np.float32)
     weight = (opacity * heat)[..., None]
-    blended = base * (1.0 - weight) + jet(heat) * weight
+    blended = base * (1.0 - weight) + colour * weight
     out = Image.fromarray(np.round(blended * 255.0).astype(np.uint8), mode="RGB")
     if crop is not None and crop.found:
         left, top, right, bottom = crop.to_pixels(out.width, out.height)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from pneumo.core import progress
 from pneumo.core.bundle import (
     INT8_FILE,
     LOCALIZER_FILE,
@@ -55,6 +56,7 @@ from pneumo.evaluation import robustness
 from pneumo.evaluation.compare import save_curves
 from pneumo.evaluation.metrics import MetricsInputError, evaluation_report, fit_platt, select_threshold
 from pneumo.evaluation.metrics import fit_temperature as _fit_temperature
+from pneumo.evaluation.overlap import seen_images
 from pneumo.evaluation.plots import save_plots
 from pneumo.evaluation.report import format_ci, markdown_report
 from pneumo.inference.ood import OodGate
@@ -82,13 +84,16 @@ def finalize(
     record: dict[str, Any],
     *,
     started: float | None = None,
+    train_samples: Sequence[Sample] = (),
 ) -> Path:
     """Calibrate, choose the threshold, fit the gate, score the shifts, quantize, and write the bundle once.
 
     ``meta`` arrives with what training knew (architecture, labels, preprocessing, name) and leaves
     with the calibration, the threshold, the gate, the metrics, the files and the training record.
     ``started`` (a ``time.perf_counter()`` reading taken when the run began) adds the recipe's whole
-    wall time to ``run.json`` as ``recipe_seconds``. Returns the bundle's folder.
+    wall time to ``run.json`` as ``recipe_seconds``; the compact hashes of ``train_samples`` and
+    ``val_samples`` go into the training record, so ``pneumo evaluate`` warns when it is given films
+    the bundle saw (:mod:`pneumo.evaluation.overlap`). Returns the bundle's folder.
     """
     out = Path(config.out)
     bundle_dir, val_dir = out / "bundle", out / "validation"
@@ -99,12 +104,15 @@ def finalize(
 
     meta.temperature = fit_temperature(val_logits, y_class)
     meta.version = datetime.now(UTC).strftime("%Y.%m.%d.%H%M")
-    meta.training = TrainingRecord(**record, hardware=hardware_info())
+    seen = seen_images({"train": train_samples, "val": val_samples}) if train_samples else None
+    meta.training = TrainingRecord(**record, hardware=hardware_info(), seen_images=seen)
     save_weights(bundle_dir, model, meta)
     add_localizer(bundle_dir, meta)
-    gate = fit_ood(feature_fn("train")[1], val_feats)
-    log.info("Exporting the fp32 ONNX graph (the robustness validation and the INT8 check run on it).")
-    fp32 = export_onnx(bundle_dir, out=cached_onnx_path(bundle_dir, meta.preprocess.input_size), model=model, meta=meta)
+    with progress.status("Fitting the not-a-chest-X-ray gate"):
+        gate = fit_ood(feature_fn("train")[1], val_feats)
+    with progress.status("Exporting the fp32 ONNX graph (the robustness validation and the INT8 check run on it)"):
+        target = cached_onnx_path(bundle_dir, meta.preprocess.input_size)
+        fp32 = export_onnx(bundle_dir, out=target, model=model, meta=meta)
 
     logits = {"clean": val_logits}
     if config.robustness:

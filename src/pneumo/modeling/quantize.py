@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from pneumo.core import progress as bars
 from pneumo.core.bundle import (
     INPUT_NAME,
     INT8_FILE,
@@ -103,10 +104,12 @@ class _Reader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def load_arrays(paths: Sequence[Path], preprocessor: Preprocessor) -> np.ndarray:
+def load_arrays(
+    paths: Sequence[Path], preprocessor: Preprocessor, description: str = "INT8: reading images"
+) -> np.ndarray:
     """Images -> the model's input (N, 3, S, S) through the one preprocessing path (framing included)."""
     size = preprocessor.config.input_size
-    return np.stack([preprocessor(read_image(p, draft_size=size).image) for p in paths])
+    return np.stack([preprocessor(read_image(p, draft_size=size).image) for p in bars.track(paths, description)])
 
 
 def fp32_nodes(model: Any, early: int = FP32_EARLY_CONVS[0]) -> list[str]:
@@ -267,9 +270,12 @@ def quantize_bundle(
         len(picked), len(val), how, len(heldout),
     )  # fmt: skip
     preprocessor = Preprocessor(meta.preprocess, bundle_file(folder, LOCALIZER_FILE, required=meta.preprocess.framed))
-    calibration = load_arrays([s.path for s in picked], preprocessor)
+    calibration = load_arrays([s.path for s in picked], preprocessor, "INT8: reading calibration images")
     sets = {
-        name: (load_arrays([s.path for s in samples], preprocessor), np.array([s.label for s in samples]))
+        name: (
+            load_arrays([s.path for s in samples], preprocessor, f"INT8: reading {name} images"),
+            np.array([s.label for s in samples]),
+        )
         for name, samples in (("validation", val), ("heldout", heldout))
         if samples  # a tiny dataset may leave no training image outside the calibration sample
     }
@@ -279,12 +285,13 @@ def quantize_bundle(
         fp32 = OnnxRunner(fp32_path)
         reference = {name: graph_probability(fp32, arrays, meta) for name, (arrays, _) in sets.items()}  # once
         for early in FP32_EARLY_CONVS:
-            candidate = quantize_onnx(fp32_path, Path(tmp) / f"int8-{early}.onnx", calibration, early=early)
-            int8 = OnnxRunner(candidate, kind=Backend.INT8)
-            reports = {
-                name: compare_probabilities(reference[name], graph_probability(int8, arrays, meta), labels, meta)
-                for name, (arrays, labels) in sets.items()
-            }
+            with bars.status(f"INT8: quantizing (first {early} convolutions in fp32) and checking agreement"):
+                candidate = quantize_onnx(fp32_path, Path(tmp) / f"int8-{early}.onnx", calibration, early=early)
+                int8 = OnnxRunner(candidate, kind=Backend.INT8)
+                reports = {
+                    name: compare_probabilities(reference[name], graph_probability(int8, arrays, meta), labels, meta)
+                    for name, (arrays, labels) in sets.items()
+                }
             passed = all(_passes(r) for r in reports.values())
             tries.append({"fp32_early_convs": early, "passed": passed} | {
                 f"{name}_agreement": r["decision_agreement"] for name, r in reports.items()

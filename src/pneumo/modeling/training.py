@@ -20,12 +20,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 
+from pneumo.core import progress as bars
 from pneumo.core.bundle import BundleMeta, ThresholdRule
 from pneumo.core.dataset import dataset_summary, label_names
 from pneumo.core.errors import PneumoError
@@ -229,6 +230,8 @@ def fit(config: TrainConfig) -> Path | None:
         LearningRateMonitor(logging_interval="epoch"),
         EpochTimer(),
     ]
+    if bars.enabled():  # Lightning's own bar, on stderr like every other bar (its default writes to stdout)
+        callbacks.append(RichProgressBar(console_kwargs={"stderr": True}))
     precision: Any = config.precision  # Lightning types it as a Literal; the CLI passes a plain string
     trainer = L.Trainer(
         max_epochs=config.epochs,
@@ -241,6 +244,7 @@ def fit(config: TrainConfig) -> Path | None:
         logger=CSVLogger(out, name="logs", version=""),
         log_every_n_steps=10,
         enable_model_summary=False,
+        enable_progress_bar=bars.enabled(),
         num_sanity_val_steps=0,
     )
     fit_started = time.perf_counter()
@@ -271,7 +275,7 @@ def fit(config: TrainConfig) -> Path | None:
     else:
         feature_fn = _image_features(model, images)
     return finalize(model, meta, config, images.val_samples, images.split_description, feature_fn, record,
-                    started=started)  # fmt: skip
+                    started=started, train_samples=images.train_samples)  # fmt: skip
 
 
 def _epoch_record(out: Path) -> dict[str, Any]:
@@ -290,7 +294,8 @@ def _image_features(model: nn.Module, dm: XrayDataModule) -> Any:
         samples = dm.train_samples if split == "train" else dm.val_samples
         loader = DataLoader(XrayDataset(samples, dm.preprocess_config, label_mode=dm.label_mode), batch_size=64)
         model.eval()
-        logits, feats = zip(*(logits_and_features(model, images) for images, _ in loader), strict=True)
+        batches = bars.track(loader, f"features of the {split} images", total=len(loader))
+        logits, feats = zip(*(logits_and_features(model, images) for images, _ in batches), strict=True)
         return torch.cat(logits).numpy(), torch.cat(feats).numpy()
 
     return feature_fn
