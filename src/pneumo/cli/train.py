@@ -63,6 +63,8 @@ HELP = {
     "train_seed": "Seed of initialization, shuffling and augmentation alone; the split stays --seed's.",
     "threshold_rule": "youden, sensitivity or f1 (on validation), or robust (MODEL_CARD.md: on the shifts too).",
     "target_sensitivity": "Sensitivity the 'sensitivity' threshold rule must reach on validation.",
+    "calibration": "platt (on the pooled robustness validation) or temperature (the temperature alone).",
+    "framing": "lungbox-v1: crop films to their lung fields plus a margin (training and inference); none: full frame.",
     "mixup": "Mixup: Beta parameter of the mixing weight, on the network's input (0 = off).",
     "robustness": "Score the finished bundle on the robustness validation (its validation films, shifted).",
     "int8": "Add a checked INT8 ONNX graph to the bundle (served by default where it passes).",
