@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -108,6 +109,20 @@ def _production_backend_and_private_onnx_cache(tmp_path_factory: pytest.TempPath
         patch.delenv("PNEUMO_BACKEND", raising=False)
         patch.setenv("PNEUMO_CACHE", str(tmp_path_factory.mktemp("pneumo-cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def _library_logging() -> Iterator[None]:
+    """Give every test the library's own logging, whatever a command line test configured before it.
+
+    ``pneumo.cli.common.setup_logging`` makes pneumo's logger stop propagating (a command line's
+    choice); left in place, ``caplog`` would miss the warnings later tests assert on.
+    """
+    logger = logging.getLogger("pneumo")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
 
 
 def noise_image(seed: int, side: int = 96) -> Image.Image:

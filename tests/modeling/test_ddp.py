@@ -31,7 +31,7 @@ def test_two_process_ddp_on_cpu_trains_and_rank_zero_alone_writes_the_bundle(tmp
     root = write_tiny_dataset(tmp_path / "data")
     run = tmp_path / "run"
     command = [
-        *_pneumo(), "train", "--data", str(root), "--out", str(run), "--arch", "test_efficientnet",
+        *_pneumo(), "-v", "train", "--data", str(root), "--out", str(run), "--arch", "test_efficientnet",
         "--pretrained", "false", "--epochs", "1", "--frozen-epochs", "1", "--batch-size", "4",
         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--feature-cache", "false",
     ]  # fmt: skip
@@ -44,7 +44,7 @@ def test_two_process_ddp_on_cpu_trains_and_rank_zero_alone_writes_the_bundle(tmp
         pytest.fail(f"DDP training did not finish in {err.timeout} s:\n{err.stderr}")
     assert done.returncode == 0, done.stderr[-4000:]
 
-    # Two ranks really ran, over gloo.
+    # Two ranks really ran, over gloo (Lightning's banners show with --verbose).
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr
     assert "distributed_backend=gloo" in done.stderr
     # Only rank 0 finished the run: one "bundle written" line, not one per rank.

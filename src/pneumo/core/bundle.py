@@ -15,7 +15,8 @@ This module owns the whole contract, so nothing else spells it:
 * the schema of ``bundle.json`` (:class:`BundleMeta` and its typed sections), checked when read,
   with every number finite and ranged and every size capped, so a tampered file fails here with a
   :class:`BundleError` naming the field, not later as a traceback or a ``null`` probability;
-* the decision (:func:`decide`), and the closed sets :class:`Backend` and :class:`ThresholdRule`;
+* the decision (:func:`decide`), and the closed sets :class:`Backend` and :class:`ThresholdRule`
+  (written in :mod:`pneumo.core.decision`, re-exported here);
 * how bundle files are opened (:func:`bundle_file`: regular files of bounded size only).
 
 No torch here: loading the weights into a network lives in :mod:`pneumo.modeling.weights`.
@@ -28,7 +29,6 @@ import logging
 import math
 import os
 import stat
-from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,6 +45,12 @@ from pydantic import (
     model_validator,
 )
 
+from pneumo.core.decision import NEGATIVE as NEGATIVE  # re-exported: the closed sets are part of the contract
+from pneumo.core.decision import POSITIVE as POSITIVE
+from pneumo.core.decision import Backend as Backend
+from pneumo.core.decision import ThresholdRule as ThresholdRule
+from pneumo.core.decision import decide as decide
+from pneumo.core.decision import is_positive as is_positive
 from pneumo.core.errors import BundleError
 from pneumo.core.preprocess import PreprocessConfig
 from pneumo.core.probability import calibrated_probability, label_probabilities
@@ -83,44 +89,6 @@ CAM_HEAD_KEY = "pneumo_cam_head"
 #: Largest file of each kind a bundle may hold; anything bigger is refused unread (a tampered or wrong file).
 MAX_FILE_BYTES = {META_FILE: 8 * 2**20, OOD_FILE: 64 * 2**20}
 MAX_MODEL_BYTES = 2 * 2**30  # weights and graphs: VGG19 is the largest registered model (~0.6 GB)
-
-# ------------------------------------------------------------------------------------ closed sets
-
-#: The two answers a bundle gives, whatever its labels (3-class bundles sum bacteria and virus).
-POSITIVE = "PNEUMONIA"
-NEGATIVE = "NORMAL"
-
-
-class Backend(StrEnum):
-    """What runs the model; ``auto`` picks the fastest checked one (see ``inference.runners.select_runner``)."""
-
-    AUTO = "auto"
-    INT8 = "int8"  # the bundle's quantized ONNX graph, ONNX Runtime
-    FP32 = "fp32"  # the fp32 ONNX graph (the bundle's model.onnx or an explicit export), ONNX Runtime
-    TORCH = "torch"  # eager PyTorch (the training stack registers it: pneumo.modeling.torch_predictor)
-
-
-class ThresholdRule(StrEnum):
-    """How a bundle's decision threshold is chosen on validation data (:mod:`pneumo.evaluation.metrics`)."""
-
-    YOUDEN = "youden"  # maximize sensitivity + specificity - 1
-    SENSITIVITY = "sensitivity"  # the highest threshold keeping sensitivity >= a target
-    F1 = "f1"  # maximize F1
-    ROBUST = "robust"  # the best of several rules on the robustness validation (pneumo.evaluation.robustness)
-
-
-def is_positive(probability: Any, threshold: float) -> Any:
-    """Whether calibrated P(pneumonia) values reach ``threshold``: a bool, or a bool array for an array.
-
-    The one place the decision rule is written; :func:`decide`, the INT8 check and the evaluation use it.
-    """
-    return probability >= threshold
-
-
-def decide(probability: float, threshold: float) -> str:
-    """The label of a calibrated P(pneumonia): :data:`POSITIVE` when it reaches ``threshold``, else :data:`NEGATIVE`."""
-    return POSITIVE if is_positive(probability, threshold) else NEGATIVE
-
 
 # ------------------------------------------------------------------------------------ the schema
 

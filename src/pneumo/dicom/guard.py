@@ -277,7 +277,14 @@ class GuardedHandler(RequestHandler):
 
 
 class GuardedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the :class:`Guard` at ``accept()`` and TLS handshakes off the accept loop."""
+    """pynetdicom's threaded server with the :class:`Guard` at ``accept()`` and TLS handshakes off the accept loop.
+
+    The listen backlog is 128, not socketserver's 5: a burst of connections waits in the kernel for the
+    guard to accept and judge them, instead of having its SYNs dropped (a sender on a busy machine then
+    stalls for seconds of TCP retransmission before the guard ever sees it).
+    """
+
+    request_queue_size = 128
 
     def __init__(
         self,

@@ -53,9 +53,10 @@ from pneumo.core.errors import PneumoError
 from pneumo.core.framing import DEFAULT_LOCALIZER
 from pneumo.core.probability import logit_gap
 from pneumo.evaluation import robustness
+from pneumo.evaluation.calibration import fit_platt
+from pneumo.evaluation.calibration import fit_temperature as _fit_temperature
 from pneumo.evaluation.compare import save_curves
-from pneumo.evaluation.metrics import MetricsInputError, evaluation_report, fit_platt, select_threshold
-from pneumo.evaluation.metrics import fit_temperature as _fit_temperature
+from pneumo.evaluation.metrics import MetricsInputError, evaluation_report, select_threshold
 from pneumo.evaluation.overlap import seen_images
 from pneumo.evaluation.plots import save_plots
 from pneumo.evaluation.report import format_ci, markdown_report
@@ -153,7 +154,7 @@ def finalize(
 
 
 def fit_temperature(val_logits: np.ndarray, y_class: np.ndarray) -> float:
-    """The temperature that minimizes the validation log-loss (:func:`pneumo.evaluation.metrics.fit_temperature`)."""
+    """The temperature minimizing the validation log-loss (:func:`pneumo.evaluation.calibration.fit_temperature`)."""
     return float(_fit_temperature(val_logits, y_class))
 
 
