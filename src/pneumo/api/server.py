@@ -190,6 +190,21 @@ def raise_file_limit(wanted: int) -> int:
     return soft
 
 
+def _healthcheck_timeout() -> dict[str, int]:
+    """A worker's start-up health check timeout long enough to load the model on a busy machine.
+
+    uvicorn's default (5 s) restarts a worker that is still loading the model when the cores are
+    busy, over and over; older uvicorn releases have no such check (and no such option).
+    """
+    import inspect
+
+    return (
+        {"timeout_worker_healthcheck": 120}
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters
+        else {}
+    )
+
+
 def serve(
     options: ServeOptions,
     *,
@@ -227,6 +242,7 @@ def serve(
         log_config=log_config(json_lines=log_json),
         access_log=False,  # pneumo writes one access line per request, with its id (observability)
         server_header=False,
+        **_healthcheck_timeout(),
     )
     server = uvicorn.Server(config)
     try:
