@@ -3,9 +3,10 @@
 :class:`RequestContext` is the outermost middleware: it gives every request an id (the
 client's ``X-Request-ID`` when it is a short token, else a new one), returns it in the
 ``X-Request-ID`` response header, sets it for every log line written while the request is
-handled (worker threads included), and, when the answer is complete, writes one JSON access
-line and counts the request in :class:`~pneumo.api.metrics.Metrics`. :class:`JsonFormatter`
-writes each log record as one JSON object, with the request id and any ``extra`` fields.
+handled (worker threads included; :class:`RequestIdFilter` stamps it on each record), and, when
+the answer is complete, writes one JSON access line and counts the request in
+:class:`~pneumo.api.metrics.Metrics`. :class:`JsonFormatter` writes each log record as one JSON
+object, with the request id and any ``extra`` fields.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pneumo.api.metrics import Metrics
+from pneumo.api.middleware import error_response
 
 #: The id of the request being handled, for log lines (None outside a request).
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("pneumo_request_id", default=None)
@@ -32,6 +34,16 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 access_log = logging.getLogger("pneumo.api.access")
+log = logging.getLogger("pneumo.api")
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request being handled when it was logged (a handler's filter)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = REQUEST_ID.get()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,7 +70,12 @@ class JsonFormatter(logging.Formatter):
 def log_config(level: str = "info", json_lines: bool = True) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for ``pneumo serve``: pneumo's and uvicorn's loggers, JSON or text."""
     formatter = {"()": JsonFormatter} if json_lines else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+    handler = {
+        "class": "logging.StreamHandler",
+        "formatter": "default",
+        "filters": ["request_id"],
+        "stream": "ext://sys.stderr",
+    }
     loggers = {name: {"handlers": ["default"], "level": level.upper(), "propagate": False} for name in ("pneumo",)}
     loggers |= {name: {"handlers": ["default"], "level": "INFO", "propagate": False} for name in ("uvicorn",)}
     loggers["uvicorn.access"] = {"handlers": [], "level": "WARNING", "propagate": False}  # our access line instead
@@ -66,6 +83,7 @@ def log_config(level: str = "info", json_lines: bool = True) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"request_id": {"()": RequestIdFilter}},
         "handlers": {"default": handler},
         "loggers": loggers,
     }
@@ -91,11 +109,12 @@ class RequestContext:
         request_id = offered if _CLIENT_ID.fullmatch(offered) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
         start = time.perf_counter()
-        status, error_body, is_json = 500, bytearray(), False
+        status, error_body, is_json, started = 500, bytearray(), False, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, is_json
+            nonlocal status, is_json, started
             if message["type"] == "http.response.start":
+                started = True
                 status = int(message["status"])
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID_HEADER] = request_id
@@ -106,6 +125,11 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:  # a bug: answered here, inside the id and the metrics, not by Starlette's outer handler
+            log.error("Unexpected error answering a request", exc_info=True)
+            if not started:
+                message = "The server failed to answer this request; the error was logged."
+                await error_response(500, "internal_error", message)(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - start
             code = _error_code(bytes(error_body)) if status >= 400 else None
@@ -119,6 +143,7 @@ class RequestContext:
                 route,
                 status,
                 extra={
+                    "request_id": request_id,
                     "event": "request",
                     "method": scope["method"],
                     "route": route,
