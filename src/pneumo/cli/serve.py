@@ -13,32 +13,94 @@ import typer
 
 from pneumo.cli.common import ModelOption, fail
 
+page_app = typer.Typer(
+    invoke_without_command=True,
+    no_args_is_help=False,
+    help="Start the clinician's web page (Streamlit). `password FILE`: set the page's password.",
+)
 
+
+@page_app.callback()
 def app_command(
+    ctx: typer.Context,
     port: Annotated[int, typer.Option(help="Port of the web page.")] = 8501,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
     model: ModelOption = None,
+    password_file: Annotated[
+        Path | None, typer.Option(help="Ask for the password stored in this file (`pneumo app password FILE`).")
+    ] = None,
+    auth_header: Annotated[
+        str | None,
+        typer.Option(help="Serve only requests carrying this header, set by a signing-in reverse proxy."),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Serve a non-loopback address WITHOUT any sign-in.")
+    ] = False,
+    max_files: Annotated[int, typer.Option(help="Files one browser session may have analysed at once.")] = 50,
+    max_mb: Annotated[float, typer.Option(help="Megabytes of uploads one browser session may hold at once.")] = 200.0,
 ) -> None:
     """Start the clinician's web page (Streamlit) at http://HOST:PORT."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import os
+
     from streamlit.web import cli as streamlit_cli
 
+    from pneumo.app.auth import AUTH_HEADER_ENV, PASSWORD_FILE_ENV, AppAuthError, auth_from_env
+    from pneumo.app.support import BUDGET_FILES_ENV, BUDGET_MB_ENV
     from pneumo.core.bundle import resolve_bundle
     from pneumo.core.decode import DEFAULT_LIMITS
     from pneumo.core.errors import PneumoError
 
+    if max_files < 1 or max_mb <= 0:
+        fail("--max-files must be at least 1 and --max-mb positive.")
+    if password_file is None and auth_header is None and not is_loopback(host) and not insecure_no_auth:
+        fail(
+            f"refusing to serve the page on {host} without a sign-in. Set a password (pneumo app password FILE, then "
+            "--password-file FILE), or put a signing-in proxy in front (--auth-header X-Forwarded-User, page on "
+            "127.0.0.1), or pass --insecure-no-auth."
+        )
+    environ = {BUDGET_FILES_ENV: str(max_files), BUDGET_MB_ENV: str(max_mb)}
+    if password_file is not None:
+        environ[PASSWORD_FILE_ENV] = str(password_file.resolve())
+    if auth_header is not None:
+        environ[AUTH_HEADER_ENV] = auth_header
     try:
+        auth_from_env(environ)  # a bad password file or header name is one line here, not a broken page
         bundle = resolve_bundle(model).resolve() if model is not None else None
-    except PneumoError as err:
+    except (PneumoError, AppAuthError) as err:
         fail(err.message)
+    os.environ.update(environ)  # the page runs in this process and reads them
     page = Path(__file__).parents[1] / "app" / "page.py"
     args = ["run", str(page), "--server.port", str(port), "--server.address", host, "--server.headless", "true"]
     args += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     args += ["--client.showErrorDetails", "none"]  # a traceback never reaches the page, even on a bug
     args += ["--server.maxUploadSize", str(max(1, round(DEFAULT_LIMITS.max_bytes / 2**20)))]
+    args += ["--server.disconnectedSessionTTL", "60"]  # a closed tab's uploads are freed after a minute
     if bundle is not None:
         args += ["--", "--model", str(bundle)]
     typer.echo(f"pneumo app: http://{host}:{port}", err=True)
     streamlit_cli.main(args=args, prog_name="streamlit")
+
+
+@page_app.command("password")
+def app_password(
+    file: Annotated[Path, typer.Argument(help="Where to store the password's hash (mode 0600).")],
+) -> None:
+    """Set the page's password (asked twice; read from standard input when it is not a terminal)."""
+    import sys
+
+    from pneumo.app.auth import AppAuthError, write_password_file
+
+    if sys.stdin.isatty():
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    try:
+        write_password_file(file, password)
+    except AppAuthError as err:
+        fail(err.message)
+    typer.echo(f"Password hash written to {file}; start the page with --password-file {file}.", err=True)
 
 
 def is_loopback(host: str) -> bool:
