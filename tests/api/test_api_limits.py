@@ -162,11 +162,12 @@ def test_a_request_that_waits_too_long_for_a_worker_is_refused(predictor: Predic
     app = create_app(limits=predictor.limits, predictor=predictor, max_concurrent=1, max_queue=4, settings=settings)
     gate = app.state.pneumo.gate
     client = TestClient(app, base_url=LOCAL)
-    assert gate._slots.acquire(timeout=5)  # the one worker is busy (as with a decode that never ends)
+    held = gate._slots.acquire("someone", 5)  # the one worker is busy (as with a decode that never ends)
+    assert held is not None
     try:
         response = client.post("/v1/predict", files={"file": ("x.jpeg", xray_bytes("queued"))})
     finally:
-        gate._slots.release()
+        gate._slots.release("someone", held, 0.1)
     assert response.status_code == 503 and response.json()["error"]["code"] == "server_busy"
     assert "no analysis slot freed" in response.json()["error"]["message"]
     assert client.post("/v1/predict", files={"file": ("x.jpeg", xray_bytes("free"))}).status_code == 200

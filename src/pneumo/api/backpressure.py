@@ -20,10 +20,12 @@ import asyncio
 import contextvars
 import ctypes
 import ctypes.util
+import itertools
 import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -36,6 +38,11 @@ T = TypeVar("T")
 
 #: Memory one request may need at worst: the decode budget (300 MB) plus its uploads and the model's activations.
 REQUEST_MEMORY = 400 * 2**20
+#: A client whose requests hold a slot this many times longer than the typical request is "expensive".
+EXPENSIVE_FACTOR = 4.0
+#: Share of the slot time expensive clients get while ordinary clients are being served.
+EXPENSIVE_SHARE = 0.1
+_TAU = 30.0  # seconds: the time constant of that share (the burst it allows is EXPENSIVE_SHARE x workers x _TAU)
 
 
 class DeadlineExceededError(ServerBusyError):
@@ -77,6 +84,108 @@ except OSError:
     _LIBC = None
 
 
+class FairSlots:
+    """The ``workers`` analysis slots, handed to the waiting request of the cheapest client first.
+
+    A client (an API key, else an address) is known by the mean time its requests held a slot.
+    When a slot frees, the waiting request whose client is cheapest gets it (ties: first come).
+    Clients whose requests cost over :data:`EXPENSIVE_FACTOR` times the typical request (decode
+    bombs, 36-megapixel floats) hold at most ``workers - 1`` slots together, so one slot always
+    stays for ordinary requests, and, while ordinary clients are being served, at most
+    :data:`EXPENSIVE_SHARE` of the slot time (a running share with a 30 s time constant). Alone, they get every slot:
+    the policy only arbitrates between clients. Measured: with 2 clients sending decode bombs in a
+    loop, first come first served left the others 23% of their goodput
+    (``benchmarks/hostile_load.py``; ``docs/reliability.md`` has the figures with this policy).
+    """
+
+    def __init__(self, workers: int, memory: int = 10_000) -> None:
+        self.workers = workers
+        self._free = workers
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[int, str]] = []
+        self._tickets = itertools.count()
+        self._cost: OrderedDict[str, float] = OrderedDict()  # seconds per request (running mean), by client
+        self._typical = 0.2  # running mean over every request
+        self._expensive_running = 0
+        self._memory = memory
+        self._expensive_time = 0.0  # slot seconds of expensive requests, decaying with time constant _TAU
+        self._stamp = time.monotonic()
+        self._ordinary_seen = -math.inf  # when an ordinary request last ended
+
+    def _decayed(self) -> float:
+        now = time.monotonic()
+        self._expensive_time *= math.exp(-(now - self._stamp) / _TAU)
+        self._stamp = now
+        return self._expensive_time
+
+    def _expensive_blocked(self, client: str) -> bool:
+        """Whether an expensive request must wait now (slot cap, or its share of time while others are served).
+
+        It starts when the time it is expected to take still fits in the share, so that a long
+        request does not overshoot it; or when the share is nearly unused (a request longer than
+        the whole share still runs, now and then).
+        """
+        if self.workers > 1 and self._expensive_running >= self.workers - 1:
+            return True
+        if time.monotonic() - self._ordinary_seen >= 10.0:  # nobody else to protect
+            return False
+        allowance, used = EXPENSIVE_SHARE * self.workers * _TAU, self._decayed()
+        return used + self.cost(client) > allowance and used > 0.1 * allowance
+
+    def cost(self, client: str) -> float:
+        return self._cost.get(client, self._typical)
+
+    def _expensive(self, client: str) -> bool:
+        return self.cost(client) > EXPENSIVE_FACTOR * self._typical
+
+    def _may_start(self, ticket: tuple[int, str]) -> bool:
+        if self._free == 0:
+            return False
+        if self._expensive(ticket[1]) and self._expensive_blocked(ticket[1]):
+            return False
+        eligible = [
+            waiting
+            for waiting in self._waiting
+            if not (self._expensive(waiting[1]) and self._expensive_blocked(waiting[1]))
+        ]
+        return min(eligible, key=lambda waiting: (self.cost(waiting[1]), waiting[0])) == ticket
+
+    def acquire(self, client: str, timeout: float) -> bool | None:
+        """Wait for a slot; whether the holder counts as expensive (pass it to :meth:`release`), None on timeout."""
+        ends = time.monotonic() + timeout
+        with self._cond:
+            ticket = (next(self._tickets), client)
+            self._waiting.append(ticket)
+            while not self._may_start(ticket):
+                left = ends - time.monotonic()
+                if left <= 0:
+                    self._waiting.remove(ticket)
+                    self._cond.notify_all()
+                    return None
+                self._cond.wait(min(left, 1.0))  # the time share frees up with time, not only on release
+            self._waiting.remove(ticket)
+            self._free -= 1
+            expensive = self._expensive(client)
+            self._expensive_running += expensive
+            return expensive
+
+    def release(self, client: str, expensive: bool, seconds: float) -> None:
+        with self._cond:
+            self._free += 1
+            self._expensive_running -= expensive
+            if expensive:
+                self._decayed()
+                self._expensive_time += seconds
+            else:
+                self._ordinary_seen = time.monotonic()
+            self._cost[client] = 0.7 * self._cost.get(client, seconds) + 0.3 * seconds
+            self._cost.move_to_end(client)
+            if len(self._cost) > self._memory:
+                self._cost.popitem(last=False)
+            self._typical = 0.95 * self._typical + 0.05 * seconds
+            self._cond.notify_all()
+
+
 class Backpressure:
     """``workers`` requests run at once, ``queue`` more wait; beyond that, or past a timeout, 503.
 
@@ -105,7 +214,7 @@ class Backpressure:
         self.workers, self.queue = workers, queue
         self.queue_timeout, self.deadline = queue_timeout, deadline
         self._on_change = on_change
-        self._slots = threading.BoundedSemaphore(workers)
+        self._slots = FairSlots(workers)
         self._lock = threading.Lock()
         self._admitted = 0
         self._mean_seconds = 0.5  # running mean of a slot's duration, for Retry-After
@@ -148,10 +257,11 @@ class Backpressure:
         finally:
             self._change(-1)
 
-    def _in_slot(self, func: Callable[[], T]) -> T:
+    def _in_slot(self, func: Callable[[], T], client: str) -> T:
         """Run ``func`` holding a slot (in a pool thread); refuse it if no slot frees within ``queue_timeout``."""
         try:
-            if not self._slots.acquire(timeout=self.queue_timeout):
+            expensive = self._slots.acquire(client, self.queue_timeout)
+            if expensive is None:
                 waits = self.retry_after()
                 raise ServerBusyError(
                     f"The server is busy: no analysis slot freed within {self.queue_timeout:g} s. Retry in {waits} s.",
@@ -161,14 +271,18 @@ class Backpressure:
             try:
                 return func()
             finally:
-                self._slots.release()
-                self._mean_seconds = 0.9 * self._mean_seconds + 0.1 * (time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                self._slots.release(client, expensive, seconds)
+                self._mean_seconds = 0.9 * self._mean_seconds + 0.1 * seconds
                 _malloc_trim()
         finally:
             self._change(-1)  # when the work ends, not when the client stops waiting: memory stays bounded
 
-    async def run(self, func: Callable[..., T], *args: object) -> T:
+    async def run(self, func: Callable[..., T], *args: object, client: str = "") -> T:
         """Admit, wait for a slot and run ``func(*args)`` in a worker thread; its result within ``deadline``.
+
+        ``client`` (an API key's name, else an address) decides the order in which waiting
+        requests get a slot (:class:`FairSlots`).
 
         Raises:
             ServerBusyError: no room to wait, or no slot within ``queue_timeout`` (503 with Retry-After).
@@ -179,7 +293,7 @@ class Backpressure:
         context = contextvars.copy_context()  # the request id reaches the worker thread's log lines
         try:
             future = asyncio.get_running_loop().run_in_executor(
-                self._pool, context.run, self._in_slot, partial(func, *args)
+                self._pool, context.run, self._in_slot, partial(func, *args), client
             )
         except BaseException:
             self._change(-1)

@@ -105,8 +105,20 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        headers = Headers(scope=scope)
+        offered = headers.get(REQUEST_ID_HEADER, "")
         request_id = offered if _CLIENT_ID.fullmatch(offered) else uuid.uuid4().hex
+        # An answer sent before the body is in (401, 413, 408) closes the connection: left open, the
+        # server would read and discard the rest of the body, hundreds of MB for a flood, on its event loop.
+        body_pending = headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
+
+        async def tracked_receive() -> Message:
+            nonlocal body_pending
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_pending = False
+            return message
+
         token = REQUEST_ID.set(request_id)
         start = time.perf_counter()
         status, error_body, is_json, started = 500, bytearray(), False, False
@@ -116,20 +128,22 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 started = True
                 status = int(message["status"])
-                headers = MutableHeaders(scope=message)
-                headers[REQUEST_ID_HEADER] = request_id
-                is_json = headers.get("content-type", "").startswith("application/json")
+                answer = MutableHeaders(scope=message)
+                answer[REQUEST_ID_HEADER] = request_id
+                if body_pending:
+                    answer["Connection"] = "close"
+                is_json = answer.get("content-type", "").startswith("application/json")
             elif message["type"] == "http.response.body" and status >= 400 and is_json and len(error_body) < 8192:
                 error_body.extend(message.get("body", b"")[:8192])
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, tracked_receive, send_with_id)
         except Exception:  # a bug: answered here, inside the id and the metrics, not by Starlette's outer handler
             log.error("Unexpected error answering a request", exc_info=True)
             if not started:
                 message = "The server failed to answer this request; the error was logged."
-                await error_response(500, "internal_error", message)(scope, receive, send_with_id)
+                await error_response(500, "internal_error", message)(scope, tracked_receive, send_with_id)
         finally:
             seconds = time.perf_counter() - start
             code = _error_code(bytes(error_body)) if status >= 400 else None

@@ -117,12 +117,13 @@ def metrics(service: ServiceDep) -> Response:
     **_needs("predict"),
 )
 async def predict(
+    request: Request,
     service: ServiceDep,
     file: Annotated[UploadFile, File(description="JPEG, PNG or DICOM file.")],
     heatmap: Annotated[bool, Query(description="Add a Grad-CAM overlay (base64 PNG).")] = False,
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="Heatmap opacity.")] = DEFAULT_OPACITY,
 ) -> dict:
-    return await service.gate.run(service.predict_one, file, heatmap, opacity)
+    return await service.gate.run(service.predict_one, file, heatmap, opacity, client=_client(request))
 
 
 @router.post(
@@ -133,12 +134,21 @@ async def predict(
     **_needs("predict"),
 )
 async def predict_many(
+    request: Request,
     service: ServiceDep,
     files: Annotated[list[UploadFile], File(description="JPEG, PNG or DICOM files (see /v1/model for how many).")],
     heatmap: Annotated[bool, Query(description="Add a Grad-CAM overlay to every result.")] = False,
     opacity: Annotated[float, Query(ge=0.0, le=1.0, description="Heatmap opacity.")] = DEFAULT_OPACITY,
 ) -> dict:
-    return await service.gate.run(service.predict_batch, files, heatmap, opacity)
+    return await service.gate.run(service.predict_batch, files, heatmap, opacity, client=_client(request))
+
+
+def _client(request: Request) -> str:
+    """Who is asking, for fair scheduling: the API key's name, else the client's address."""
+    principal = request.scope.get("state", {}).get("principal")
+    if principal:
+        return f"key:{principal}"
+    return f"addr:{request.client.host}" if request.client else "addr:?"
 
 
 def create_app(
