@@ -159,3 +159,25 @@ def test_workers_share_the_load_and_the_metrics(start: Callable[..., str], tmp_p
     log = next(tmp_path.glob("serve-*.log")).read_text()
     started = [json.loads(line) for line in log.splitlines() if "Started server process" in line]
     assert len(started) == 2, log[-2000:]  # JSON lines from uvicorn too, one per worker process
+
+
+def test_a_refused_part_flood_closes_the_connection_instead_of_draining_it(start: Callable[..., str]) -> None:
+    """Before: a 990-part body was read whole before its 413; left open, the server would then read and
+    discard the rest of a flood on its event loop. Now: 413 at the 17th file, and the connection is closed."""
+    url = start()
+    sock = socket.create_connection(("127.0.0.1", _port(url)), timeout=20)
+    sock.sendall(
+        b"POST /v1/predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    )
+    for i in range(40):  # the body never ends: no terminating chunk is sent
+        part = f'--b\r\nContent-Disposition: form-data; name="files"; filename="{i}.jpeg"\r\n\r\n'.encode()
+        part += b"\xff" * 1000 + b"\r\n"
+        sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+    received = b""
+    while chunk := sock.recv(4096):  # EOF: the server closed the connection
+        received += chunk
+    sock.close()
+    head = received.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 413") and b"connection: close" in head
+    assert b'"too_many_files"' in received

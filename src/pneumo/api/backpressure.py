@@ -91,11 +91,11 @@ class FairSlots:
     When a slot frees, the waiting request whose client is cheapest gets it (ties: first come).
     Clients whose requests cost over :data:`EXPENSIVE_FACTOR` times the typical request (decode
     bombs, 36-megapixel floats) hold at most ``workers - 1`` slots together, so one slot always
-    stays for ordinary requests, and, while ordinary clients are being served, at most
-    :data:`EXPENSIVE_SHARE` of the slot time (a running share with a 30 s time constant). Alone, they get every slot:
-    the policy only arbitrates between clients. Measured: with 2 clients sending decode bombs in a
-    loop, first come first served left the others 23% of their goodput
-    (``benchmarks/hostile_load.py``; ``docs/reliability.md`` has the figures with this policy).
+    stays for ordinary requests, and, while ordinary clients are being served, get at most
+    :data:`EXPENSIVE_SHARE` of the slot time (a running share with a 30 s time constant); when no
+    one else is being served, the share does not apply (the slot cap does). Measured: with 2
+    clients sending decode bombs in a loop, first come first served left the others 23% of their
+    goodput (``benchmarks/hostile_load.py``; ``docs/reliability.md`` has the figures with this policy).
     """
 
     def __init__(self, workers: int, memory: int = 10_000) -> None:
