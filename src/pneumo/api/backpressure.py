@@ -5,7 +5,8 @@ Each request may need up to the decoding budget (~300 MB, ``docs/reliability.md`
 uploaded bytes; N worst-case requests at once need N times that. :class:`Backpressure` lets
 ``workers`` requests decode and predict at once (a slot taken in a worker thread of its own
 pool), lets ``queue`` more wait, and refuses the rest at once with :class:`ServerBusyError` (503
-with ``Retry-After``), so memory stays bounded by ``workers`` whatever the load. A request that
+with ``Retry-After``), so memory stays bounded by ``workers`` whatever the load; one API key may
+hold at most half of those places. A request that
 waited ``queue_timeout`` seconds for a slot is refused the same way, and a client waits at most
 ``deadline`` seconds for its answer (503 ``deadline_exceeded``): no request stalls the API
 behind another. The work itself is stopped by the decoder's own deadline, not here: a thread
@@ -25,7 +26,7 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -217,6 +218,9 @@ class Backpressure:
         self._slots = FairSlots(workers)
         self._lock = threading.Lock()
         self._admitted = 0
+        self._by_client: Counter[str] = Counter()
+        #: Requests one API key may have admitted at once (half the places, at least 2).
+        self.per_client = max(2, (workers + queue) // 2)
         self._mean_seconds = 0.5  # running mean of a slot's duration, for Retry-After
         # One thread per admitted request at most: waiting requests never starve the event loop's pool.
         self._pool = ThreadPoolExecutor(max_workers=workers + queue, thread_name_prefix="pneumo-request")
@@ -230,32 +234,42 @@ class Backpressure:
         """Seconds after which a retry is likely to find room."""
         return max(1, math.ceil(self._mean_seconds * (self._admitted / self.workers)))
 
-    def _change(self, delta: int) -> None:
+    def _change(self, delta: int, client: str = "") -> None:
         with self._lock:
             self._admitted += delta
+            self._by_client[client] += delta
+            if self._by_client[client] <= 0:
+                del self._by_client[client]
             admitted = self._admitted
         if self._on_change is not None:
             self._on_change(admitted)
 
-    def _admit(self) -> None:
+    def _admit(self, client: str = "") -> None:
         with self._lock:
+            waits = self.retry_after()
             if self._admitted >= self.workers + self.queue:
-                waits = self.retry_after()
                 raise ServerBusyError(
                     f"The server is busy: {self._admitted} requests are being analysed or waiting, the most it "
                     f"takes at once. Retry in {waits} s.",
                     retry_after=waits,
                 )
-        self._change(+1)
+            # One API key may hold half the places; addresses are not capped (a proxy or NAT shares one).
+            if client.startswith("key:") and self._by_client[client] >= self.per_client:
+                raise ServerBusyError(
+                    f"The server is busy: this API key has {self._by_client[client]} requests being analysed or "
+                    f"waiting, the most one key may have at once. Retry in {waits} s.",
+                    retry_after=waits,
+                )
+        self._change(+1, client)
 
     @contextmanager
-    def admit(self) -> Iterator[None]:
+    def admit(self, client: str = "") -> Iterator[None]:
         """Hold a place among the admitted requests (running or waiting), or raise :class:`ServerBusyError`."""
-        self._admit()
+        self._admit(client)
         try:
             yield
         finally:
-            self._change(-1)
+            self._change(-1, client)
 
     def _in_slot(self, func: Callable[[], T], client: str) -> T:
         """Run ``func`` holding a slot (in a pool thread); refuse it if no slot frees within ``queue_timeout``."""
@@ -276,7 +290,7 @@ class Backpressure:
                 self._mean_seconds = 0.9 * self._mean_seconds + 0.1 * seconds
                 _malloc_trim()
         finally:
-            self._change(-1)  # when the work ends, not when the client stops waiting: memory stays bounded
+            self._change(-1, client)  # when the work ends, not when the client stops waiting: memory stays bounded
 
     async def run(self, func: Callable[..., T], *args: object, client: str = "") -> T:
         """Admit, wait for a slot and run ``func(*args)`` in a worker thread; its result within ``deadline``.
@@ -289,14 +303,14 @@ class Backpressure:
             DeadlineExceededError: the answer took longer than ``deadline``; the work goes on in its slot
                 until the decoder's own deadline stops it.
         """
-        self._admit()
+        self._admit(client)
         context = contextvars.copy_context()  # the request id reaches the worker thread's log lines
         try:
             future = asyncio.get_running_loop().run_in_executor(
                 self._pool, context.run, self._in_slot, partial(func, *args), client
             )
         except BaseException:
-            self._change(-1)
+            self._change(-1, client)
             raise
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.deadline)

@@ -134,7 +134,9 @@ class BodyLimit:
             await self._refusal(refusal, cap)(scope, receive, send)
 
     def _refusal(self, status: int, cap: int) -> JSONResponse:
-        close = {"Connection": "close"}  # the rest of the body is never read: this connection is done
+        # A slow body's connection is done: waiting for the rest would hold it as long as the client likes.
+        # Other refusals leave the choice to RequestContext (read a moderate rest, close on a flood).
+        close = {"Connection": "close"}
         if status == 408:
             message = (
                 f"The request body arrived too slowly (no data for {self.idle_timeout:g} s, or not complete within "
@@ -143,9 +145,9 @@ class BodyLimit:
             return error_response(408, "request_timeout", message, close)
         if status == 503:
             message = "The server is receiving as many uploads as it holds at once. Retry in a few seconds."
-            return error_response(503, "server_busy", message, {**close, "Retry-After": "2"})
+            return error_response(503, "server_busy", message, {"Retry-After": "2"})
         message = f"The request body is over this endpoint's {cap / 2**20:.1f} MB limit."
-        return error_response(413, "request_too_large", message, close)
+        return error_response(413, "request_too_large", message)
 
 
 class CanonicalPath:

@@ -30,6 +30,8 @@ from pneumo.api.middleware import error_response
 #: The id of the request being handled, for log lines (None outside a request).
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("pneumo_request_id", default=None)
 REQUEST_ID_HEADER = "X-Request-ID"
+#: Bytes of an unread request body of declared length the server still reads to its end after answering early.
+DRAIN_LIMIT = 64 * 2**20
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -108,9 +110,12 @@ class RequestContext:
         headers = Headers(scope=scope)
         offered = headers.get(REQUEST_ID_HEADER, "")
         request_id = offered if _CLIENT_ID.fullmatch(offered) else uuid.uuid4().hex
-        # An answer sent before the body is in (401, 413, 408) closes the connection: left open, the
-        # server would read and discard the rest of the body, hundreds of MB for a flood, on its event loop.
-        body_pending = headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
+        # An answer sent before a large or endless body is in (401, 413, 408) closes the connection: left
+        # open, the server reads and discards the rest, hundreds of MB for a flood, on its event loop. A
+        # body of known, moderate length is read to its end, so its client gets the JSON answer.
+        declared = headers.get("content-length", "")
+        body_pending = declared not in ("", "0") or "transfer-encoding" in headers
+        close_if_pending = not declared.isdigit() or int(declared) > DRAIN_LIMIT
 
         async def tracked_receive() -> Message:
             nonlocal body_pending
@@ -130,7 +135,7 @@ class RequestContext:
                 status = int(message["status"])
                 answer = MutableHeaders(scope=message)
                 answer[REQUEST_ID_HEADER] = request_id
-                if body_pending:
+                if body_pending and close_if_pending:
                     answer["Connection"] = "close"
                 is_json = answer.get("content-type", "").startswith("application/json")
             elif message["type"] == "http.response.body" and status >= 400 and is_json and len(error_body) < 8192:

@@ -196,7 +196,7 @@ def create_app(
     metrics = Metrics(meta.ood.threshold if meta.ood else None, positive_label=meta.labels[-1])
     gate = Backpressure(
         workers,
-        max_queue if max_queue is not None else 8 * workers,
+        max_queue if max_queue is not None else 4 * workers,
         queue_timeout=settings.queue_timeout,
         deadline=settings.deadline,
         on_change=metrics.admitted.set,

@@ -166,7 +166,7 @@ def serve(
         typer.Option(help="Requests analysed at once per process; default: its share of the cores."),
     ] = None,
     max_queue: Annotated[
-        int | None, typer.Option(help="Requests waiting beyond those (503 server_busy above); default 8x.")
+        int | None, typer.Option(help="Requests waiting beyond those (503 server_busy above); default 4x.")
     ] = None,
     request_timeout: Annotated[float, typer.Option(help="Seconds a client waits for its answer (503 beyond).")] = 60.0,
     queue_timeout: Annotated[float, typer.Option(help="Seconds a request waits for a worker (503 beyond).")] = 30.0,
