@@ -30,6 +30,8 @@ from pneumo.inference.cam import CAM_LAYER
 from pneumo.modeling.torch_backend import torch_predictor
 
 MAX_BYTES = 300_000
+#: The API answers loopback host names only by default (DNS rebinding): tests call it as 127.0.0.1.
+LOCAL = "http://127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def predictor(bundle: Path) -> Predictor:
 @pytest.fixture(scope="module")
 def client(predictor: Predictor) -> Iterator[TestClient]:
     app = create_app(limits=predictor.limits, predictor=predictor, max_batch_files=3)
-    with TestClient(app, raise_server_exceptions=False) as test_client:
+    with TestClient(app, base_url=LOCAL, raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -78,7 +80,7 @@ def test_model_metadata(client: TestClient) -> None:
     assert info["preprocess"]["input_size"] == 64
     assert info["metrics"] == {"roc_auc": 0.5, "sensitivity": 0.25}
     limits = info["limits"]
-    assert limits.pop("max_concurrent") >= 1 and limits.pop("max_queue") >= 0
+    assert limits.pop("max_concurrent") >= 1 and limits.pop("max_queue") >= 0 and limits.pop("deadline_seconds") > 0
     assert limits == {"max_upload_bytes": MAX_BYTES, "max_pixels": DEFAULT_LIMITS.max_pixels, "max_batch_files": 3}
     assert info["heatmaps"] is True and info["ood"] == {"enabled": False}
     assert "not a diagnosis" in info["intended_use"]
@@ -184,7 +186,7 @@ def test_not_a_chest_xray_is_422(gated_bundle: Path) -> None:
     """A real non-X-ray (noise) through the real OOD gate of a calibrated bundle: refused with 422."""
     buffer = io.BytesIO()
     noise_image(5).save(buffer, format="PNG")
-    with TestClient(create_app(gated_bundle)) as gated:
+    with TestClient(create_app(gated_bundle), base_url=LOCAL) as gated:
         error = _assert_error(
             gated.post("/v1/predict", files=_upload("noise.png", buffer.getvalue())), 422, "not_a_chest_xray"
         )
@@ -260,16 +262,16 @@ def test_no_user_input_causes_a_500(client: TestClient, seed: bytes, cut: int, n
 
 
 def test_serve_command_runs_uvicorn_on_the_app(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
+    from pneumo.api import server
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+    monkeypatch.setattr(server, "serve", lambda options, **kwargs: seen.update(options=options, **kwargs))
     args = ["serve", "--model", str(bundle), "--port", "8123", "--max-upload-mb", "0.25", "--max-batch-files", "2"]
     result = _invoke(args)
     assert result.exit_code == 0, result.output
     assert isinstance(seen["app"], FastAPI)
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
-    limits = TestClient(seen["app"]).get("/v1/model").json()["limits"]
+    limits = TestClient(seen["app"], base_url=LOCAL).get("/v1/model").json()["limits"]
     assert limits["max_upload_bytes"] == 2**18 and limits["max_batch_files"] == 2
 
 
@@ -282,7 +284,7 @@ def test_serve_command_refuses_a_missing_bundle(tmp_path: Path) -> None:
 def test_without_a_heatmap_explainer_the_api_serves_answers_and_refuses_heatmaps(bundle: Path) -> None:
     """A backend without a feature map (here eager PyTorch) has no CAM: answers still come, heatmaps are a 501."""
     predictor = torch_predictor(bundle)
-    client = TestClient(create_app(limits=predictor.limits, predictor=predictor))
+    client = TestClient(create_app(limits=predictor.limits, predictor=predictor), base_url=LOCAL)
     assert client.get("/v1/model").json()["heatmaps"] is False
     assert client.post("/v1/predict", files=_upload("x.jpg", xray_bytes())).status_code == 200
     response = client.post("/v1/predict?heatmap=true", files=_upload("x.jpg", xray_bytes()))
@@ -314,7 +316,7 @@ def test_no_server_path_in_model_metadata_written_or_served(tmp_path: Path) -> N
     }
     folder = tiny_bundle(tmp_path / "bundle", training=training, head="wide", **SURFACE_META)[0]
     written = (folder / "bundle.json").read_text()
-    client = TestClient(create_app(predictor=Predictor(folder)))
+    client = TestClient(create_app(predictor=Predictor(folder)), base_url=LOCAL)
     for text in (written, client.get("/v1/model").text, client.get("/health").text):
         for secret in ("/srv", "/home", "/var", "/opt", str(tmp_path)):
             assert secret not in text
@@ -329,7 +331,7 @@ def test_bundles_written_before_the_fix_are_stripped_when_served(tmp_path: Path)
     meta = json.loads((folder / "bundle.json").read_text())
     meta["training"] = {"data": "/work/shared/data/chest_xray_224"}
     (folder / "bundle.json").write_text(json.dumps(meta))
-    info = TestClient(create_app(predictor=Predictor(folder))).get("/v1/model").json()
+    info = TestClient(create_app(predictor=Predictor(folder)), base_url=LOCAL).get("/v1/model").json()
     assert info["training"]["data"] == "chest_xray_224"
 
 
@@ -392,9 +394,10 @@ def test_a_busy_server_answers_503_with_retry_after(predictor: Predictor) -> Non
     """Backpressure: with every slot and queue place taken, a request is refused at once, in JSON."""
     app = create_app(limits=predictor.limits, predictor=predictor, max_concurrent=1, max_queue=0)
     gate = app.state.pneumo.gate
-    with TestClient(app) as client, gate.admit():  # one request admitted and running
+    with TestClient(app, base_url=LOCAL) as client, gate.admit():  # one request admitted and running
         response = client.post("/v1/predict", files=_upload("x.jpg", xray_bytes("busy")))
         error = _assert_error(response, 503, "server_busy")
         assert int(response.headers["retry-after"]) >= 1 and "busy" in error["message"]
         assert client.get("/health").status_code == 200  # health is never refused
-    assert TestClient(app).post("/v1/predict", files=_upload("x.jpg", xray_bytes("free"))).status_code == 200
+    free = TestClient(app, base_url=LOCAL).post("/v1/predict", files=_upload("x.jpg", xray_bytes("free")))
+    assert free.status_code == 200

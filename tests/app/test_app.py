@@ -44,8 +44,8 @@ def test_page_shows_model_and_intended_use_before_any_upload(page: AppTest) -> N
     assert "not a diagnosis" in page.sidebar.warning[0].value
     summary = " ".join(m.value for m in page.sidebar.markdown)
     assert "tiny-test" in summary and "efficientnet_lite0" in summary and "0.500" in summary
-    metrics = page.sidebar.table[0].value
-    assert list(metrics["metric"]) == ["roc_auc", "sensitivity"]
+    metrics = page.sidebar.dataframe[0].value
+    assert list(metrics["metric"]) == ["Sensitivity", "ROC AUC"] and list(metrics["value"]) == ["25.0%", "50.0%"]
     assert page.info[0].value.startswith("Upload")
     assert page.file_uploader(key="uploads").accept_multiple_files
 
@@ -59,7 +59,7 @@ def test_one_upload_gets_label_probability_and_heatmap(page: AppTest, bundle: Pa
     assert f"**{expected.probability:.1%}**" in text and "threshold in force 50.0%" in text
     captions = [image.proto.imgs[0].caption for image in page.get("image")]
     assert captions[0] == "Uploaded image" and captions[1].startswith("Grad-CAM")
-    assert not page.error and not page.dataframe, "one image: no results table"
+    assert not page.error and not page.main.dataframe, "one image: no results table"
 
 
 def _overlay_url(page: AppTest) -> str:
@@ -90,7 +90,7 @@ def test_bad_file_gets_a_message_and_the_others_still_run(page: AppTest) -> None
     assert "notes.txt" in page.error[0].value and "unsupported_format" in page.error[0].value
     text = " ".join(m.value for m in page.markdown)
     assert "**View position:** AP" in text and "**Patient age:** 004Y" in text and "**Modality:** DX" in text
-    table = page.dataframe[0].value
+    table = page.main.dataframe[0].value
     assert list(table["file"]) == ["a.jpeg", "notes.txt", "IM0001"]
     assert list(table["error_code"]) == ["", "unsupported_format", ""]
     assert page.get("download_button")[0].proto.label == "Download results (CSV)"
@@ -159,9 +159,12 @@ def test_importing_the_page_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> Non
     assert calls == [] and callable(page_module.main)
 
 
-def test_metric_rows_flatten_nested_metrics() -> None:
-    rows = app_support.metric_rows({"val": {"roc_auc": 0.9512, "auc_ci": [0.91, 0.97]}, "n": 120, "note": ["x"]})
-    assert rows == [("val.roc_auc", "0.951"), ("val.auc_ci", "0.910 - 0.970"), ("n", "120")]
+def test_validation_rows_give_headline_metrics_with_their_intervals() -> None:
+    metrics = {"validation": {"roc_auc": 0.9512, "sensitivity": 0.9, "ci": {"roc_auc": [0.91, 0.97]}, "n_images": 9}}
+    assert app_support.validation_rows(metrics) == [
+        {"metric": "Sensitivity", "value": "90.0%", "95% CI": "not recorded"},
+        {"metric": "ROC AUC", "value": "95.1%", "95% CI": "91.0% - 97.0%"},
+    ]
 
 
 def test_public_model_info_hides_paths_and_ood_arrays() -> None:

@@ -44,6 +44,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def _page(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setenv(app_support.BUDGET_FILES_ENV, str(N_FILES))  # over the default session budget of 50
     return open_page(bundle, monkeypatch, timeout=300)
 
 
@@ -56,7 +57,7 @@ def test_many_uploads_are_predicted_once_and_heatmaps_only_for_the_page_shown(
     assert not at.exception, at.exception
     assert calls["predict"] == N_FILES
     assert calls["explain"] == 8, "heatmaps for the first page only"
-    assert len(at.dataframe[0].value) == N_FILES, "the table lists every file"
+    assert len(at.main.dataframe[0].value) == N_FILES, "the table lists every file"
     assert len(at.get("image")) == 16  # 8 images + 8 heatmaps
 
     at.slider(key="opacity").set_value(0.8).run()
@@ -90,3 +91,27 @@ def test_file_names_are_shown_as_typed_not_rendered_as_markdown(bundle: Path, mo
     assert at.main.subheader[0].value == escaped
     assert at.error[0].value.startswith(f"**{escaped}** could not be analysed")
     assert "`unsupported_format`" in at.error[0].value
+
+
+def test_a_session_analyses_at_most_its_budget_of_files(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch, calls: dict[str, int]
+) -> None:
+    """Issue 22, item 7: one session uploading 40 x 19 MB held 1.76 GB; there was no limit on files."""
+    monkeypatch.setenv(app_support.BUDGET_FILES_ENV, "3")
+    at = open_page(bundle, monkeypatch)
+    files = [(f"chest{i}.jpeg", xray_bytes(f"budget{i}"), "image/jpeg") for i in range(5)]
+    at.file_uploader(key="uploads").set_value(files).run()
+    assert not at.exception, at.exception
+    assert calls["predict"] == 3
+    assert "2 of 5 files were not analysed" in at.warning[0].value and "at most 3 files" in at.warning[0].value
+    assert list(at.main.dataframe[0].value["file"]) == ["chest0.jpeg", "chest1.jpeg", "chest2.jpeg"]
+
+
+def test_a_session_analyses_at_most_its_budget_of_bytes(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = xray_bytes("big", size=600)
+    monkeypatch.setenv(app_support.BUDGET_MB_ENV, str(2.5 * len(big) / 2**20))  # room for two of them
+    at = open_page(bundle, monkeypatch)
+    at.file_uploader(key="uploads").set_value([(f"{i}.jpeg", big, "image/jpeg") for i in range(4)]).run()
+    assert not at.exception, at.exception
+    assert "2 of 4 files were not analysed" in at.warning[0].value
+    assert len(at.session_state["pneumo_analyses"]) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,56 @@ def test_results_are_written_atomically_with_ordinary_permissions(bundle: Path, 
     umask = os.umask(0)
     os.umask(umask)
     assert out_json.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------ issue 22, item 1: safe outputs
+
+
+def _special_outputs(tmp_path: Path) -> dict[str, Path]:
+    """A FIFO, a symbolic link to a file and (where this process may create one) a character device."""
+    fifo, target, link = tmp_path / "pipe.json", tmp_path / "precious.txt", tmp_path / "link.json"
+    os.mkfifo(fifo)
+    target.write_text("precious")
+    link.symlink_to(target)
+    outputs = {"fifo": fifo, "symlink": link}
+    device = tmp_path / "null.json"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null of our own
+        outputs["device"] = device
+    except OSError:
+        pass  # not root (CAP_MKNOD): the FIFO and the link still test the rule
+    return outputs
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv"])
+def test_an_output_that_is_not_a_regular_file_is_refused_not_replaced(
+    bundle: Path, tmp_path: Path, option: str
+) -> None:
+    """Item 1: the atomic rename replaced whatever sat at the output path (as root, ``--json /dev/null``
+    turned /dev/null into a regular file)."""
+    image = tmp_path / "a.jpeg"
+    image.write_bytes(xray_bytes("a"))
+    for kind, out in _special_outputs(tmp_path).items():
+        before = os.lstat(out)
+        result = predict(image, "--model", bundle, option, out)
+        assert result.returncode == 2, (kind, result.stderr)
+        assert "regular file" in result.stderr and "Traceback" not in result.stderr, kind
+        assert "a.jpeg" not in result.stdout, "refused before predicting"
+        after = os.lstat(out)
+        assert stat.S_IFMT(after.st_mode) == stat.S_IFMT(before.st_mode) and after.st_ino == before.st_ino, kind
+    assert (tmp_path / "precious.txt").read_text() == "precious"
+
+
+def test_control_characters_in_file_names_are_escaped_in_printed_rows(bundle: Path, tmp_path: Path) -> None:
+    """Item 1: a file named ``evil.jpeg\\nchild42.jpeg\\tNORMAL\\tp=0.010...`` printed a forged NORMAL row."""
+    forged = "evil.jpeg\nchild42.jpeg\tNORMAL\tp=0.010\t(threshold 0.500)\x1b[2K\u202e"
+    (tmp_path / forged).write_bytes(b"not an image")
+    (tmp_path / "real.jpeg").write_bytes(xray_bytes("real"))
+    result = predict(tmp_path / forged, tmp_path / "real.jpeg", "--model", bundle)
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, lines  # one line per input, whatever the names hold
+    assert not any(line.startswith("child42.jpeg") for line in lines)
+    assert "\x1b" not in result.stdout and "\u202e" not in result.stdout
+    assert lines[0].startswith(str(tmp_path / "evil.jpeg\\nchild42.jpeg\\tNORMAL\\tp=0.010"))
+    assert "\\x1b[2K\\u202e\tERROR unsupported_format" in lines[0]

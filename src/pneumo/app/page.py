@@ -9,6 +9,11 @@ calls the one :class:`~pneumo.inference.predictor.Predictor`. The model loads on
 (``st.cache_resource``); each session keeps its own answers (``st.session_state``), one per
 current upload, so moving the opacity slider redraws without re-running the model, and no
 upload outlives its session. Images and heatmaps are drawn eight files at a time.
+
+Nothing is shown before the user is signed in, when the operator set a password or a trusted
+proxy header (:mod:`pneumo.app.auth`). A session analyses at most its budget of files and bytes
+(:class:`~pneumo.app.support.SessionBudget`); uploads past it are dropped from the server's
+upload store, and memory is handed back to the OS when uploads are cleared.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
 from pneumo.app import support
+from pneumo.app.auth import AppAuth, AppAuthError, auth_from_env, verify_password
 from pneumo.core.errors import PneumoError
 from pneumo.inference import model_info
 from pneumo.inference.explain import DEFAULT_OPACITY
@@ -51,21 +59,92 @@ def load_models(bundle: str | None) -> tuple[Predictor, Explainer | None]:
     return predictor, explainer
 
 
-def _analyses(predictor: Predictor, files: list[tuple[str, bytes]]) -> list[support.Analysis]:
+@st.cache_resource
+def _memory_trimmer() -> threading.Thread:
+    """Once per server: hand freed memory back to the OS every 30 s (sessions end without a rerun to do it)."""
+
+    def trim() -> None:
+        while True:
+            time.sleep(30)
+            support.release_memory()
+
+    thread = threading.Thread(target=trim, name="pneumo-memory-trim", daemon=True)
+    thread.start()
+    return thread
+
+
+def _analyses(predictor: Predictor, uploads: list[Any]) -> list[support.Analysis]:
     """This session's answers for the current uploads, each computed on first sight only.
 
     Keyed by content hash and name, kept exactly as long as the file stays uploaded: no count
     limit can evict a current upload (with 65 files a 64-entry cache recomputed every answer
-    on each widget change), and removed uploads free their memory at the next rerun.
+    on each widget change), and removed uploads free their memory at the next rerun. Bytes are
+    read one upload at a time (no second copy of every upload in memory at once).
     """
     kept: dict[str, Any] = st.session_state.setdefault(_SESSION_KEY, {})
-    keys = [f"{hashlib.sha256(data).hexdigest()}:{name}" for name, data in files]
-    for stale in set(kept) - set(keys):
-        del kept[stale]
-    for key, (name, data) in zip(keys, files, strict=True):
+    keys = [f"{hashlib.sha256(upload.getbuffer()).hexdigest()}:{upload.name}" for upload in uploads]
+    stale = set(kept) - set(keys)
+    for key in stale:
+        del kept[key]
+    if stale:
+        support.release_memory()
+    for key, upload in zip(keys, uploads, strict=True):
         if key not in kept:
-            kept[key] = support.predict_upload(predictor, name, data)
+            kept[key] = support.predict_upload(predictor, upload.name, upload.getvalue())
     return [kept[key] for key in keys]
+
+
+def _within_budget(uploads: list[Any]) -> list[Any]:
+    """The uploads this session's budget takes; the others are dropped from the upload store, with a message."""
+    budget = support.budget_from_env()
+    kept = budget.split([upload.size for upload in uploads])
+    if kept < len(uploads):
+        st.warning(budget.message(kept, len(uploads)))
+        _drop_uploads(uploads[kept:])
+    return uploads[:kept]
+
+
+def _drop_uploads(uploads: list[Any]) -> None:
+    """Free the server's copies of ``uploads`` (Streamlit keeps every uploaded file in memory for the session)."""
+    try:
+        from streamlit.runtime import Runtime
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+        context = get_script_run_ctx()
+        manager = Runtime.instance().uploaded_file_mgr
+        if context is None or not hasattr(manager, "remove_file"):
+            return
+        for upload in uploads:
+            manager.remove_file(context.session_id, upload.file_id)
+    except (RuntimeError, AttributeError):  # no runtime (a test harness): nothing is stored to free
+        return
+    support.release_memory()
+
+
+def _signed_in(auth: AppAuth | None) -> bool:
+    """Whether this session may see the page; shows the sign-in form (or the proxy message) when not."""
+    if auth is None or st.session_state.get("pneumo_user"):
+        return True
+    if auth.header is not None:
+        user = auth.user_from_headers(dict(st.context.headers))
+        if user:
+            st.session_state["pneumo_user"] = user
+            return True
+        st.error("This page is served through the hospital's sign-in; open it through that address.")
+        return False
+    st.title("pneumo")
+    with st.form("sign_in"):
+        password = st.text_input("Password", type="password", key="password")
+        submitted = st.form_submit_button("Sign in")
+    if submitted:
+        if auth.password_hash is not None and verify_password(password or "", auth.password_hash):
+            st.session_state["pneumo_user"] = "password"
+            st.rerun()
+        failures = st.session_state.get("pneumo_sign_in_failures", 0) + 1
+        st.session_state["pneumo_sign_in_failures"] = failures
+        time.sleep(min(5.0, 0.5 * failures))  # slows a guesser down, session by session
+        st.error("Wrong password.")
+    return False
 
 
 def _shown(count: int) -> range:
@@ -101,13 +180,27 @@ def _sidebar(predictor: Predictor, explainer: Explainer | None) -> tuple[bool, f
             f"- calibration temperature {float(info.get('temperature', 1.0)):.3f}\n"
             f"- not-a-chest-X-ray gate: {'on' if info['ood']['enabled'] else 'off'}"
         )
-        rows = support.metric_rows(info.get("metrics", {}))
-        st.markdown("**Validation metrics**")
-        if rows:
-            st.table({"metric": [name for name, _ in rows], "value": [value for _, value in rows]})
-        else:
-            st.caption("This bundle records no validation metrics.")
+        _metrics(info.get("metrics", {}))
     return show, opacity
+
+
+def _metrics(metrics: dict[str, Any]) -> None:
+    """Headline validation figures with their intervals, the robustness summary, the full record folded."""
+    st.markdown("**Validation metrics**")
+    rows = support.validation_rows(metrics)
+    if not rows:
+        st.caption("This bundle records no validation metrics.")
+        return
+    st.dataframe(rows, hide_index=True, width="stretch", key="validation_metrics")
+    caption = support.validation_caption(metrics)
+    if caption:
+        st.caption(caption)
+    robustness = support.robustness_rows(metrics)
+    if robustness:
+        st.markdown("**Robustness** (validation images under shifts: crops, rotation, blur, noise, JPEG, ...)")
+        st.dataframe(robustness, hide_index=True, width="stretch", key="robustness_metrics")
+    with st.expander("Full validation record"):
+        st.json(metrics, expanded=False)
 
 
 def _show_result(
@@ -154,6 +247,14 @@ def _show_result(
 def main() -> None:
     """Lay out the page; every failure is shown as a message, never as a traceback."""
     st.set_page_config(page_title="pneumo: pneumonia on pediatric chest X-rays", layout="wide")
+    _memory_trimmer()
+    try:
+        auth = auth_from_env()
+    except AppAuthError as err:
+        st.error(f"The page's sign-in is misconfigured: {err.message}")
+        st.stop()
+    if not _signed_in(auth):
+        st.stop()
     bundle = support.bundle_from_args(sys.argv[1:])
     try:
         predictor, explainer = load_models(str(bundle) if bundle is not None else None)
@@ -178,8 +279,10 @@ def main() -> None:
         st.info("Upload one or more chest X-rays to classify them.")
         return
 
-    files = [(upload.name, upload.getvalue()) for upload in uploads]
-    analyses = _analyses(predictor, files)
+    uploads = _within_budget(list(uploads))
+    if not uploads:
+        return
+    analyses = _analyses(predictor, uploads)
     if len(analyses) > 1:
         st.subheader(f"{len(analyses)} images")
         st.dataframe(support.results_frame(analyses), hide_index=True)
@@ -191,13 +294,13 @@ def main() -> None:
             key="download_csv",
         )
     shown = _shown(len(analyses))
-    for index, (analysis, (_, data)) in enumerate(zip(analyses, files, strict=True)):
+    for index, (analysis, upload) in enumerate(zip(analyses, uploads, strict=True)):
         if index not in shown:
             analysis.explanation = None  # heatmaps only for what is drawn: memory stays one page's worth
             continue
         st.divider()
         try:
-            _show_result(analysis, data, predictor, explainer, show, opacity)
+            _show_result(analysis, upload.getvalue(), predictor, explainer, show, opacity)
         except Exception:
             log.exception("Showing the result of %s failed", analysis.name)
             st.error(f"**{support.markdown_escape(analysis.name)}**: {support.INTERNAL_ERROR_MESSAGE}")

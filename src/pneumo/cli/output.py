@@ -1,7 +1,9 @@
 """``pneumo predict``'s output: one row per input, written atomically, output paths checked first.
 
 Kept out of the command module so the rules that make the CLI lose no rows (check before
-predicting, temporary file then rename, an error row for every input) read in one place.
+predicting, temporary file then rename, an error row for every input) and the rules that keep
+it safe (never replace what is not a regular file, never print a control character a file name
+carries) read in one place.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 import tempfile
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -30,16 +34,68 @@ def prediction_rows(files: list[Path], results: list[Any]) -> list[dict[str, Any
     return rows
 
 
-def check_output(out: Path, fail: Callable[[str], object]) -> None:
-    """Fail now (exit 2) when ``out`` cannot be written: a folder, a parent that cannot be created, no permission."""
+def printable(text: object) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ``\\u202e``), safe to print on one line.
+
+    A file may be named ``evil.jpeg\\nchild42.jpeg\\tNORMAL\\tp=0.010``: printed raw, that name
+    forges a NORMAL row for another child, and escape sequences (``\\x1b[...``) or bidirectional
+    overrides can rewrite what the terminal shows. Control (Cc), format (Cf) and line/paragraph
+    separator (Zl, Zp) characters are written as Python escapes; everything else, accents and
+    non-Latin scripts included, is printed as it is.
+    """
+    out = []
+    for char in str(text):
+        if unicodedata.category(char) in _UNPRINTABLE:
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or ascii(char)[1:-1])
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _refuse_non_regular(out: Path) -> str | None:
+    """Why ``out`` must not be replaced (it exists and is not a regular file), or None when it may be."""
     try:
-        if out.is_dir():
-            fail(f"{out} is a folder; give the path of the file to write.")
+        mode = os.lstat(out).st_mode
+    except OSError:  # absent, or its folder cannot be reached: the write check says why, if it matters
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = (
+        "a folder"
+        if stat.S_ISDIR(mode)
+        else "a symbolic link"
+        if stat.S_ISLNK(mode)
+        else "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    return f"{printable(out)} is {kind}; give the path of a regular file to write (it is replaced, never followed)"
+
+
+def check_output(out: Path, fail: Callable[[str], object]) -> None:
+    """Fail now (exit 2) when ``out`` cannot be written: not a regular file, a parent that cannot be created,
+    no permission.
+
+    The results are written to a temporary file and renamed over ``out``; a rename replaces
+    whatever sits there, so a device (``--json /dev/null`` as root replaced ``/dev/null`` with a
+    regular file), a FIFO or a symbolic link at ``out`` is refused instead of being destroyed.
+    """
+    refusal = _refuse_non_regular(out)
+    if refusal is not None:
+        fail(f"{refusal}. Nothing was predicted.")
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name[:50]}.", suffix=".check"):
             pass  # a file can be created next to it, so the atomic rename at the end can succeed too
     except OSError as err:
-        fail(f"cannot write {out} ({err.strerror or err}); choose another path. Nothing was predicted.")
+        fail(f"cannot write {printable(out)} ({err.strerror or err}); choose another path. Nothing was predicted.")
 
 
 def _write_atomically(out: Path, write: Callable[[IO[str]], object]) -> None:
@@ -58,6 +114,9 @@ def _write_atomically(out: Path, write: Callable[[IO[str]], object]) -> None:
             raise
     try:
         temporary.chmod(0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
+        refusal = _refuse_non_regular(out)  # again: something may have been put there while predicting
+        if refusal is not None:
+            raise OSError(refusal)
         os.replace(temporary, out)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -45,11 +45,12 @@ def predict(
         fail("no input files found.")
     rows = output.prediction_rows(files, _predict_with_progress(predictor, files, batch_size))
     failed = sum("error" in row for row in rows)
-    for row in rows:
+    for row in rows:  # one line per input: names and messages are escaped, so no name can forge a row
+        name = output.printable(row["file"])
         if "error" in row:
-            typer.echo(f"{row['file']}\tERROR {row['error']['code']}: {row['error']['message']}")
+            typer.echo(f"{name}\tERROR {row['error']['code']}: {output.printable(row['error']['message'])}")
         else:
-            typer.echo(f"{row['file']}\t{row['label']}\tp={row['probability']:.3f}\t(threshold {row['threshold']:.3f})")
+            typer.echo(f"{name}\t{row['label']}\tp={row['probability']:.3f}\t(threshold {row['threshold']:.3f})")
     output.write_rows(rows, json_out, csv_out, fail)
     typer.echo(f"{len(rows) - failed} predicted, {failed} failed", err=True)
     if failed:
