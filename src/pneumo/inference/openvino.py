@@ -1,4 +1,4 @@
-"""The OpenVINO backend: the bundle's own ONNX graphs, run by OpenVINO's CPU plugin (``pip install 'pneumo[openvino]'``).
+"""The OpenVINO backend: the bundle's own ONNX graphs, run by OpenVINO's CPU plugin (``pneumo[openvino]``).
 
 Why: on x86 CPUs OpenVINO runs the same graphs faster than ONNX Runtime (its oneDNN kernels fuse
 the QDQ pairs of the INT8 graph into int8 convolutions end to end). Measured side by side in one
@@ -41,8 +41,6 @@ import numpy as np
 from pneumo.core.bundle import (
     FEATURE_MAP_OUTPUT,
     INPUT_NAME,
-    INT8_FILE,
-    ONNX_FILE,
     OUTPUT_NAMES,
     Backend,
     BundleMeta,
@@ -204,33 +202,54 @@ def matching_check(meta: BundleMeta, graph: Path, kind: str, version: str, isa: 
     return passed[-1], "checked"
 
 
+def choose_graph(bundle: Path, meta: BundleMeta) -> tuple[str, Path, str | None]:
+    """Which graph OpenVINO runs for ``bundle`` here: (kind, path, why it is unchecked, or None when checked).
+
+    The fastest graph of :data:`GRAPH_ORDER` with a matching passing check; without one, the fp32
+    graph (no quantization error) when there is one, else the INT8 graph.
+
+    Raises:
+        BackendError: OpenVINO is not installed, or the bundle has no ONNX graph.
+    """
+    version = openvino_version()
+    if version is None:
+        raise BackendError("The OpenVINO backend needs openvino: pip install 'pneumo[openvino]'.")
+    graphs = bundle_graphs(bundle, meta)
+    if not graphs:
+        raise BackendError(
+            f"{bundle} has no ONNX graph for OpenVINO to read; export one with `pneumo export onnx --model {bundle}`."
+        )
+    isa, reasons = cpu_isa(), []
+    for kind in GRAPH_ORDER:
+        if kind in graphs:
+            record, why = matching_check(meta, graphs[kind], kind, version, isa)
+            if record is not None:
+                return kind, graphs[kind], None
+            reasons.append(why)
+    kind = Backend.FP32 if Backend.FP32 in graphs else Backend.INT8
+    return kind, graphs[kind], f"OpenVINO {version} {'; '.join(reasons)}"
+
+
 def checked_openvino(bundle: Path, meta: BundleMeta) -> Runner | None:
     """OpenVINO on the bundle's fastest checked graph, or None (logging why) when it cannot serve here.
 
     What ``auto`` tries first (:func:`pneumo.inference.runners.select_runner`).
     """
-    version = openvino_version()
-    if version is None:
+    if openvino_version() is None:
         log.debug("OpenVINO is not installed; auto serves with ONNX Runtime.")
         return None
-    graphs, isa, reasons = bundle_graphs(bundle, meta), cpu_isa(), []
-    for kind in GRAPH_ORDER:
-        if kind not in graphs:
-            continue
-        record, why = matching_check(meta, graphs[kind], kind, version, isa)
-        if record is None:
-            reasons.append(why)
-            continue
-        try:
-            return OpenVinoRunner(graphs[kind], graph=kind)
-        except BackendError as err:
-            reasons.append(err.message)
+    try:
+        kind, path, unchecked = choose_graph(bundle, meta)
+        if unchecked is None:
+            return OpenVinoRunner(path, graph=kind)
+        why = unchecked
+    except BackendError as err:
+        why = err.message
     log.info(
-        "OpenVINO %s is installed but does not serve %s (%s); serving with ONNX Runtime. Record a check on this "
-        "machine with `pneumo export openvino --model %s --data DIR`.",
-        version,
+        "OpenVINO does not serve %s (%s); serving with ONNX Runtime. Record a check on this machine with "
+        "`pneumo export openvino --model %s --data DIR`.",
         bundle,
-        "; ".join(reasons) or "the bundle has no ONNX graph",
+        why,
         bundle,
     )
     return None
@@ -242,26 +261,16 @@ def openvino_runner(bundle: Path, meta: BundleMeta) -> Runner:
     Raises:
         BackendError: OpenVINO is not installed, or the bundle has no ONNX graph.
     """
-    if openvino_version() is None:
-        raise BackendError("The OpenVINO backend needs openvino: pip install 'pneumo[openvino]'.")
-    graphs = bundle_graphs(bundle, meta)
-    if not graphs:
-        raise BackendError(
-            f"{bundle} has no ONNX graph for OpenVINO to read; export one with `pneumo export onnx --model {bundle}`."
-        )
-    version, isa = openvino_version() or "", cpu_isa()
-    for kind in GRAPH_ORDER:
-        if kind in graphs and matching_check(meta, graphs[kind], kind, version, isa)[0] is not None:
-            return OpenVinoRunner(graphs[kind], graph=kind)
-    kind = Backend.FP32 if Backend.FP32 in graphs else Backend.INT8
-    if kind == Backend.INT8:
+    kind, path, unchecked = choose_graph(bundle, meta)
+    if unchecked is not None and kind == Backend.INT8:
         log.warning(
-            "OpenVINO serves %s with its INT8 graph, which has no passing OpenVINO check for this release and CPU; "
+            "OpenVINO serves %s with its INT8 graph, which has no passing check for this release and CPU (%s); "
             "record one with `pneumo export openvino --model %s --data DIR`.",
             bundle,
+            unchecked,
             bundle,
         )
-    return OpenVinoRunner(graphs[kind], graph=kind)
+    return OpenVinoRunner(path, graph=kind)
 
 
 def describe_checks(meta: BundleMeta) -> list[dict[str, Any]]:
@@ -282,5 +291,3 @@ def describe_checks(meta: BundleMeta) -> list[dict[str, Any]]:
 
 
 register_backend(Backend.OPENVINO, openvino_runner, auto=checked_openvino)
-
-__all__ = ["INT8_FILE", "ONNX_FILE", "OpenVinoRunner", "checked_openvino", "cpu_isa", "openvino_runner"]

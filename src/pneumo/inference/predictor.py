@@ -30,6 +30,20 @@ from pneumo.inference.runners import OnnxRunner, Runner, select_runner
 
 log = logging.getLogger(__name__)
 
+#: JPEG draft decoding asks for at least this fraction of the pixels the model needs on each side
+#: (1.0: never below the needed size; see :func:`draft_size_for` and docs/performance.md).
+DRAFT_FRACTION = 1.0
+
+
+def draft_size_for(needed: int, fraction: float = DRAFT_FRACTION) -> int:
+    """The ``draft_size`` to decode JPEGs at when the model needs ``needed`` pixels on each side of the film.
+
+    A JPEG decodes at 1/1, 1/2, 1/4 or 1/8 scale (DCT scaling, Pillow's ``draft``): the smallest scale
+    that still gives ``fraction * needed`` pixels on each side is taken. ``needed`` is the input size
+    today; a crop before resizing (canonical framing) needs ``input_size / crop_fraction`` of the film.
+    """
+    return max(1, round(needed * fraction))
+
 
 @dataclass
 class Prediction:
@@ -101,6 +115,8 @@ class Predictor:
                 "The bundle %s has no OOD gate: images that are not chest X-rays are not refused.", self.bundle_dir
             )
         self.limits = limits
+        #: Least side JPEGs are draft-decoded to (:func:`draft_size_for` of the input size).
+        self.draft_size = draft_size_for(self.meta.preprocess.input_size)
         self.runner: Runner = runner if runner is not None else select_runner(self.bundle_dir, self.meta, backend)
         #: The backend that answers: ``"int8"``, ``"fp32"`` or a registered one (``"torch"``).
         self.backend = self.runner.kind
@@ -130,8 +146,8 @@ class Predictor:
     # --- the pipeline, step by step (each step usable on its own, e.g. by explain.py) ---
 
     def decode(self, source: Source) -> DecodedImage:
-        """Read and validate one input (JPEG draft decoding at the model's input size)."""
-        return read_image(source, self.limits, draft_size=self.meta.preprocess.input_size)
+        """Read and validate one input (JPEG draft decoding at the model's input size: :func:`draft_size_for`)."""
+        return read_image(source, self.limits, draft_size=self.draft_size)
 
     def prepare(self, decoded: DecodedImage) -> np.ndarray:
         """A decoded image as the model's normalized float32 (3, S, S) input."""

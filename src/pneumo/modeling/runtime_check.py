@@ -52,7 +52,9 @@ def _passes(report: dict) -> bool:
     return report["decision_agreement"] >= MIN_AGREEMENT and abs(report["auc_delta"]) <= MAX_AUC_DELTA
 
 
-def check_openvino(bundle: str | Path | None, data: str | Path, *, meta: BundleMeta | None = None) -> list[RuntimeCheck]:
+def check_openvino(
+    bundle: str | Path | None, data: str | Path, *, meta: BundleMeta | None = None
+) -> list[RuntimeCheck]:
     """Run every graph of ``bundle`` under OpenVINO, compare with ONNX Runtime's fp32 graph, return the records.
 
     The caller writes them into ``bundle.json`` (:func:`record_checks`); nothing is written here.
