@@ -11,9 +11,10 @@ import pytest
 from export_helpers import exported_tiny_bundle_fixture  # noqa: F401 (session fixture)
 from model_helpers import xray_jpegs
 
-from pneumo.core.bundle import ONNX_FILE, Backend, RuntimeCheck, read_meta, write_meta
+from pneumo.core.bundle import ONNX_FILE, Backend, read_meta, write_meta
 from pneumo.inference import Predictor, make_explainer
 from pneumo.inference import openvino as ov_backend
+from pneumo.inference.openvino import RuntimeCheck, read_checks, write_checks
 from pneumo.inference.runners import BackendError, OnnxRunner, file_sha256
 
 openvino = pytest.importorskip("openvino", reason="the OpenVINO backend's tests need pip install 'pneumo[openvino]'")
@@ -38,7 +39,7 @@ def _record(graph: Path, *, passed: bool = True, version: str | None = None, isa
 def _copy_with(bundle: Path, tmp_path: Path, *records: RuntimeCheck) -> Path:
     folder = shutil.copytree(bundle, tmp_path / "bundle")
     meta = read_meta(folder)
-    meta.runtime_checks = list(records)
+    write_checks(meta, list(records))
     write_meta(folder, meta)
     return folder
 
@@ -102,11 +103,11 @@ def test_the_int8_graph_needs_a_check_on_this_kind_of_cpu(exported_tiny_bundle: 
     graph = exported_tiny_bundle / ONNX_FILE  # any file: the record is matched by its SHA-256
     meta = read_meta(exported_tiny_bundle).model_copy()
     version, isa = ov_backend.openvino_version() or "", ov_backend.cpu_isa()
-    meta.runtime_checks = [_record(graph, isa="amx_int8" if isa != "amx_int8" else "avx2")]
+    write_checks(meta, [_record(graph, isa="amx_int8" if isa != "amx_int8" else "avx2")])
     record, why = ov_backend.matching_check(meta, graph, Backend.INT8, version, isa)
     assert record is None and f"on other CPUs, not on {isa}" in why
-    meta.runtime_checks.append(_record(graph))
-    assert ov_backend.matching_check(meta, graph, Backend.INT8, version, isa)[0] == meta.runtime_checks[-1]
+    write_checks(meta, [*read_checks(meta), _record(graph)])
+    assert ov_backend.matching_check(meta, graph, Backend.INT8, version, isa)[0] == read_checks(meta)[-1]
 
 
 def test_without_openvino_auto_falls_back_and_an_explicit_choice_says_what_to_install(
@@ -123,6 +124,19 @@ def test_without_openvino_auto_falls_back_and_an_explicit_choice_says_what_to_in
 def test_environment_override_selects_openvino(exported_tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PNEUMO_BACKEND", "openvino")
     assert Predictor(exported_tiny_bundle, check_ood=False).backend == "openvino"
+
+
+def test_a_malformed_checks_section_counts_as_unchecked(
+    exported_tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    meta = read_meta(exported_tiny_bundle).model_copy()
+    good = _record(exported_tiny_bundle / ONNX_FILE)
+    write_checks(meta, [good])
+    assert read_checks(meta) == [good]
+    meta.runtime_checks = [{"runtime": "openvino", "graph_sha256": "not a hash"}]
+    with caplog.at_level(logging.WARNING, logger="pneumo.inference.openvino"):
+        assert read_checks(meta) == []
+    assert "runtime_checks cannot be read" in caplog.text and "unchecked" in caplog.text
 
 
 def test_release_and_cpu_isa() -> None:

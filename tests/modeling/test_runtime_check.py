@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pneumo.cli import app
 from pneumo.core.bundle import ONNX_FILE, read_meta
 from pneumo.inference import Predictor
+from pneumo.inference.openvino import read_checks
 from pneumo.inference.runners import file_sha256
 
 pytest.importorskip("openvino", reason="the OpenVINO check needs pip install 'pneumo[openvino]'")
@@ -28,7 +29,7 @@ def test_export_openvino_records_a_check_that_auto_then_uses(exported_tiny_bundl
     assert result.exit_code == 0, result.output
     assert "model.onnx: OpenVINO" in result.output and "passed" in result.output
     meta = read_meta(bundle)
-    (record,) = meta.runtime_checks
+    (record,) = read_checks(meta)
     assert record.runtime == "openvino" and record.graph == ONNX_FILE
     assert record.graph_sha256 == file_sha256(bundle / ONNX_FILE)
     assert record.passed_check and record.validation["decision_agreement"] == 1.0  # fp32 under both runtimes
@@ -37,7 +38,7 @@ def test_export_openvino_records_a_check_that_auto_then_uses(exported_tiny_bundl
     assert Predictor(bundle, check_ood=False).backend == "openvino"
     # Checking again replaces the record of the same graph, release and CPU kind instead of piling up.
     again = record.model_copy(update={"passed_check": False})
-    assert record_checks(meta, [again]).runtime_checks == [again]
+    assert read_checks(record_checks(meta, [again])) == [again]
 
 
 def test_export_openvino_needs_a_dataset() -> None:

@@ -94,7 +94,6 @@ class Backend(StrEnum):
     INT8 = "int8"  # the bundle's quantized ONNX graph, ONNX Runtime
     FP32 = "fp32"  # the fp32 ONNX graph (the bundle's model.onnx or an explicit export), ONNX Runtime
     TORCH = "torch"  # eager PyTorch (the training stack registers it: pneumo.modeling.torch_predictor)
-    OPENVINO = "openvino"  # OpenVINO on the same ONNX files (pip install 'pneumo[openvino]'; inference.openvino)
 
 
 class ThresholdRule(StrEnum):
@@ -195,24 +194,6 @@ AnyFileEntry = Annotated[
 ]
 
 
-class RuntimeCheck(_Section):
-    """One runtime's execution of one of the bundle's graphs, checked against ONNX Runtime's fp32 graph.
-
-    Written by ``pneumo export openvino``; :mod:`pneumo.inference.openvino` serves a graph under
-    ``auto`` only with a passing check for that file, that runtime release and that kind of CPU.
-    """
-
-    runtime: str = Field(min_length=1, max_length=50)
-    version: str = Field(min_length=1, max_length=100)
-    graph: str = Field(min_length=1, max_length=100)
-    graph_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    cpu_isa: str = Field(min_length=1, max_length=50)
-    passed_check: bool = False
-    cpu: str = Field(default="", max_length=200)
-    validation: dict[str, Any] = Field(default_factory=dict)
-    heldout: dict[str, Any] = Field(default_factory=dict)
-
-
 class TrainingRecord(_Section):
     """The ``training`` section: the recipe and what it ran on (free-form figures beyond these are kept)."""
 
@@ -259,8 +240,6 @@ class BundleMeta(BaseModel):
     created: str = Field(default="", max_length=100)
     #: Extra files of the bundle by name (the INT8 graph: :class:`Int8Entry`).
     files: dict[str, AnyFileEntry] = Field(default_factory=dict)
-    #: Other runtimes' executions of those graphs, checked against fp32 (:class:`RuntimeCheck`).
-    runtime_checks: list[RuntimeCheck] = Field(default_factory=list, max_length=256)
 
     @field_validator("files", mode="before")
     @classmethod

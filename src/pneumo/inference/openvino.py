@@ -37,15 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pneumo.core.bundle import (
-    FEATURE_MAP_OUTPUT,
-    INPUT_NAME,
-    OUTPUT_NAMES,
-    Backend,
-    BundleMeta,
-    RuntimeCheck,
-)
+from pneumo.core.bundle import FEATURE_MAP_OUTPUT, INPUT_NAME, OUTPUT_NAMES, Backend, BundleMeta
 from pneumo.core.environment import available_cores
 from pneumo.inference.runners import (
     BackendError,
@@ -59,12 +53,52 @@ from pneumo.inference.runners import (
 
 log = logging.getLogger(__name__)
 
-#: The runtime's name in ``bundle.json``'s ``runtime_checks``.
-RUNTIME = "openvino"
+#: The backend's name (``Predictor(backend="openvino")``, ``PNEUMO_BACKEND=openvino``) and the runtime's in the checks.
+RUNTIME = OPENVINO = "openvino"
+#: The key of ``bundle.json`` holding the checks (a list of :class:`RuntimeCheck`).
+CHECKS_KEY = "runtime_checks"
 #: Which graph OpenVINO runs when both are there and checked, fastest first (measured: docs/performance.md).
 GRAPH_ORDER = (Backend.INT8, Backend.FP32)
 #: CPU flags that decide oneDNN's int8 kernels, best first (Linux ``/proc/cpuinfo`` names).
 _ISA_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2")
+
+
+class RuntimeCheck(BaseModel):
+    """One runtime's execution of one of the bundle's graphs, checked against ONNX Runtime's fp32 graph.
+
+    Written by ``pneumo export openvino`` into ``bundle.json`` (:data:`CHECKS_KEY`); ``auto`` serves
+    a graph with OpenVINO only with a passing check for that file, that release and that kind of CPU.
+    Kept beside :class:`~pneumo.core.bundle.BundleMeta` as a key it carries through unread, and validated here.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    runtime: str = Field(min_length=1, max_length=50)
+    version: str = Field(min_length=1, max_length=100)
+    graph: str = Field(min_length=1, max_length=100)
+    graph_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    cpu_isa: str = Field(min_length=1, max_length=50)
+    passed_check: bool = False
+    cpu: str = Field(default="", max_length=200)
+    validation: dict[str, Any] = Field(default_factory=dict)
+    heldout: dict[str, Any] = Field(default_factory=dict)
+
+
+def read_checks(meta: BundleMeta) -> list[RuntimeCheck]:
+    """The runtime checks ``bundle.json`` records; none (with a warning) when the section is malformed."""
+    raw = meta.extra.get(CHECKS_KEY) or []
+    try:
+        if not isinstance(raw, list) or len(raw) > 256:
+            raise ValueError(f"a list of at most 256 entries is expected, not {type(raw).__name__}")
+        return [RuntimeCheck.model_validate(entry) for entry in raw]
+    except (ValidationError, ValueError) as err:
+        log.warning("bundle.json's %s cannot be read (%s); OpenVINO counts as unchecked.", CHECKS_KEY, err)
+        return []
+
+
+def write_checks(meta: BundleMeta, checks: list[RuntimeCheck]) -> None:
+    """Set ``meta``'s runtime checks (written with ``bundle.json`` by :func:`pneumo.core.bundle.write_meta`)."""
+    setattr(meta, CHECKS_KEY, [check.model_dump(mode="json") for check in checks])
 
 
 def openvino_version() -> str | None:
@@ -110,7 +144,7 @@ class OpenVinoRunner:
         BackendError: OpenVINO is not installed, or cannot read the file, or the graph breaks the I/O contract.
     """
 
-    kind = str(Backend.OPENVINO)
+    kind = OPENVINO
 
     def __init__(self, path: str | Path, *, graph: str = Backend.INT8, threads: int | None = None) -> None:
         try:
@@ -186,7 +220,7 @@ def matching_check(meta: BundleMeta, graph: Path, kind: str, version: str, isa: 
     for the INT8 graph, this CPU's int8 instruction set (the fp32 kernels only reorder sums).
     """
     sha = file_sha256(graph)
-    records = [c for c in meta.runtime_checks if c.runtime == RUNTIME and c.graph_sha256 == sha]
+    records = [c for c in read_checks(meta) if c.runtime == RUNTIME and c.graph_sha256 == sha]
     if not records:
         return None, f"no recorded OpenVINO check of {graph.name}"
     records = [c for c in records if release(c.version) == release(version)]
@@ -285,9 +319,9 @@ def describe_checks(meta: BundleMeta) -> list[dict[str, Any]]:
             "validation_agreement": c.validation.get("decision_agreement"),
             "heldout_agreement": c.heldout.get("decision_agreement"),
         }
-        for c in meta.runtime_checks
+        for c in read_checks(meta)
         if c.runtime == RUNTIME
     ]
 
 
-register_backend(Backend.OPENVINO, openvino_runner, auto=checked_openvino)
+register_backend(OPENVINO, openvino_runner, auto=checked_openvino)

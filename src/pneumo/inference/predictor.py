@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: JPEG draft decoding asks for at least this fraction of the pixels the model needs on each side
 #: (1.0: never below the needed size; see :func:`draft_size_for` and docs/performance.md).
-DRAFT_FRACTION = 1.0
+DRAFT_FRACTION = 0.75
 
 
 def draft_size_for(needed: int, fraction: float = DRAFT_FRACTION) -> int:

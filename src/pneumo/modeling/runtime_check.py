@@ -7,7 +7,7 @@ used (the bundle's validation split, from the patient-level split recorded in it
 and :data:`~pneumo.modeling.quantize.HELDOUT_IMAGES` training images outside the INT8 calibration
 sample) and compares its probabilities with ONNX Runtime's fp32 graph by the INT8 check's rule
 (:func:`~pneumo.modeling.quantize.compare_probabilities`: decision agreement >= 99.5% and ROC AUC
-within 0.002 on both sets). Each result is a :class:`~pneumo.core.bundle.RuntimeCheck` in
+within 0.002 on both sets). Each result is a :class:`~pneumo.inference.openvino.RuntimeCheck` in
 ``bundle.json``, keyed by graph file, OpenVINO release and CPU int8 instruction set; see
 :mod:`pneumo.inference.openvino` for how ``auto`` reads them.
 
@@ -22,17 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo.core.bundle import INT8_FILE, ONNX_FILE, Backend, BundleMeta, RuntimeCheck, read_meta, resolve_bundle
+from pneumo.core.bundle import INT8_FILE, ONNX_FILE, Backend, BundleMeta, read_meta, resolve_bundle
 from pneumo.core.dataset import train_val_samples
 from pneumo.core.environment import hardware_info
 from pneumo.core.errors import PneumoError
 from pneumo.inference.openvino import (
     RUNTIME,
     OpenVinoRunner,
+    RuntimeCheck,
     bundle_graphs,
     cpu_isa,
     openvino_version,
+    read_checks,
     release,
+    write_checks,
 )
 from pneumo.inference.runners import OnnxRunner, file_sha256, find_onnx
 from pneumo.modeling.quantize import (
@@ -125,5 +128,5 @@ def record_checks(meta: BundleMeta, records: list[RuntimeCheck]) -> BundleMeta:
         return c.runtime, c.graph_sha256, release(c.version), c.cpu_isa
 
     new = {key(r) for r in records}
-    meta.runtime_checks = [c for c in meta.runtime_checks if key(c) not in new] + list(records)
+    write_checks(meta, [c for c in read_checks(meta) if key(c) not in new] + list(records))
     return meta
