@@ -191,6 +191,10 @@ class OpenVinoRunner:
         results = request.infer({0: np.ascontiguousarray(batch, np.float32)}, share_outputs=False)
         return [np.asarray(results[self._outputs[name]]) for name in names]
 
+    def with_threads(self, threads: int) -> OpenVinoRunner:
+        """Another compiled model of the same graph with ``threads`` threads (batch work beside decoding)."""
+        return OpenVinoRunner(self.path, graph=self.graph, threads=threads)
+
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, C) and pooled features (N, F) of a preprocessed float32 batch (N, 3, S, S)."""
         logits, features = self._run(batch, OUTPUT_NAMES)

@@ -8,7 +8,6 @@ labels, temperature, threshold) comes from the model bundle.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 
 from pneumo.core.bundle import Backend, BundleMeta, read_meta, resolve_bundle
 from pneumo.core.decode import DEFAULT_LIMITS, DecodedImage, Limits, read_image
+from pneumo.core.environment import available_cores
 from pneumo.core.errors import NotAChestXrayError, PneumoError
 from pneumo.core.preprocess import PreprocessConfig, preprocess
 from pneumo.core.probability import positive_probability, temperature_softmax
@@ -122,6 +122,7 @@ class Predictor:
         self.backend = self.runner.kind
         self._pool_lock = threading.Lock()
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._half_runner: Runner | None = None
 
     @property
     def onnx_runner(self) -> OnnxRunner | None:
@@ -208,17 +209,23 @@ class Predictor:
         """Predict many inputs in batches; one entry per input, in input order: a result or its error.
 
         Nothing is lost: a file that fails yields its :class:`PneumoError` in its place and the
-        others still run. Decoding and preprocessing run in a small thread pool a few batches
-        ahead of the model (Pillow and ONNX Runtime release the GIL), so the cores decode the next
-        batch while the model runs on this one.
+        others still run. Decoding and preprocessing run in a pool of one thread per core, two
+        batches ahead of the model (Pillow and the runtimes release the GIL). The model runs a batch
+        with half the cores while decoding is still under way, and with all of them once everything
+        ahead is decoded: a full-resolution JPEG costs about as much CPU as the model, and a model
+        using every core while the decoders run too would stall at each of its parallel sections.
+        Measured on 2 loaded cores (benchmarks/predict_many_overlap.py, docs/performance.md).
         """
         results: list[Prediction | PneumoError | None] = [None] * len(sources)
         pending: list[tuple[int, DecodedImage, np.ndarray]] = []
+        in_flight: deque[Future[tuple[DecodedImage, np.ndarray] | PneumoError]] = deque()
 
         def flush() -> None:
             if not pending:
                 return
-            logits, features = self.forward(np.stack([array for _, _, array in pending]))
+            decoding = any(not future.done() for future in in_flight)
+            runner = self._batch_runner() if decoding else self.runner
+            logits, features = runner(np.stack([array for _, _, array in pending]))
             for (index, decoded, _), row, feats in zip(pending, self.calibrated(logits), features):
                 try:
                     results[index] = self._answer(row, feats, decoded, name_of(sources[index]))
@@ -226,7 +233,7 @@ class Predictor:
                     results[index] = err
             pending.clear()
 
-        for index, prepared in enumerate(self._prepared(sources, lookahead=2 * batch_size)):
+        for index, prepared in enumerate(self._prepared(sources, 2 * batch_size, in_flight)):
             if isinstance(prepared, PneumoError):
                 results[index] = prepared
             else:
@@ -236,6 +243,21 @@ class Predictor:
         flush()
         return [r for r in results if r is not None]
 
+    def _batch_runner(self) -> Runner:
+        """The model with half the cores (made once, on the first batch that needs it), else the runner itself.
+
+        Only runners that can be rebuilt with fewer threads (``with_threads``: ONNX Runtime, OpenVINO) get
+        one; it holds a second copy of the graph.
+        """
+        cores = available_cores()
+        make = getattr(self.runner, "with_threads", None)
+        if cores < 2 or make is None:
+            return self.runner
+        with self._pool_lock:
+            if self._half_runner is None:
+                self._half_runner = make(max(1, cores // 2))
+        return self._half_runner
+
     def _decode_and_prepare(self, source: Source) -> tuple[DecodedImage, np.ndarray] | PneumoError:
         try:
             decoded = self.decode(source)
@@ -244,18 +266,23 @@ class Predictor:
             return err
 
     def _prepared(
-        self, sources: Sequence[Source], lookahead: int
+        self,
+        sources: Sequence[Source],
+        lookahead: int,
+        queue: deque[Future[tuple[DecodedImage, np.ndarray] | PneumoError]],
     ) -> Iterator[tuple[DecodedImage, np.ndarray] | PneumoError]:
-        """Decoded and preprocessed inputs in input order, at most ``lookahead`` in flight (bounded memory)."""
+        """Decoded and preprocessed inputs in input order, at most ``lookahead`` in flight (bounded memory).
+
+        ``queue`` holds the inputs in flight, so the caller sees whether decoding is still under way.
+        """
         if len(sources) <= 1:
             yield from map(self._decode_and_prepare, sources)
             return
         with self._pool_lock:
             if self._decode_pool is None:
                 self._decode_pool = ThreadPoolExecutor(
-                    max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pneumo-decode"
+                    max_workers=available_cores(), thread_name_prefix="pneumo-decode"
                 )
-        queue: deque[Future[tuple[DecodedImage, np.ndarray] | PneumoError]] = deque()
         for source in sources:
             queue.append(self._decode_pool.submit(self._decode_and_prepare, source))
             if len(queue) >= lookahead:

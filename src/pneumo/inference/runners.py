@@ -239,6 +239,7 @@ class OnnxRunner:
         self.path = Path(path)
         #: ``"int8"`` (the bundle's quantized graph) or ``"fp32"``: the Predictor's ``backend``.
         self.kind = str(kind)
+        self.spin = spin
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()
         options.inter_op_num_threads = 1
@@ -262,6 +263,10 @@ class OnnxRunner:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         #: Whether :meth:`with_feature_map` works (the graph exports its last feature map).
         self.has_feature_map = FEATURE_MAP_OUTPUT in outputs
+
+    def with_threads(self, threads: int) -> OnnxRunner:
+        """Another session of the same graph with ``threads`` intra-op threads (batch work beside decoding)."""
+        return OnnxRunner(self.path, threads=threads, spin=self.spin, kind=self.kind)
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, C) and pooled features (N, F) of a preprocessed float32 batch (N, 3, S, S)."""
