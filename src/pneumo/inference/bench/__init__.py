@@ -236,8 +236,8 @@ def _decode_lines(options: dict[str, Any] | None) -> list[str]:
 def format_table(result: dict[str, Any]) -> str:
     """The result as a Markdown table (one column per backend) plus the floor and the machine."""
     order = ("int8", "fp32", "openvino-int8", "openvino-fp32", "torch")
-    backends = [b for b in order if isinstance(result.get(b), dict) and "throughput_ips" in result[b]]
-    backends += [b for b in result.get("settings", {}).get("backends", ()) if b not in order and b in result]
+    named = [*order, *(b for b in result.get("settings", {}).get("backends", ()) if b not in order)]
+    backends = [b for b in named if isinstance(result.get(b), dict) and "throughput_ips" in result[b]]
     batch = result.get("settings", {}).get("batch_size", 32)
     rows = [
         (f"model throughput, batch {batch} (img/s)", "throughput_ips"),
