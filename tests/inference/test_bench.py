@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from pneumo.cli import app
 from pneumo.inference.bench import BenchSettings, format_table, run_bench, synthesize_xrays
 from pneumo.inference.bench.floor import SPEED_FLAGS, physical_floor
 from pneumo.modeling.torch_backend import model_flops
+
+#: Whether OpenVINO is installed (the [openvino] extra, part of [dev]): the bench then adds its columns.
+OPENVINO = importlib.util.find_spec("openvino") is not None
 
 METRICS = (
     "throughput_ips",
@@ -33,11 +37,13 @@ def test_pneumo_bench_writes_json_for_both_backends(exported_tiny_bundle: Path, 
     bundle = exported_tiny_bundle
     out = tmp_path / "bench.json"
     args = ["bench", "--model", str(bundle), "--json", str(out), "--n-images", "2", "--runs", "1"]
-    result = CliRunner().invoke(app, [*args, "--batch-size", "4", "--batches", "1"])
+    result = CliRunner().invoke(app, [*args, "--batch-size", "4", "--batches", "1", "--no-startup"])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    for backend in ("torch", "fp32"):
-        assert data[backend]["backend"] == backend  # each column measured what it says
+    columns = ["torch", "fp32"] + (["openvino-fp32"] if OPENVINO else [])
+    for backend in columns:
+        assert data[backend]["backend"] == backend.removesuffix("-fp32")  # each column measured what it says
+        assert data[backend]["graph"] == (None if backend == "torch" else "fp32")
         for key in METRICS:
             assert isinstance(data[backend][key], float) and data[backend][key] > 0, (backend, key)
         assert data[backend]["latency_p95_ms"] >= data[backend]["latency_p50_ms"]
@@ -51,8 +57,24 @@ def test_pneumo_bench_writes_json_for_both_backends(exported_tiny_bundle: Path, 
     assert data["speedup_fp32_vs_torch"]["throughput_ips"] == pytest.approx(
         data["fp32"]["throughput_ips"] / data["torch"]["throughput_ips"], rel=0.01
     )
-    assert "| | fp32 | torch |" in result.output
+    assert ("| | fp32 | openvino-fp32 | torch |" if OPENVINO else "| | fp32 | torch |") in result.output
     assert "model throughput, batch 4 (img/s)" in result.output
+    assert data["skipped"]["int8"] == "the bundle has no valid INT8 graph"
+    assert data["auto_backend"] == {"backend": "fp32", "graph": "fp32"}  # no OpenVINO check recorded for it
+    options = data["decode_options"]
+    assert list(options) == ["1", "0.75", "0.5"] and options["1"]["default"] and not options["0.5"]["default"]
+    assert options["1"]["draft_size"] == 64 and options["0.5"]["draft_size"] == 32  # the tiny bundle: 64 px input
+    # Coarser drafts never decode larger films; every figure is a positive time.
+    assert options["0.5"]["decoded_short_side_mean"] <= options["1"]["decoded_short_side_mean"]
+    assert all(row[key] > 0 for row in options.values() for key in ("decode_p50_ms", "preprocess_p50_ms"))
+    if OPENVINO:
+        assert data["openvino"]["graph"] == "fp32" and data["openvino"]["checked"] is False
+        assert "no recorded OpenVINO check" in data["openvino"]["unchecked_reason"]
+        assert data["speedup_openvino-fp32_vs_fp32"]["throughput_ips"] == pytest.approx(
+            data["openvino-fp32"]["throughput_ips"] / data["fp32"]["throughput_ips"], rel=0.01
+        )
+    else:
+        assert "OpenVINO is not installed" in data["skipped"]["openvino"]
 
 
 def test_run_bench_in_process_on_given_images(tmp_path: Path) -> None:
@@ -77,10 +99,13 @@ def test_run_bench_in_process_on_given_images(tmp_path: Path) -> None:
     json.dumps(data)  # JSON-able as is
 
 
-def test_bench_refuses_unknown_backends() -> None:
+def test_bench_refuses_unknown_backends_and_bad_fractions() -> None:
     result = CliRunner().invoke(app, ["bench", "--backends", "torch,tensorrt"])
     assert result.exit_code == 2
     assert "--backends" in result.output
+    result = CliRunner().invoke(app, ["bench", "--draft-fractions", "1,2"])
+    assert result.exit_code == 2
+    assert "--draft-fractions takes numbers in (0, 1]" in result.output
 
 
 def test_synthetic_xrays_are_full_resolution_grayscale_jpegs(tmp_path: Path) -> None:
@@ -124,4 +149,27 @@ def test_format_table_lists_backends_and_marks_missing_values() -> None:
     assert "| heatmap p50 (ms; CAM from the ONNX graph) | 55 | - |" in table
     assert "|   model p50 (ms) | - | 30 |" in table
     assert "peak RSS" not in table  # rows with no value at all are left out
+    assert "JPEG draft fraction" not in table  # no decode options measured
     assert "2 cores, Test CPU (avx2, avx512_vnni)" in table  # the INT8 speed depends on VNNI
+
+
+def test_format_table_shows_openvino_columns_decode_options_and_the_auto_choice() -> None:
+    row = {"throughput_ips": 300.0, "latency_p50_ms": 6.5}
+    options = {"1": {"draft_size": 240, "default": True, "decoded_short_side_mean": 350.0, "decode_p50_ms": 3.2,
+                     "decode_cpu_ms_mean": 3.1, "preprocess_p50_ms": 0.5}}  # fmt: skip
+    result = {
+        "int8": {"throughput_ips": 200.0},
+        "openvino-int8": row,
+        "openvino-fp32": {"throughput_ips": 250.0},
+        "decode_options": options,
+        "auto_backend": {"backend": "openvino", "graph": "int8"},
+        "openvino": {"version": "2026.4.1", "cpu_isa": "avx512_vnni", "graph": "int8", "checked": True},
+        "machine": {"cores": 2, "cpu_model": "Test CPU", "cpu_flags": [], "loadavg_1m": 0.1},
+        "floor": {"gflops_per_image": None, "peak_gflops": None},
+    }
+    table = format_table(result)
+    assert "| | int8 | openvino-int8 | openvino-fp32 |" in table
+    assert "| model throughput, batch 32 (img/s) | 200 | 300 | 250 |" in table
+    assert "| 1 (default) | 240 | 350 | 3.2 | 3.1 | 0.5 |" in table
+    assert "`auto` serves here: openvino (int8 graph)." in table
+    assert "OpenVINO 2026.4.1 on avx512_vnni: `backend=openvino` runs the int8 graph (checked)." in table

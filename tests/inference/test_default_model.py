@@ -31,8 +31,8 @@ def test_default_bundle_records_how_it_was_made() -> None:
 
 def test_every_fullres_sample_is_predicted_and_mostly_right(shared_data: Path) -> None:
     files = _fullres(shared_data)
-    predictor = Predictor()  # what production serves: the INT8 graph
-    assert predictor.backend == "int8"
+    predictor = Predictor()  # what production serves: the INT8 graph (under OpenVINO where installed and checked)
+    assert predictor.backend in ("int8", "openvino") and getattr(predictor.runner, "graph", "int8") == "int8"
     results = predictor.predict_many(files)
     labels = [getattr(r, "label", None) for r in results]
     assert None not in labels, [r for r in results if not hasattr(r, "label")]

@@ -41,10 +41,15 @@ def test_default_bundle_lists_its_int8_graph_with_checksums() -> None:
 
 
 def _checked_copy(tmp_path: Path, passed: bool) -> Path:
-    """The default bundle with its INT8 entry's verdict set to ``passed`` (checksums untouched)."""
+    """The default bundle with its INT8 entry's verdict set to ``passed`` (checksums untouched).
+
+    Its OpenVINO checks are dropped: these tests are about the choice among ONNX Runtime's graphs
+    (tests/inference/test_openvino.py covers ``auto`` choosing OpenVINO).
+    """
     folder = shutil.copytree(default_bundle_path(), tmp_path / f"bundle-{passed}")
     meta = json.loads((folder / "bundle.json").read_text())
     meta["files"][INT8_FILE]["passed_check"] = passed
+    meta.pop("runtime_checks", None)
     (folder / "bundle.json").write_text(json.dumps(meta))
     return folder
 
@@ -66,14 +71,15 @@ def test_without_an_fp32_graph_auto_serves_an_unchecked_int8_graph_with_a_warnin
     assert "did not pass the agreement check" in caplog.text
 
 
-def test_auto_picks_int8_and_the_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
-    predictor = Predictor()
+def test_auto_picks_int8_and_the_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = _checked_copy(tmp_path, True)
+    predictor = Predictor(bundle)
     assert predictor.backend == "int8" and predictor.onnx_runner is not None
     monkeypatch.setenv("PNEUMO_BACKEND", "int8")
     assert Predictor(backend="auto").backend == "int8"
     monkeypatch.setenv("PNEUMO_BACKEND", "torch")  # registered: this module imports the training stack's backend
-    assert Predictor(backend="int8").backend == "int8"  # an explicit choice is not overridden
-    assert Predictor().backend == "torch"
+    assert Predictor(bundle, backend="int8").backend == "int8"  # an explicit choice is not overridden
+    assert Predictor(bundle).backend == "torch"
 
 
 def test_a_damaged_or_stale_int8_file_is_never_used(
@@ -84,6 +90,8 @@ def test_a_damaged_or_stale_int8_file_is_never_used(
     data[len(data) // 2] ^= 0xFF
     (folder / INT8_FILE).write_bytes(bytes(data))
     meta = read_meta(folder)
+    meta.runtime_checks = []  # ONNX Runtime's choice only (OpenVINO's: tests/inference/test_openvino.py)
+    write_meta(folder, meta)
     assert find_int8(folder, meta) is None
     with pytest.raises(BackendError, match=r"no valid model_int8\.onnx"):
         Predictor(folder, backend="int8")

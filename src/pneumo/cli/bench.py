@@ -20,7 +20,10 @@ def bench(
     gradcam: Annotated[bool, typer.Option("--gradcam", help="Also time one heatmap per image.")] = False,
     backends: Annotated[
         str, typer.Option(help="Comma-separated backends to compare (those unavailable here are skipped).")
-    ] = "int8,fp32,torch",
+    ] = "int8,fp32,openvino,torch",
+    draft_fractions: Annotated[
+        str, typer.Option(help="JPEG draft fractions of the input size to time decoding at (empty: none).")
+    ] = "1,0.75,0.5",
     runs: Annotated[int, typer.Option(help="Passes over the images for the latency percentiles.")] = 3,
     n_images: Annotated[int, typer.Option(help="Images: synthesized, or at most this many from --images.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Batch size of the throughput figures.")] = 32,
@@ -47,8 +50,14 @@ def bench(
     from pneumo.inference.runners import find_onnx
 
     chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
-    if not chosen or any(b not in ("int8", "fp32", "torch") for b in chosen):
-        fail(f"--backends takes int8, fp32 and/or torch, comma-separated; got {backends!r}.")
+    if not chosen or any(b not in ("int8", "fp32", "openvino", "torch") for b in chosen):
+        fail(f"--backends takes int8, fp32, openvino and/or torch, comma-separated; got {backends!r}.")
+    try:
+        fractions = tuple(float(f) for f in draft_fractions.split(",") if f.strip())
+    except ValueError:
+        fractions = (-1.0,)
+    if any(not 0.0 < f <= 1.0 for f in fractions):
+        fail(f"--draft-fractions takes numbers in (0, 1], comma-separated; got {draft_fractions!r}.")
     has_torch = importlib.util.find_spec("torch") is not None
     flops, export_s, preload = None, None, tuple[str, ...]()
     try:
@@ -59,7 +68,7 @@ def bench(
 
             flops = model_flops(folder)
             preload = ("pneumo.modeling.torch_backend",)
-            if "fp32" in chosen and find_onnx(folder, read_meta(folder)) is None:
+            if {"fp32", "openvino"} & set(chosen) and find_onnx(folder, read_meta(folder)) is None:
                 start = time.perf_counter()
                 export_onnx(folder)
                 export_s = round(time.perf_counter() - start, 2)
@@ -80,6 +89,7 @@ def bench(
         torch_threads=torch_threads,
         startup=startup,
         serve_predictions=serve_predictions,
+        draft_fractions=fractions,
     )
     try:
         result = run_bench(settings, flops=flops)

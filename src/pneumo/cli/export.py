@@ -59,6 +59,39 @@ def export_onnx_command(
     typer.echo(str(path))
 
 
+@export_app.command("openvino")
+def export_openvino_command(
+    data: Annotated[
+        Path, typer.Option(help="Dataset root (train/NORMAL, train/PNEUMONIA): its validation split is checked.")
+    ],
+    model: ModelOption = None,
+) -> None:
+    """Check OpenVINO's execution of the bundle's ONNX graphs against fp32 and record it in bundle.json.
+
+    No new model file: OpenVINO reads the same ONNX graphs. `auto` serves with OpenVINO only where a
+    passing check matches the graph, the OpenVINO release and the CPU kind (run it on each kind of CPU).
+    """
+    from pneumo.core.errors import PneumoError
+
+    require_train_extra("export openvino")
+    from pneumo.core.bundle import read_meta, resolve_bundle, write_meta
+    from pneumo.modeling.runtime_check import check_openvino, record_checks
+
+    try:
+        folder = resolve_bundle(model)
+        records = check_openvino(folder, data)
+        write_meta(folder, record_checks(read_meta(folder), records))
+    except PneumoError as err:
+        fail(err.message)
+    for record in records:
+        verdict = "passed" if record.passed_check else "FAILED"
+        typer.echo(
+            f"{record.graph}: OpenVINO {record.version} on {record.cpu_isa} {verdict} "
+            f"(decision agreement with fp32: {record.validation.get('decision_agreement')} validation, "
+            f"{record.heldout.get('decision_agreement')} held-out)"
+        )
+
+
 ood_app = typer.Typer(help="The not-a-chest-X-ray gate of a model bundle.", no_args_is_help=True)
 
 

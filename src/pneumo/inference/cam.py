@@ -31,7 +31,7 @@ from PIL import Image
 from pneumo.core.bundle import CAM_HEAD_KEY, POSITIVE, WEIGHTS_FILE, bundle_file
 from pneumo.core.decode import DecodedImage
 from pneumo.inference.explain import DEFAULT_MAX_SIDE, Explainer, ExplainUnavailableError, Explanation, to_display
-from pneumo.inference.runners import OnnxRunner
+from pneumo.inference.runners import GraphRunner
 
 if TYPE_CHECKING:
     from pneumo.inference.predictor import Predictor
@@ -43,7 +43,7 @@ CAM_LAYER = "feature_map (CAM from ONNX)"
 
 
 class OnnxCamExplainer:
-    """CAM heatmaps from the Predictor's ONNX graph (int8 or fp32); same interface as ``GradCamExplainer``.
+    """CAM heatmaps from the Predictor's ONNX graph (int8 or fp32, ONNX Runtime or OpenVINO); as ``GradCamExplainer``.
 
     Thread-safe without a lock: every map is one ``session.run`` plus NumPy on local arrays.
 
@@ -53,8 +53,8 @@ class OnnxCamExplainer:
     """
 
     def __init__(self, predictor: Predictor) -> None:
-        runner = getattr(predictor, "onnx_runner", None)
-        if not isinstance(runner, OnnxRunner):
+        runner = getattr(predictor, "runner", None)
+        if not isinstance(runner, GraphRunner):  # ONNX Runtime or OpenVINO, on the same graph
             raise ExplainUnavailableError("CAM from ONNX needs an ONNX backend; this predictor runs another backend.")
         head = runner.metadata.get(CAM_HEAD_KEY)
         if not runner.has_feature_map or not head:

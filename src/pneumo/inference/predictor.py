@@ -8,7 +8,6 @@ labels, temperature, threshold) comes from the model bundle.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from PIL import Image
 from pneumo.core.bundle import LOCALIZER_FILE, POSITIVE, Backend, BundleMeta, bundle_file, read_meta, resolve_bundle
 from pneumo.core.decode import DEFAULT_LIMITS, DecodedImage, Limits, read_image
 from pneumo.core.decode.isolate import default_pool
+from pneumo.core.environment import available_cores
 from pneumo.core.errors import NotAChestXrayError, PneumoError
 from pneumo.core.framing import Box
 from pneumo.core.preprocess import PreprocessConfig, Preprocessor
@@ -32,6 +32,20 @@ from pneumo.inference.ood import OodGate
 from pneumo.inference.runners import OnnxRunner, Runner, select_runner
 
 log = logging.getLogger(__name__)
+
+#: JPEG draft decoding asks for at least this fraction of the pixels the model needs on each side
+#: (1.0: never below the needed size; see :func:`draft_size_for` and docs/performance.md).
+DRAFT_FRACTION = 0.75
+
+
+def draft_size_for(needed: int, fraction: float = DRAFT_FRACTION) -> int:
+    """The ``draft_size`` to decode JPEGs at when the model needs ``needed`` pixels on each side of the film.
+
+    A JPEG decodes at 1/1, 1/2, 1/4 or 1/8 scale (DCT scaling, Pillow's ``draft``): the smallest scale
+    that still gives ``fraction * needed`` pixels on each side is taken. ``needed`` is the input size
+    today; a crop before resizing (canonical framing) needs ``input_size / crop_fraction`` of the film.
+    """
+    return max(1, round(needed * fraction))
 
 
 @dataclass
@@ -123,11 +137,17 @@ class Predictor:
         self.preprocessor = Preprocessor(
             self.meta.preprocess, bundle_file(self.bundle_dir, LOCALIZER_FILE, required=self.meta.preprocess.framed)
         )
+        #: Least side JPEGs are draft-decoded to (:func:`draft_size_for` of the input size). A bundle that
+        #: frames its films crops before resizing: it keeps the full input size (the 0.75 draft study,
+        #: docs/performance.md, measured the unframed model only).
+        framed = self.meta.preprocess.framed
+        self.draft_size = draft_size_for(self.meta.preprocess.input_size, 1.0 if framed else DRAFT_FRACTION)
         self.runner: Runner = runner if runner is not None else select_runner(self.bundle_dir, self.meta, backend)
         #: The backend that answers: ``"int8"``, ``"fp32"`` or a registered one (``"torch"``).
         self.backend = self.runner.kind
         self._pool_lock = threading.Lock()
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._half_runner: Runner | None = None
 
     @property
     def onnx_runner(self) -> OnnxRunner | None:
@@ -152,9 +172,9 @@ class Predictor:
     # --- the pipeline, step by step (each step usable on its own, e.g. by explain.py) ---
 
     def decode(self, source: Source) -> DecodedImage:
-        """Read and validate one input (JPEG draft decoding at the model's input size), DICOM/TIFF under a deadline."""
+        """Read and validate one input (JPEG draft decoding: :func:`draft_size_for`), DICOM/TIFF under a deadline."""
         pool = default_pool() if self._decode_isolated else None
-        return read_image(source, self.limits, draft_size=self.meta.preprocess.input_size, pool=pool)
+        return read_image(source, self.limits, draft_size=self.draft_size, pool=pool)
 
     def prepare(self, decoded: DecodedImage) -> np.ndarray:
         """A decoded image as the model's normalized float32 (3, S, S) input (framing included)."""
@@ -232,17 +252,23 @@ class Predictor:
         """Predict many inputs in batches; one entry per input, in input order: a result or its error.
 
         Nothing is lost: a file that fails yields its :class:`PneumoError` in its place and the
-        others still run. Decoding and preprocessing run in a small thread pool a few batches
-        ahead of the model (Pillow and ONNX Runtime release the GIL), so the cores decode the next
-        batch while the model runs on this one.
+        others still run. Decoding and preprocessing run in a pool of one thread per core, two
+        batches ahead of the model (Pillow and the runtimes release the GIL). The model runs a batch
+        with half the cores while decoding is still under way, and with all of them once everything
+        ahead is decoded: a full-resolution JPEG costs about as much CPU as the model, and a model
+        using every core while the decoders run too would stall at each of its parallel sections.
+        Measured on 2 loaded cores (benchmarks/predict_many_overlap.py, docs/performance.md).
         """
         results: list[Prediction | PneumoError | None] = [None] * len(sources)
         pending: list[tuple[int, DecodedImage, np.ndarray, Box]] = []
+        in_flight: deque[Future[tuple[DecodedImage, np.ndarray, Box] | PneumoError]] = deque()
 
         def flush() -> None:
             if not pending:
                 return
-            logits, features = self.forward(np.stack([array for _, _, array, _ in pending]))
+            decoding = any(not future.done() for future in in_flight)
+            runner = self._batch_runner() if decoding else self.runner
+            logits, features = runner(np.stack([array for _, _, array, _ in pending]))
             for (index, decoded, _, box), row, feats in zip(pending, self.calibrated(logits), features):
                 try:
                     results[index] = self._answer(row, feats, decoded, name_of(sources[index]), box)
@@ -250,7 +276,7 @@ class Predictor:
                     results[index] = err
             pending.clear()
 
-        for index, prepared in enumerate(self._prepared(sources, lookahead=2 * batch_size)):
+        for index, prepared in enumerate(self._prepared(sources, 2 * batch_size, in_flight)):
             if isinstance(prepared, PneumoError):
                 results[index] = prepared
             else:
@@ -260,6 +286,21 @@ class Predictor:
         flush()
         return [r for r in results if r is not None]
 
+    def _batch_runner(self) -> Runner:
+        """The model with half the cores (made once, on the first batch that needs it), else the runner itself.
+
+        Only runners that can be rebuilt with fewer threads (``with_threads``: ONNX Runtime, OpenVINO) get
+        one; it holds a second copy of the graph.
+        """
+        cores = available_cores()
+        make = getattr(self.runner, "with_threads", None)
+        if cores < 2 or make is None:
+            return self.runner
+        with self._pool_lock:
+            if self._half_runner is None:
+                self._half_runner = make(max(1, cores // 2))
+        return self._half_runner
+
     def _decode_and_prepare(self, source: Source) -> tuple[DecodedImage, np.ndarray, Box] | PneumoError:
         try:
             decoded = self.decode(source)
@@ -268,18 +309,23 @@ class Predictor:
             return err
 
     def _prepared(
-        self, sources: Sequence[Source], lookahead: int
+        self,
+        sources: Sequence[Source],
+        lookahead: int,
+        queue: deque[Future[tuple[DecodedImage, np.ndarray, Box] | PneumoError]],
     ) -> Iterator[tuple[DecodedImage, np.ndarray, Box] | PneumoError]:
-        """Decoded and preprocessed inputs in input order, at most ``lookahead`` in flight (bounded memory)."""
+        """Decoded and preprocessed inputs in input order, at most ``lookahead`` in flight (bounded memory).
+
+        ``queue`` holds the inputs in flight, so the caller sees whether decoding is still under way.
+        """
         if len(sources) <= 1:
             yield from map(self._decode_and_prepare, sources)
             return
         with self._pool_lock:
             if self._decode_pool is None:
                 self._decode_pool = ThreadPoolExecutor(
-                    max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pneumo-decode"
+                    max_workers=available_cores(), thread_name_prefix="pneumo-decode"
                 )
-        queue: deque[Future[tuple[DecodedImage, np.ndarray, Box] | PneumoError]] = deque()
         for source in sources:
             queue.append(self._decode_pool.submit(self._decode_and_prepare, source))
             if len(queue) >= lookahead:

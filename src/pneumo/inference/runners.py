@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -59,6 +59,18 @@ class Runner(Protocol):
     kind: str
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@runtime_checkable
+class GraphRunner(Runner, Protocol):
+    """A runner of one of the bundle's ONNX graphs (ONNX Runtime or OpenVINO): CAM reads its feature map."""
+
+    #: The graph's ONNX metadata (weights hash, architecture, CAM head).
+    metadata: dict[str, str]
+    #: Whether :meth:`with_feature_map` works (the graph exports its last feature map).
+    has_feature_map: bool
+
+    def with_feature_map(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 #: Makes a backend's runner for a bundle folder and its metadata (see :func:`register_backend`).
@@ -227,6 +239,7 @@ class OnnxRunner:
         self.path = Path(path)
         #: ``"int8"`` (the bundle's quantized graph) or ``"fp32"``: the Predictor's ``backend``.
         self.kind = str(kind)
+        self.spin = spin
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or available_cores()
         options.inter_op_num_threads = 1
@@ -251,6 +264,10 @@ class OnnxRunner:
         #: Whether :meth:`with_feature_map` works (the graph exports its last feature map).
         self.has_feature_map = FEATURE_MAP_OUTPUT in outputs
 
+    def with_threads(self, threads: int) -> OnnxRunner:
+        """Another session of the same graph with ``threads`` intra-op threads (batch work beside decoding)."""
+        return OnnxRunner(self.path, threads=threads, spin=self.spin, kind=self.kind)
+
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, C) and pooled features (N, F) of a preprocessed float32 batch (N, 3, S, S)."""
         logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})
@@ -266,12 +283,22 @@ class OnnxRunner:
         return logits, features, feature_map
 
 
+#: A registered backend's offer to ``auto``: its runner when it is installed and checked for the bundle, else None.
+AutoFactory = Callable[[Path, BundleMeta], "Runner | None"]
 _FACTORIES: dict[str, RunnerFactory] = {}
+_AUTO: dict[str, AutoFactory] = {}
 
 
-def register_backend(name: Backend | str, factory: RunnerFactory) -> None:
-    """Make ``backend=name`` available to every Predictor (the training stack registers ``torch`` this way)."""
+def register_backend(name: Backend | str, factory: RunnerFactory, *, auto: AutoFactory | None = None) -> None:
+    """Make ``backend=name`` available to every Predictor (the training stack registers ``torch`` this way).
+
+    ``auto``: how ``backend="auto"`` may pick this backend before the ONNX Runtime graphs: it returns
+    a runner only where the backend is installed and its check for the bundle passes (else None,
+    logging why); OpenVINO (:mod:`pneumo.inference.openvino`) registers itself so.
+    """
     _FACTORIES[str(name)] = factory
+    if auto is not None:
+        _AUTO[str(name)] = auto
 
 
 def backend_names() -> list[str]:
@@ -299,9 +326,11 @@ def select_runner(bundle: Path, meta: BundleMeta, backend: Backend | str = Backe
 
     ``int8`` is the bundle's quantized graph, ``fp32`` its fp32 ONNX graph (the bundle's
     ``model.onnx`` or the export in the user cache), a registered name (``torch``) that backend.
-    ``auto`` takes int8 when the bundle ships it and it passed its check against fp32, else the fp32
-    graph when one was exported, else an INT8 graph that missed the check (with a warning), logging why
-    it passes over each. The environment variable ``PNEUMO_BACKEND`` overrides ``auto``.
+    ``auto`` first asks the backends registered with an ``auto`` offer (OpenVINO: where it is installed
+    and a recorded check covers one of the bundle's graphs, :mod:`pneumo.inference.openvino`), then
+    takes int8 when the bundle ships it and it passed its check against fp32, else the fp32 graph when
+    one was exported, else an INT8 graph that missed the check (with a warning), logging why it passes
+    over each. The environment variable ``PNEUMO_BACKEND`` overrides ``auto``.
 
     Raises:
         BackendError: the name is unknown, or the backend asked for (or every one, under ``auto``) cannot run.
@@ -316,12 +345,19 @@ def select_runner(bundle: Path, meta: BundleMeta, backend: Backend | str = Backe
                 raise BackendError(f"PNEUMO_BACKEND={override!r}: {err.message}", code="bad_backend") from err
     if choice in _FACTORIES:
         return _FACTORIES[choice](bundle, meta)
-    if choice not in (Backend.AUTO, Backend.INT8, Backend.FP32):  # torch, with the training stack not imported
+    if choice == Backend.TORCH:  # the training stack is not imported
         raise BackendError(
             f"The {choice} backend is not loaded: it comes with the training stack "
             "(pip install 'pneumo[train]', then use pneumo.modeling.torch_predictor(bundle)).",
             code="bad_backend",
         )
+    if choice not in (Backend.AUTO, Backend.INT8, Backend.FP32):
+        raise BackendError(f"The {choice} backend is not registered here.", code="bad_backend")
+    if choice == Backend.AUTO:
+        for offer in _AUTO.values():  # OpenVINO, where installed and checked for this bundle
+            runner = offer(bundle, meta)
+            if runner is not None:
+                return runner
     try:
         import onnxruntime  # noqa: F401
     except ImportError as err:

@@ -69,7 +69,7 @@ from pneumo.core.bundle import (
 from pneumo.core.decode import read_image
 from pneumo.core.errors import PneumoError
 from pneumo.core.preprocess import Preprocessor
-from pneumo.inference.runners import OnnxRunner, file_sha256, weights_sha256
+from pneumo.inference.runners import OnnxRunner, Runner, file_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def quantize_onnx(
     return out
 
 
-def graph_probability(runner: OnnxRunner, arrays: np.ndarray, meta: Any) -> np.ndarray:
+def graph_probability(runner: Runner, arrays: np.ndarray, meta: Any) -> np.ndarray:
     """The bundle's calibrated P(pneumonia) from ``runner`` on preprocessed ``arrays``, 32 at a time."""
     logits = np.concatenate([runner(arrays[i : i + 32])[0] for i in range(0, len(arrays), 32)])
     return np.asarray(meta.probability(logits))
@@ -217,6 +217,17 @@ def compare_probabilities(p32: np.ndarray, p8: np.ndarray, labels: np.ndarray, m
 
 def _passes(report: dict) -> bool:
     return report["decision_agreement"] >= MIN_AGREEMENT and abs(report["auc_delta"]) <= MAX_AUC_DELTA
+
+
+def calibration_and_heldout(train: Sequence[Any], n_calibration: int) -> tuple[list[Any], list[Any]]:
+    """The seeded calibration sample of ``train`` and :data:`HELDOUT_IMAGES` other training samples.
+
+    One definition, so the OpenVINO check (:mod:`pneumo.modeling.runtime_check`) sees the same held-out images.
+    """
+    picked = random.Random(0).sample(list(train), min(n_calibration, len(train)))
+    taken = {s.path for s in picked}
+    rest = [s for s in train if s.path not in taken]
+    return picked, random.Random(1).sample(rest, min(HELDOUT_IMAGES, len(rest)))
 
 
 def quantize_bundle(
@@ -261,10 +272,7 @@ def quantize_bundle(
         val_fraction=config.get("val_fraction", 0.15),
         seed=config.get("seed", 0),
     )
-    picked = random.Random(0).sample(train, min(n_calibration, len(train)))
-    taken = {s.path for s in picked}
-    rest = [s for s in train if s.path not in taken]
-    heldout = random.Random(1).sample(rest, min(HELDOUT_IMAGES, len(rest)))
+    picked, heldout = calibration_and_heldout(train, n_calibration)
     log.info(
         "Calibrating on %d training images, checking on %d validation images (%s) and %d other training images.",
         len(picked), len(val), how, len(heldout),

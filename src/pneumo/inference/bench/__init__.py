@@ -1,8 +1,11 @@
 """``pneumo bench``: how fast is inference on *this* machine, per backend, measured side by side.
 
 What is measured, for each backend (``int8`` = the bundle's quantized ONNX graph, ``fp32`` = the
-fp32 ONNX graph, ``torch`` = eager PyTorch, registered by the training stack; those not available
-here are skipped and listed):
+fp32 ONNX graph, both under ONNX Runtime; ``openvino-int8`` and ``openvino-fp32`` = the same two
+files under OpenVINO (asked for as ``openvino``; the result's ``openvino`` section says which graph
+``backend="openvino"`` runs and the recorded checks); ``torch`` = eager PyTorch, registered by the
+training stack; those not available here are skipped and listed; ``auto_backend`` says which one
+``auto`` serves here):
 
 - **latency** (p50, p95, ms): one full-resolution JPEG, from its bytes in memory to the
   calibrated probability (:meth:`Predictor.predict`: decode, preprocess, model, answer), and the
@@ -14,6 +17,8 @@ here are skipped and listed):
 - **peak RSS** (MB) of the process;
 - optionally the cost of one heatmap (``--gradcam``): CAM from the ONNX graph on the ONNX
   backends, Grad-CAM on the torch one;
+- **decode options** (``decode_options``, :mod:`pneumo.inference.bench.decode`): JPEG decode and
+  preprocess time at each draft fraction of the needed size, interleaved on the same files;
 - **cold start and memory** (:mod:`pneumo.inference.bench.startup`, default backend): wall time and
   peak RSS of ``pneumo predict one.jpeg``, seconds until ``pneumo serve`` answers ``/health``, and
   the server's RSS after ``serve_predictions`` uploads.
@@ -44,8 +49,9 @@ import numpy as np
 from PIL import Image
 
 from pneumo.core.decode import IMAGE_EXTENSIONS
+from pneumo.inference.bench.decode import decode_options
 from pneumo.inference.bench.floor import bench_versions, machine_info, physical_floor
-from pneumo.inference.bench.measure import bench_backend, bench_isolated
+from pneumo.inference.bench.measure import OPENVINO_PREFIX, bench_backend, bench_isolated
 from pneumo.inference.bench.settings import BenchSettings, settings_json
 
 __all__ = ["BenchSettings", "format_table", "run_bench", "synthesize_xrays"]
@@ -97,19 +103,48 @@ def _image_files(folder: Path, limit: int) -> list[Path]:
 
 
 def available_backends(folder: Path, wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """The backends of ``wanted`` that can run here, and why each other one cannot."""
+    """The bench columns of ``wanted`` that can run here, and why each other one cannot.
+
+    ``openvino`` becomes one column per graph OpenVINO can read (``openvino-int8``, ``openvino-fp32``).
+    """
     from pneumo.core.bundle import read_meta
+    from pneumo.inference.openvino import bundle_graphs, openvino_version
     from pneumo.inference.runners import backend_names, find_int8, find_onnx
 
-    reasons = {}
-    if "int8" in wanted and find_int8(folder, read_meta(folder)) is None:
-        reasons["int8"] = "the bundle has no valid INT8 graph"
-    if "fp32" in wanted and find_onnx(folder, read_meta(folder)) is None:
-        reasons["fp32"] = "no fp32 ONNX export (`pneumo export onnx`, with pip install 'pneumo[train]')"
+    meta = read_meta(folder)
+    reasons, columns = {}, []
     for name in wanted:
-        if name not in backend_names() and name not in reasons:
+        if name == "int8" and find_int8(folder, meta) is None:
+            reasons["int8"] = "the bundle has no valid INT8 graph"
+        elif name == "fp32" and find_onnx(folder, meta) is None:
+            reasons["fp32"] = "no fp32 ONNX export (`pneumo export onnx`, with pip install 'pneumo[train]')"
+        elif name == "openvino" and openvino_version() is None:
+            reasons["openvino"] = "OpenVINO is not installed (pip install 'pneumo[openvino]')"
+        elif name == "openvino":
+            graphs = bundle_graphs(folder, meta)
+            columns += [f"{OPENVINO_PREFIX}{graph}" for graph in ("int8", "fp32") if graph in graphs]
+            reasons.update({f"{OPENVINO_PREFIX}{g}": f"no {g} graph" for g in ("int8", "fp32") if g not in graphs})
+        elif name not in backend_names():
             reasons[name] = "not available here (torch: pip install 'pneumo[train]')"
-    return [b for b in wanted if b not in reasons], reasons
+        else:
+            columns.append(name)
+    return columns, reasons
+
+
+def openvino_summary(folder: Path) -> dict[str, Any]:
+    """OpenVINO here: version, CPU int8 ISA, which graph ``backend="openvino"`` runs and the recorded checks."""
+    from pneumo.core.bundle import read_meta
+    from pneumo.core.errors import PneumoError
+    from pneumo.inference.openvino import choose_graph, cpu_isa, describe_checks, openvino_version
+
+    meta = read_meta(folder)
+    summary: dict[str, Any] = {"version": openvino_version(), "cpu_isa": cpu_isa(), "checks": describe_checks(meta)}
+    try:
+        graph, _, unchecked = choose_graph(folder, meta)
+        summary |= {"graph": graph, "checked": unchecked is None, "unchecked_reason": unchecked}
+    except PneumoError as err:
+        summary["unavailable"] = err.message
+    return summary
 
 
 def run_bench(settings: BenchSettings, *, flops: int | None = None) -> dict[str, Any]:
@@ -117,7 +152,7 @@ def run_bench(settings: BenchSettings, *, flops: int | None = None) -> dict[str,
 
     ``flops``: the model's FLOPs per image, for the physical floor (not stated when None).
     """
-    from pneumo.core.bundle import resolve_bundle
+    from pneumo.core.bundle import read_meta, resolve_bundle
 
     folder = resolve_bundle(settings.bundle)
     backends, skipped = available_backends(folder, settings.backends)
@@ -141,13 +176,19 @@ def run_bench(settings: BenchSettings, *, flops: int | None = None) -> dict[str,
                 **predict_cold_start(files[0], bundle),
                 **serve_start_and_memory(files[0], bundle, settings.serve_predictions),
             }
+        if settings.draft_fractions:
+            config = read_meta(folder).preprocess
+            result["decode_options"] = decode_options(files, config, settings.draft_fractions, settings.runs)
         for backend in backends:
             run = bench_isolated if settings.isolate else bench_backend
             result[backend] = run(backend, folder, files, settings)
+    if any(b.startswith(OPENVINO_PREFIX) for b in backends) or "openvino" in settings.backends:
+        result["openvino"] = openvino_summary(folder)
+    result["auto_backend"] = auto_backend(folder)
     result["machine"] = machine_info()
     result["versions"] = bench_versions()
     result["floor"] = physical_floor(flops, result["machine"]["cores"], result["machine"]["cpu_mhz"])
-    for fast, slow in (("int8", "fp32"), ("fp32", "torch"), ("int8", "torch")):
+    for fast, slow in SPEEDUPS:
         if fast in result and slow in result:
             result[f"speedup_{fast}_vs_{slow}"] = {
                 key: round(result[fast][key] / result[slow][key], 2) for key in ("throughput_ips", "e2e_throughput_ips")
@@ -155,10 +196,48 @@ def run_bench(settings: BenchSettings, *, flops: int | None = None) -> dict[str,
     return result
 
 
+#: Speed-up ratios the result states, (faster, slower) where both columns ran.
+SPEEDUPS = (
+    ("int8", "fp32"),
+    ("fp32", "torch"),
+    ("int8", "torch"),
+    ("openvino-int8", "int8"),
+    ("openvino-fp32", "fp32"),
+    ("openvino-int8", "openvino-fp32"),
+)
+
+
+def auto_backend(folder: Path) -> dict[str, Any]:
+    """What ``backend="auto"`` serves here (loaded once in this process; its speed is in its column)."""
+    from pneumo.core.errors import PneumoError
+    from pneumo.inference.predictor import Predictor
+
+    try:
+        predictor = Predictor(folder, check_ood=False)
+    except PneumoError as err:
+        return {"backend": None, "error": err.message}
+    return {"backend": predictor.backend, "graph": getattr(predictor.runner, "graph", predictor.backend)}
+
+
+def _decode_lines(options: dict[str, Any] | None) -> list[str]:
+    if not options:
+        return []
+    lines = ["", "| JPEG draft fraction | draft size | decoded short side (px) | decode p50 (ms) | decode CPU (ms) "
+             "| preprocess p50 (ms) |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for fraction, row in options.items():
+        name = f"{fraction} (default)" if row.get("default") else fraction
+        lines.append(
+            f"| {name} | {row['draft_size']} | {row['decoded_short_side_mean']:g} | {row['decode_p50_ms']:g} "
+            f"| {row['decode_cpu_ms_mean']:g} | {row['preprocess_p50_ms']:g} |"
+        )
+    return lines
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result as a Markdown table (one column per backend) plus the floor and the machine."""
-    order = result.get("settings", {}).get("backends") or ("int8", "fp32", "torch")
-    backends = [b for b in order if b in result]
+    order = ("int8", "fp32", "openvino-int8", "openvino-fp32", "torch")
+    named = [*order, *(b for b in result.get("settings", {}).get("backends", ()) if b not in order)]
+    backends = [b for b in named if isinstance(result.get(b), dict) and "throughput_ips" in result[b]]
     batch = result.get("settings", {}).get("batch_size", 32)
     rows = [
         (f"model throughput, batch {batch} (img/s)", "throughput_ips"),
@@ -191,6 +270,16 @@ def format_table(result: dict[str, Any]) -> str:
             f"peak RSS {startup.get('predict_cli_peak_rss_mb')} MB, torch imported: "
             f"{startup.get('predict_cli_torch_imported')}; `pneumo serve` ready in {startup.get('serve_ready_s')} s, "
             f"RSS {startup.get('serve_rss_mb_after')} MB after {startup.get('serve_predictions')} predictions."
+        )
+    lines += _decode_lines(result.get("decode_options"))
+    auto, openvino = result.get("auto_backend") or {}, result.get("openvino") or {}
+    if auto.get("backend"):
+        lines.append(f"`auto` serves here: {auto['backend']} ({auto.get('graph')} graph).")
+    if openvino.get("version"):
+        checked = "checked" if openvino.get("checked") else f"unchecked: {openvino.get('unchecked_reason')}"
+        lines.append(
+            f"OpenVINO {openvino['version']} on {openvino['cpu_isa']}: `backend=openvino` runs the "
+            f"{openvino.get('graph')} graph ({checked})."
         )
     for backend, why in result.get("skipped", {}).items():
         lines.append(f"Skipped {backend}: {why}.")

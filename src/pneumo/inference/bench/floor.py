@@ -45,7 +45,7 @@ def bench_versions() -> dict[str, str]:
     """Versions of everything on the inference path, and whether Pillow decodes with libjpeg-turbo."""
     from PIL import features
 
-    versions = software_versions(("torch", "onnxruntime", "onnx", "onnxscript", "timm", "numpy", "pillow"))
+    versions = software_versions(("torch", "onnxruntime", "openvino", "onnx", "onnxscript", "timm", "numpy", "pillow"))
     versions["libjpeg_turbo"] = str(bool(features.check_feature("libjpeg_turbo")))
     return versions
 

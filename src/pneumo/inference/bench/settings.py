@@ -28,6 +28,8 @@ class BenchSettings:
         startup: also measure cold start and serving memory (:mod:`pneumo.inference.bench.startup`;
             on by default in ``pneumo bench``, off here so library callers opt in to ~1 min of extra work).
         serve_predictions: uploads sent to the server before its RSS is read.
+        draft_fractions: JPEG draft fractions to time decoding at (:mod:`pneumo.inference.bench.decode`);
+            empty: none.
     """
 
     bundle: Path | None = None
@@ -39,6 +41,7 @@ class BenchSettings:
     batches: int = 3
     gradcam: bool = False
     backends: tuple[str, ...] = ("int8", "fp32")
+    draft_fractions: tuple[float, ...] = ()
     preload: tuple[str, ...] = ()
     isolate: bool = True
     torch_threads: int | None = None
@@ -53,6 +56,7 @@ def settings_json(settings: BenchSettings) -> dict[str, Any]:
         data[key] = str(data[key]) if data[key] is not None else None
     data["backends"] = list(settings.backends)
     data["preload"] = list(settings.preload)
+    data["draft_fractions"] = list(settings.draft_fractions)
     return data
 
 
@@ -65,5 +69,6 @@ def settings_from_json(raw: dict[str, Any]) -> BenchSettings:
             "images": Path(raw["images"]) if raw["images"] else None,
             "backends": tuple(raw["backends"]),
             "preload": tuple(raw.get("preload", ())),
+            "draft_fractions": tuple(raw.get("draft_fractions", ())),
         }
     )
