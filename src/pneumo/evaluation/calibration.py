@@ -80,7 +80,7 @@ def fit_platt(gap: np.ndarray, y_true: np.ndarray) -> tuple[float, float]:
         raise MetricsInputError(f"Platt scaling needs finite 1-D scores and 0/1 labels of one length, got {x.shape}.")
     if not (y == 0).any() or not (y == 1).any():
         raise MetricsInputError("Platt scaling needs both NORMAL and PNEUMONIA images.")
-    model = LogisticRegression(penalty=None, solver="lbfgs", max_iter=1000).fit(x[:, None], y)
+    model = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(x[:, None], y)
     slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
     if not slope > 0:
         raise MetricsInputError(f"Platt scaling found a slope of {slope:.3g}: the scores do not rank the classes.")
