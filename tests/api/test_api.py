@@ -100,6 +100,22 @@ def test_predict_matches_the_predictor(client: TestClient, predictor: Predictor)
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert body["model"] == {"name": "tiny-test", "version": "9.9.9", "arch": "efficientnet_lite0"}
     assert body["format"] == "jpeg" and body["heatmap"] is None
+    assert body["borderline"] is expected.borderline and body["operating_point"] == expected.operating_point
+    assert body["crop"] is None  # the tiny bundle does not frame its films
+
+
+def test_the_default_model_says_which_lung_box_it_read() -> None:
+    """The shipped bundle frames films to their lungs: the answer carries the box, as the predictor gives it."""
+    predictor = Predictor()
+    assert predictor.meta.preprocess.framed
+    film = sorted((Path(__file__).resolve().parents[2] / "examples" / "films" / "NORMAL").iterdir())[0]
+    data = film.read_bytes()
+    with TestClient(create_app(predictor=predictor)) as client:
+        body = client.post("/v1/predict", files=_upload(film.name, data, "image/jpeg")).json()
+    expected = predictor.predict(data)
+    assert body["crop"] == pytest.approx(expected.crop) and body["crop"]["found"] is True
+    assert 0 <= body["crop"]["x0"] < body["crop"]["x1"] <= 1 and 0 <= body["crop"]["y0"] < body["crop"]["y1"] <= 1
+    assert body["operating_point"] == predictor.meta.threshold_rule != ""
 
 
 def test_predict_png16_and_dicom(client: TestClient) -> None:

@@ -159,6 +159,35 @@ def test_importing_the_page_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> Non
     assert calls == [] and callable(page_module.main)
 
 
+@pytest.mark.parametrize(
+    ("probability", "label", "borderline", "crop", "says"),
+    [
+        (
+            0.42,
+            "PNEUMONIA",
+            True,
+            None,
+            "**42.0%**, below 50% but on the PNEUMONIA side",
+        ),
+        (0.91, "PNEUMONIA", False, {"x0": 0.1, "y0": 0.1, "x1": 0.9, "y1": 0.9, "found": True}, "read the lung box"),
+        (0.08, "NORMAL", False, {"x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0, "found": False}, "read the whole film"),
+    ],
+)
+def test_the_probability_line_says_borderline_and_which_part_was_read(
+    probability: float, label: str, borderline: bool, crop: dict | None, says: str
+) -> None:
+    from pneumo.inference.predictor import Prediction
+
+    prediction = Prediction(
+        label=label, probability=probability, threshold=0.3, probabilities={}, crop=crop, borderline=borderline,
+        operating_point="Youden's J on the pooled robustness validation",
+    )  # fmt: skip
+    line = app_support.probability_line(prediction)
+    assert says in line and "threshold in force 30.0%" in line
+    assert "Youden's J on the pooled robustness validation" in line
+    assert ("Borderline" in line) is borderline
+
+
 def test_validation_rows_give_headline_metrics_with_their_intervals() -> None:
     metrics = {"validation": {"roc_auc": 0.9512, "sensitivity": 0.9, "ci": {"roc_auc": [0.91, 0.97]}, "n_images": 9}}
     assert app_support.validation_rows(metrics) == [

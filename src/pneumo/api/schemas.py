@@ -31,6 +31,14 @@ class Heatmap(BaseModel):
     opacity: float
 
 
+class Crop(BaseModel):
+    x0: float = Field(description="Left edge of the part the model saw, as a fraction of the width.")
+    y0: float = Field(description="Top edge, as a fraction of the height.")
+    x1: float = Field(description="Right edge, as a fraction of the width.")
+    y1: float = Field(description="Bottom edge, as a fraction of the height.")
+    found: bool = Field(description="False: no lungs were found and the model saw the full frame.")
+
+
 class PredictionResponse(BaseModel):
     file: str | None = Field(None, description="The uploaded file name.")
     label: str = Field(description="PNEUMONIA when probability >= threshold, else NORMAL.")
@@ -40,6 +48,11 @@ class PredictionResponse(BaseModel):
     format: str | None = Field(None, description="Decoded format: jpeg, png, dicom, ...")
     metadata: dict[str, str] = Field(default_factory=dict, description="DICOM header fields, when DICOM.")
     ood_score: float | None = Field(None, description="Distance to the training X-rays (OOD gate), if any.")
+    crop: Crop | None = Field(None, description="The lung box the model saw, when the model frames films to it.")
+    borderline: bool = Field(
+        False, description="Probability and label sit on opposite sides of 50%: show it as a borderline answer."
+    )
+    operating_point: str = Field("", description="How the threshold was chosen on validation data.")
     model: ModelRef
     heatmap: Heatmap | None = None
 

@@ -15,7 +15,7 @@ from fastapi import UploadFile
 
 from pneumo.api.backpressure import Backpressure
 from pneumo.api.metrics import Metrics
-from pneumo.api.schemas import Heatmap, ModelRef, PredictionResponse
+from pneumo.api.schemas import Crop, Heatmap, ModelRef, PredictionResponse
 from pneumo.core.decode import Limits
 from pneumo.core.errors import InputTooLargeError, PneumoError
 from pneumo.inference.explain import ExplainUnavailableError
@@ -49,6 +49,9 @@ class Service:
             format=prediction.format,
             metadata=prediction.metadata,
             ood_score=prediction.ood_score,
+            crop=Crop(**prediction.crop) if prediction.crop is not None else None,
+            borderline=prediction.borderline,
+            operating_point=prediction.operating_point,
             model=self.model_ref,
         )
         if heatmap:

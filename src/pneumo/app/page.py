@@ -220,10 +220,7 @@ def _show_result(
     prediction = analysis.prediction
     assert prediction is not None
     st.markdown(f"#### Result: {prediction.label}")
-    st.markdown(
-        f"Probability of pneumonia **{prediction.probability:.1%}**; "
-        f"threshold in force {prediction.threshold:.1%} (PNEUMONIA at or above it)."
-    )
+    st.markdown(support.probability_line(prediction))
     dicom = support.dicom_rows(prediction.metadata)
     if dicom:
         st.markdown("  \n".join(f"**{label}:** {value}" for label, value in dicom))

@@ -299,3 +299,29 @@ def robustness_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def probability_line(prediction: Prediction) -> str:
+    """The probability with the threshold beside it, said as borderline when they disagree about 50%.
+
+    The threshold is chosen for sensitivity on validation data, so it need not sit at 50%: a film
+    at 40% can be called PNEUMONIA. Shown bare, "PNEUMONIA, 40%" reads as a contradiction.
+    """
+    p, t = prediction.probability, prediction.threshold
+    line = f"Probability of pneumonia **{p:.1%}**; threshold in force {t:.1%} (PNEUMONIA at or above it)."
+    if prediction.borderline:
+        side = "below" if p < 0.5 else "above"
+        line = (
+            f"**Borderline**: probability of pneumonia **{p:.1%}**, {side} 50% but on the "
+            f"{prediction.label} side of the threshold in force ({t:.1%})."
+        )
+    if prediction.operating_point:
+        line += f"  \nThreshold chosen on validation children by: {markdown_escape(prediction.operating_point)}."
+    crop = prediction.crop
+    if crop is not None:
+        line += (
+            "  \nThe model read the lung box (outlined on the heatmap)."
+            if crop.get("found")
+            else "  \nNo lung fields were found: the model read the whole film."
+        )
+    return line
