@@ -113,13 +113,17 @@ def _production_backend_and_private_onnx_cache(tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(autouse=True)
 def _library_logging() -> Iterator[None]:
-    """Give every test the library's own logging, whatever a command line test configured before it.
+    """Give every test the library's own logging, whatever a command line run configured before it.
 
-    ``pneumo.cli.common.setup_logging`` makes pneumo's logger stop propagating (a command line's
-    choice); left in place, ``caplog`` would miss the warnings later tests assert on.
+    ``pneumo.cli.common.setup_logging`` gives pneumo's logger its own handler and stops it propagating
+    (a command line's choice); left in place by a CLI test or a fixture that ran the CLI, ``caplog``
+    would miss the warnings later tests assert on.
     """
     logger = logging.getLogger("pneumo")
     saved = (logger.handlers[:], logger.propagate, logger.level)
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
     yield
     logger.handlers[:], logger.propagate = saved[0], saved[1]
     logger.setLevel(saved[2])

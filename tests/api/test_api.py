@@ -110,8 +110,10 @@ def test_the_default_model_says_which_lung_box_it_read() -> None:
     assert predictor.meta.preprocess.framed
     film = sorted((Path(__file__).resolve().parents[2] / "examples" / "films" / "NORMAL").iterdir())[0]
     data = film.read_bytes()
-    with TestClient(create_app(predictor=predictor)) as client:
-        body = client.post("/v1/predict", files=_upload(film.name, data, "image/jpeg")).json()
+    with TestClient(create_app(predictor=predictor), base_url=LOCAL) as client:
+        response = client.post("/v1/predict", files=_upload(film.name, data, "image/jpeg"))
+    assert response.status_code == 200, response.text
+    body = response.json()
     expected = predictor.predict(data)
     assert body["crop"] == pytest.approx(expected.crop) and body["crop"]["found"] is True
     assert 0 <= body["crop"]["x0"] < body["crop"]["x1"] <= 1 and 0 <= body["crop"]["y0"] < body["crop"]["y1"] <= 1
@@ -129,14 +131,16 @@ def test_predict_png16_and_dicom(client: TestClient) -> None:
     assert body["metadata"]["ViewPosition"] == "AP" and body["metadata"]["PatientAge"] == "003Y"
 
 
-def test_predict_with_heatmap(client: TestClient) -> None:
-    response = client.post("/v1/predict?heatmap=true&opacity=0.6", files=_upload("x.jpg", xray_bytes("heat", size=120)))
+def test_predict_with_heatmap(client: TestClient, predictor: Predictor) -> None:
+    data = xray_bytes("heat", size=120)
+    response = client.post("/v1/predict?heatmap=true&opacity=0.6", files=_upload("x.jpg", data))
     assert response.status_code == 200, response.text
     body = response.json()
     heatmap = body["heatmap"]
     overlay = Image.open(io.BytesIO(base64.b64decode(heatmap["png_base64"])))
     assert overlay.format == "PNG" and overlay.mode == "RGB"
-    assert overlay.size == (heatmap["width"], heatmap["height"]) == (120, 120)
+    # Laid over the image the model read (a JPEG is draft-decoded: Predictor.draft_size).
+    assert overlay.size == (heatmap["width"], heatmap["height"]) == predictor.decode(data).image.size
     assert heatmap["target_label"] == body["label"] and heatmap["opacity"] == 0.6
     assert heatmap["layer"] == CAM_LAYER  # CAM from the served graph: the API never imports torch
 

@@ -183,7 +183,7 @@ def test_the_probability_line_says_borderline_and_which_part_was_read(
         operating_point="Youden's J on the pooled robustness validation",
     )  # fmt: skip
     line = app_support.probability_line(prediction)
-    assert says in line and "threshold in force 30.0%" in line
+    assert says in line and "30.0%" in line
     assert "Youden's J on the pooled robustness validation" in line
     assert ("Borderline" in line) is borderline
 

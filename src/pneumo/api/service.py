@@ -49,7 +49,7 @@ class Service:
             format=prediction.format,
             metadata=prediction.metadata,
             ood_score=prediction.ood_score,
-            crop=Crop(**prediction.crop) if prediction.crop is not None else None,
+            crop=Crop.model_validate(prediction.crop) if prediction.crop is not None else None,
             borderline=prediction.borderline,
             operating_point=prediction.operating_point,
             model=self.model_ref,

@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 DRAFT_FRACTION = 0.75
 
 
+def draft_fraction(config: PreprocessConfig) -> float:
+    """The draft fraction a bundle decodes JPEGs at: :data:`DRAFT_FRACTION`, or 1.0 when it frames its films.
+
+    A framed bundle crops the lung box *before* resizing, and the 0.75 study (docs/performance.md)
+    measured the unframed model only, so it keeps the full input size until the study is repeated.
+    """
+    return 1.0 if config.framed else DRAFT_FRACTION
+
+
 def draft_size_for(needed: int, fraction: float = DRAFT_FRACTION) -> int:
     """The ``draft_size`` to decode JPEGs at when the model needs ``needed`` pixels on each side of the film.
 
@@ -137,11 +146,8 @@ class Predictor:
         self.preprocessor = Preprocessor(
             self.meta.preprocess, bundle_file(self.bundle_dir, LOCALIZER_FILE, required=self.meta.preprocess.framed)
         )
-        #: Least side JPEGs are draft-decoded to (:func:`draft_size_for` of the input size). A bundle that
-        #: frames its films crops before resizing: it keeps the full input size (the 0.75 draft study,
-        #: docs/performance.md, measured the unframed model only).
-        framed = self.meta.preprocess.framed
-        self.draft_size = draft_size_for(self.meta.preprocess.input_size, 1.0 if framed else DRAFT_FRACTION)
+        #: Least side JPEGs are draft-decoded to (:func:`draft_size_for`, :func:`draft_fraction`).
+        self.draft_size = draft_size_for(self.meta.preprocess.input_size, draft_fraction(self.meta.preprocess))
         self.runner: Runner = runner if runner is not None else select_runner(self.bundle_dir, self.meta, backend)
         #: The backend that answers: ``"int8"``, ``"fp32"`` or a registered one (``"torch"``).
         self.backend = self.runner.kind

@@ -19,7 +19,7 @@ import numpy as np
 
 from pneumo.core.decode import read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
-from pneumo.inference.predictor import DRAFT_FRACTION, draft_size_for
+from pneumo.inference.predictor import draft_fraction, draft_size_for
 
 
 def decode_options(
@@ -48,7 +48,7 @@ def decode_options(
     return {
         f"{fraction:g}": {
             "draft_size": drafts[fraction],
-            "default": fraction == DRAFT_FRACTION,
+            "default": fraction == draft_fraction(config),
             "decode_p50_ms": round(float(np.median(wall[fraction])) * 1e3, 3),
             "decode_cpu_ms_mean": round(float(np.mean(cpu[fraction])) * 1e3, 3),
             "preprocess_p50_ms": round(float(np.median(prep[fraction])) * 1e3, 3),
