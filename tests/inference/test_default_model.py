@@ -42,7 +42,9 @@ def test_fullres_preprocessing_matches_the_224px_training_copy(shared_data: Path
     """Decode (JPEG draft) + resize of a 1000-1800 px film lands where the dataset's 224 px copy is.
 
     The two differ by the dataset's own resizer and its JPEG re-compression; one gray level is
-    2/255 = 0.008 in normalized units, so a mean difference under 0.04 is ~5 gray levels.
+    2/255 = 0.008 in normalized units, so a mean difference under 0.05 is ~6 gray levels. The framed
+    default crops ~80% of the film and enlarges it, which enlarges those differences too: round 5
+    (no framing) measured at most 0.04, round 6 at most 0.042 (NORMAL2-IM-1118).
     """
     predictor = torch_predictor()
     for path in _fullres(shared_data):
@@ -50,4 +52,4 @@ def test_fullres_preprocessing_matches_the_224px_training_copy(shared_data: Path
         full = predictor.prepare(predictor.decode(path))
         small = predictor.prepare(predictor.decode(copy))  # the same path, framing included
         assert full.shape == small.shape
-        assert float(np.abs(full - small).mean()) < 0.04, path.name
+        assert float(np.abs(full - small).mean()) < 0.05, path.name
