@@ -24,7 +24,7 @@ from peers import dcmtk, film
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
-from pneumo.dicom.analysis import Analyser, Outcome
+from pneumo.dicom.analysis import Analyser, Outcome, region_text
 from pneumo.dicom.codes import PRIVATE_SCHEME, Finding, ModelInfo
 from pneumo.dicom.header import tolerant_copy
 from pneumo.dicom.intended_use import IntendedUse, patient_age_years
@@ -95,7 +95,15 @@ def _every_kind(predictor: Predictor) -> dict[str, Dataset]:
     made["sr_for_gsps"] = _analyse(predictor, gsps).objects[0]
     made["sr_for_foreign_sr"] = _analyse(predictor, _not_an_image(pydicom.uid.EnhancedSRStorage, "SR")).objects[0]
     made["sr_header_quirks"] = _analyse(predictor, film(PatientSex="U", StudyTime="10:30:00")).objects[0]
+    made["sr_framed"] = build_report(pydicom.dcmread(io.BytesIO(film())), MODEL, FRAMED)
     return made
+
+
+#: A framed model's finding: the report says which part of the image was read and the operating point.
+FRAMED = Finding(
+    True, 0.91, 0.75, region=region_text({"x0": 0.09, "y0": 0.08, "x1": 0.89, "y1": 0.9, "found": True}),
+    operating_point="Youden's J on the pooled robustness validation",
+)  # fmt: skip
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools' dciodvfy is not installed")
@@ -137,6 +145,16 @@ def test_result_report_follows_tid_1500_as_ihe_ai_results_uses_it(predictor: Pre
     assert "NOT FOR DIAGNOSTIC USE" in report.SeriesDescription
     assert (report.VerificationFlag, report.CompletionFlag) == ("UNVERIFIED", "COMPLETE")
     assert (report.PatientID, report.AccessionNumber) == (PATIENT["PatientID"], "A1")
+
+
+def test_a_framed_models_report_says_which_region_it_read_and_its_operating_point() -> None:
+    items = content_items(build_report(pydicom.dcmread(io.BytesIO(film())), MODEL, FRAMED))
+    assert items["Region analysed"].TextValue == "Lung fields box: columns 9-89%, rows 8-90% of the image."
+    assert items["Operating point"].TextValue == "Youden's J on the pooled robustness validation"
+    unframed = content_items(build_report(pydicom.dcmread(io.BytesIO(film())), MODEL, Finding(True, 0.91, 0.75)))
+    assert "Region analysed" not in unframed and "Operating point" not in unframed
+    assert region_text({"x0": 0.0, "y0": 0.0, "x1": 1.0, "y1": 1.0, "found": False}).startswith("No lung fields")
+    assert region_text(None) == ""
 
 
 def test_non_image_sources_are_referenced_as_evidence_never_as_an_image(predictor: Predictor) -> None:

@@ -45,3 +45,22 @@ def test_compare_reports_the_recorded_wall_time(tmp_path: Path) -> None:
     assert header.split("|")[-2].strip() == "wall time"
     assert first.split("|")[-2].strip() == "7.2 min"
     assert second.split("|")[-2].strip() == "3.1 min (fit only)"
+
+
+def test_compare_shows_the_framing_and_its_consistency(tmp_path: Path) -> None:
+    """Issue 19: F and the mean change in probability under framing shifts, beside the run's framing."""
+    framed = _run(tmp_path / "framed", {"recipe_seconds": 1500.0})
+    record = json.loads((framed / "run.json").read_text())
+    record["training"]["config"]["framing"] = "lungbox-v1"
+    summary = {"worst_normal_rate_change": -0.0149, "worst_normal_shift": "crop_top_bottom_12", "mean_abs_dp": 0.0181}
+    record["robustness"] = {"framing": {"summary": summary}}
+    (framed / "run.json").write_text(json.dumps(record))
+    plain = _run(tmp_path / "plain", {"recipe_seconds": 1600.0})
+    header, _, first, second = (
+        line.split("|")[1:-1] for line in compare_runs([framed, plain], tmp_path / "t.md").strip().splitlines()
+    )
+    column = {name.strip(): i for i, name in enumerate(header)}
+    assert first[column["framing"]].strip() == "lungbox-v1" and second[column["framing"]].strip() == "none"
+    assert first[column["framing F (healthy)"]].strip() == "-1.5 pts (crop_top_bottom_12)"
+    assert first[column["framing mean abs dp"]].strip() == "0.018"
+    assert second[column["framing F (healthy)"]].strip() == "n/a"

@@ -133,7 +133,13 @@ class Analyser:
             reason = ("internal_error", "pneumo failed on this image; the error was logged for the administrator.")
             report = self._report(clean, None, reason, notes)
             return Outcome("no_result", uid, code="internal_error", objects=[report], notes=noted)
-        finding = Finding(prediction.label == "PNEUMONIA", prediction.probability, prediction.threshold)
+        finding = Finding(
+            prediction.label == "PNEUMONIA",
+            prediction.probability,
+            prediction.threshold,
+            region=region_text(prediction.crop),
+            operating_point=prediction.operating_point,
+        )
         outcome = Outcome(
             "result",
             uid,
@@ -174,3 +180,13 @@ class Analyser:
             bare.SpecificCharacterSet = "ISO_IR 192"
             dropped = [HeaderNote("(patient and study attributes)", "not copied", "")]
             return build_report(bare, self.model, finding, error, outside_intended_use=outside, notes=dropped)
+
+
+def region_text(crop: dict[str, float | bool] | None) -> str:
+    """A framed model's crop in words, for the report ("" for a model that reads the whole image)."""
+    if crop is None:
+        return ""
+    if not crop.get("found"):
+        return "No lung fields found: the whole image was analysed."
+    x0, y0, x1, y1 = (100 * float(crop[k]) for k in ("x0", "y0", "x1", "y1"))
+    return f"Lung fields box: columns {x0:.0f}-{x1:.0f}%, rows {y0:.0f}-{y1:.0f}% of the image."

@@ -49,6 +49,8 @@ ANALYSED = Code("PNEUMO06", PRIVATE_SCHEME, "Analysed")
 NOT_ANALYSED = Code("PNEUMO07", PRIVATE_SCHEME, "Not analysed")
 OUTSIDE_INTENDED_USE = Code("PNEUMO08", PRIVATE_SCHEME, "Not analysed: outside intended use")
 HEADER_NOTE = Code("PNEUMO09", PRIVATE_SCHEME, "Non-conformant source attribute")
+REGION_ANALYSED = Code("PNEUMO10", PRIVATE_SCHEME, "Region analysed")
+OPERATING_POINT = Code("PNEUMO11", PRIVATE_SCHEME, "Operating point")
 PRIVATE_CODES = (
     PROBABILITY,
     THRESHOLD,
@@ -59,6 +61,8 @@ PRIVATE_CODES = (
     NOT_ANALYSED,
     OUTSIDE_INTENDED_USE,
     HEADER_NOTE,
+    REGION_ANALYSED,
+    OPERATING_POINT,
 )
 
 #: Procedure reported, by source modality, where the source names none (ProcedureCodeSequence).
@@ -83,6 +87,10 @@ class Finding:
     pneumonia: bool
     probability: float
     threshold: float
+    #: The part of the image the model read (a framed model's lung box), in words; empty when it read all of it.
+    region: str = ""
+    #: What the threshold was chosen for, on validation data.
+    operating_point: str = ""
 
 
 @dataclass(frozen=True)

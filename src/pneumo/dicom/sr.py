@@ -22,6 +22,8 @@ and equipment modules. The content tree (documented in ``docs/dicom.md``)::
           CONTAINS CODE    Pneumonia = (52101004, SCT, "Present") | (2667000, SCT, "Absent")  [result]
           CONTAINS TEXT    (PNEUMO03, 99PNEUMO, "No result reason") = "<code>: <message>"  [no result]
           CONTAINS TEXT    (PNEUMO09, 99PNEUMO, "Non-conformant source attribute")         [per note]
+          CONTAINS TEXT    (PNEUMO10, 99PNEUMO, "Region analysed")                          [framed model]
+          CONTAINS TEXT    (PNEUMO11, 99PNEUMO, "Operating point")                          [result]
           CONTAINS TEXT    (PNEUMO04, 99PNEUMO, "Intended use")
 
 The algorithm is also named in the Contributing Equipment Sequence, the private codes are declared
@@ -52,6 +54,7 @@ from pneumo.dicom.codes import (
     NO_RESULT_REASON,
     NO_UNITS,
     NOT_ANALYSED,
+    OPERATING_POINT,
     OUTSIDE_INTENDED_USE,
     PNEUMONIA,
     PRESENT,
@@ -59,6 +62,7 @@ from pneumo.dicom.codes import (
     PROCEDURES_BY_MODALITY,
     PROCESSING_EQUIPMENT,
     RADIOGRAPHY,
+    REGION_ANALYSED,
     SR_SERIES_DESCRIPTION,
     SR_SERIES_NUMBER,
     THRESHOLD,
@@ -133,6 +137,9 @@ def build_report(
     if finding is None:
         code, message = error or ("no_result", "No result was given.")
         texts.append((NO_RESULT_REASON, f"{code}: {message}"[:1024]))
+    if finding is not None:
+        described = ((REGION_ANALYSED, finding.region), (OPERATING_POINT, finding.operating_point))
+        texts += [(concept, text[:1024]) for concept, text in described if text]
     texts += [(HEADER_NOTE, note.text()[:1024]) for note in notes or ()]
     texts.append((INTENDED_USE_CONCEPT, model.intended_use))
     for concept, text in texts:

@@ -80,6 +80,16 @@ def wall_time(training: dict) -> str:
     return f"{(training.get('cache_seconds', 0.0) + training.get('fit_seconds', 0.0)) / 60:.1f} min (fit only)"
 
 
+def framing_cells(robustness: dict) -> list[str]:
+    """The framing columns of a run: its framing, F (the largest change of the healthy films' PNEUMONIA
+    share under a pad or crop, with the shift) and the mean absolute change in probability under them."""
+    summary = robustness.get("framing", {}).get("summary", {})
+    change, dp = summary.get("worst_normal_rate_change"), summary.get("mean_abs_dp")
+    if not isinstance(change, int | float) or not isinstance(dp, int | float):
+        return ["n/a", "n/a"]
+    return [f"{100 * change:+.1f} pts ({summary.get('worst_normal_shift', '?')})", f"{dp:.3f}"]
+
+
 def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None = None) -> str:
     """A Markdown table of runs side by side (validation metrics with CIs, settings, times) + overlaid curves."""
     rows = []
@@ -88,15 +98,16 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
         if not record_path.is_file():
             raise FileNotFoundError(f"{run} has no run.json; pass folders written by `pneumo train --out`.")
         rows.append((run, json.loads(record_path.read_text())))
-    header = ["run", "arch", "phases", "optimizer", "augment", *_COLUMNS, *(c[0] for c in _ROBUST_COLUMNS),
-              "threshold", "params", "wall time"]  # fmt: skip
+    header = ["run", "arch", "framing", "phases", "optimizer", "augment", *_COLUMNS, *(c[0] for c in _ROBUST_COLUMNS),
+              "framing F (healthy)", "framing mean abs dp", "threshold", "params", "wall time"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, rec in rows:
         cfg, val, tr = rec["training"]["config"], rec["validation"], rec["training"]
         phases = f"{cfg['frozen_epochs']} frozen + {cfg['finetune_epochs']} x last {cfg['unfreeze_stages']} stages"
         if cfg["finetune_epochs"] == 0:
             phases = f"{cfg['frozen_epochs']} frozen (head only)"
-        cells = [run.name, cfg["arch"], phases, cfg["optimizer"], "yes" if cfg["augment"]["enabled"] else "no"]
+        framing = cfg.get("framing") or "none"
+        cells = [run.name, cfg["arch"], framing, phases, cfg["optimizer"], "yes" if cfg["augment"]["enabled"] else "no"]
         cells += [format_ci(val.get(m), val.get("ci", {}).get(m)) for m in _COLUMNS]
         robust = rec.get("robustness", {}).get("summary", {})
         for _, metric, stat in _ROBUST_COLUMNS:
@@ -104,6 +115,7 @@ def compare_runs(run_dirs: Sequence[Path], out_md: Path, curves_png: Path | None
             value = entry.get(stat)
             worst = f" ({entry['worst_shift']})" if stat == "worst" and "worst_shift" in entry else ""
             cells.append(f"{value:.3f}{worst}" if isinstance(value, int | float) else "n/a")
+        cells += framing_cells(rec.get("robustness", {}))
         cells += [f"{val['threshold']:.3f}", f"{tr['parameters'] / 1e6:.1f} M", wall_time(tr)]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
