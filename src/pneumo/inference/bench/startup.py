@@ -20,6 +20,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -92,12 +93,23 @@ def _rss_mb(pid: int) -> float | None:
 def serve_start_and_memory(
     image: Path, bundle: Path | None, predictions: int = 1000, backend: str | None = None
 ) -> dict[str, Any]:
-    """Seconds until a fresh ``pneumo serve`` answers ``/health``, and its RSS after ``predictions`` uploads."""
+    """Seconds until a fresh ``pneumo serve`` answers ``/health``, and its RSS after ``predictions`` uploads.
+
+    The server's stderr goes to a file, not a pipe: it logs a line per request, and an unread pipe
+    fills and blocks it.
+    """
+    with tempfile.TemporaryFile() as log_file:
+        return _serve_start_and_memory(image, bundle, predictions, backend, log_file)
+
+
+def _serve_start_and_memory(
+    image: Path, bundle: Path | None, predictions: int, backend: str | None, log_file: Any
+) -> dict[str, Any]:
     port = _free_port()
     args = ["serve", "--port", str(port)] + (["--model", str(bundle)] if bundle is not None else [])
     env = {**os.environ, **({"PNEUMO_BACKEND": backend} if backend else {})}
     start = time.perf_counter()
-    server = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    server = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=log_file, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         ready = None
@@ -110,8 +122,8 @@ def serve_start_and_memory(
             except OSError:
                 time.sleep(0.02)
         if ready is None:
-            died = server.poll() is not None and server.stderr is not None
-            error = server.stderr.read().decode(errors="replace")[-800:] if died and server.stderr else "timeout"
+            log_file.seek(0)
+            error = log_file.read().decode(errors="replace")[-800:] if server.poll() is not None else "timeout"
             return {"serve_ready_s": None, "serve_error": error}
         rss_ready = _rss_mb(server.pid)
         body, content_type = _multipart(image.name, image.read_bytes())
