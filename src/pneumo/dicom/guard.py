@@ -69,12 +69,18 @@ class Connection:
         return self.closed or (self.assoc is not None and self.assoc.ident is not None and not self.assoc.is_alive())
 
     def peer_left(self) -> bool:
-        """The peer closed its side (a zero-byte peek on a readable socket), without reading any data."""
-        if isinstance(self.sock, ssl.SSLSocket):  # no peeking under TLS; its handshake has its own timeout
-            return False
+        """The peer closed its side or the connection broke: ``poll`` with ``POLLRDHUP``, reading nothing.
+
+        Never a ``recv`` here: this runs in the accept loop while the connection's own thread reads
+        the same socket with a timeout, and Python's ``recv`` on a socket in timeout mode waits for
+        data up to that timeout whatever the flags (a peek that lost the race to the reader stalled
+        every later connection for up to a minute). Where ``POLLRDHUP`` does not exist (not Linux),
+        only a hang-up or an error counts.
+        """
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            poller = select.poll()
+            poller.register(self.sock.fileno(), getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
 
