@@ -304,8 +304,9 @@ def robustness_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
 def probability_line(prediction: Prediction) -> str:
     """The probability with the threshold beside it, said as borderline when they disagree about 50%.
 
-    The threshold is chosen for sensitivity on validation data, so it need not sit at 50%: a film
-    at 40% can be called PNEUMONIA. Shown bare, "PNEUMONIA, 40%" reads as a contradiction.
+    The threshold is chosen on validation data (for sensitivity, or balance on shifted films), so it
+    need not sit at 50%: a film at 40% can be called PNEUMONIA, or one at 60% NORMAL. Shown bare,
+    "PNEUMONIA, 40%" reads as a contradiction.
     """
     p, t = prediction.probability, prediction.threshold
     line = f"Probability of pneumonia **{p:.1%}**; threshold in force {t:.1%} (PNEUMONIA at or above it)."
