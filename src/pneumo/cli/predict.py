@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -43,7 +43,7 @@ def predict(
     files = iter_image_files(inputs)
     if not files:
         fail("no input files found.")
-    rows = output.prediction_rows(files, _predict_with_progress(predictor, files, batch_size))
+    rows = output.prediction_rows(files, predictor.predict_with_progress(files, batch_size))
     failed = sum("error" in row for row in rows)
     for row in rows:  # one line per input: names and messages are escaped, so no name can forge a row
         name = output.printable(row["file"])
@@ -55,18 +55,3 @@ def predict(
     typer.echo(f"{len(rows) - failed} predicted, {failed} failed", err=True)
     if failed:
         raise typer.Exit(1)
-
-
-def _predict_with_progress(predictor: Any, files: list[Path], batch_size: int) -> list[Any]:
-    """``predict_many`` batch by batch under a progress bar (stderr; off when not a terminal or with --quiet)."""
-    from pneumo.core import progress
-
-    if len(files) <= batch_size:
-        return list(predictor.predict_many(files, batch_size=batch_size))
-    results: list[Any] = []
-    with progress.task("predicting", len(files)) as advance:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            results += predictor.predict_many(chunk, batch_size=batch_size)
-            advance(len(chunk))
-    return results

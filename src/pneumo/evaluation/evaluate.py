@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from pneumo.core import progress
 from pneumo.core.dataset import SPLITS, discover
 from pneumo.core.errors import DataError, PneumoError
 from pneumo.evaluation.metrics import evaluation_report
@@ -47,17 +46,6 @@ def choose_split(root: Path, split: str | None) -> str | None:
             code="bad_layout",
         )
     return None
-
-
-def predict_probabilities(predictor: Any, paths: list[Path], batch_size: int) -> list[Any]:
-    """``predictor.predict_many`` in batches, with a progress bar: a result or a :class:`PneumoError` per file."""
-    results: list[Any] = []
-    with progress.task("evaluating", len(paths)) as advance:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            results += predictor.predict_many(chunk, batch_size=batch_size)
-            advance(len(chunk))
-    return results
 
 
 def evaluate_folder(
@@ -92,7 +80,7 @@ def evaluate_folder(
     split = choose_split(root, split)
     samples = discover(root, split, "binary")
     predictor = Predictor(model, check_ood=False)
-    results = predict_probabilities(predictor, [s.path for s in samples], batch_size)
+    results = predictor.predict_with_progress([s.path for s in samples], batch_size, "evaluating")
     failures = [
         {"file": str(s.path), "error": r.to_dict()} for s, r in zip(samples, results) if isinstance(r, PneumoError)
     ]

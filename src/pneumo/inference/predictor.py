@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 DRAFT_FRACTION = 0.75
 
 
+def bundle_preprocessor(folder: Path, meta: BundleMeta) -> Preprocessor:
+    """Decoded image -> model input for the bundle in ``folder``: its framing with its own localizer, if any."""
+    return Preprocessor(meta.preprocess, bundle_file(folder, LOCALIZER_FILE, required=meta.preprocess.framed))
+
+
 def draft_fraction(config: PreprocessConfig) -> float:
     """The draft fraction a bundle decodes JPEGs at: :data:`DRAFT_FRACTION`, or 1.0 when it frames its films.
 
@@ -143,9 +148,7 @@ class Predictor:
         self.limits = limits
         self._decode_isolated = isolate_decoding
         #: Decoded image -> model input, framing included (the bundle's own localizer when it frames).
-        self.preprocessor = Preprocessor(
-            self.meta.preprocess, bundle_file(self.bundle_dir, LOCALIZER_FILE, required=self.meta.preprocess.framed)
-        )
+        self.preprocessor = bundle_preprocessor(self.bundle_dir, self.meta)
         #: Least side JPEGs are draft-decoded to (:func:`draft_size_for`, :func:`draft_fraction`).
         self.draft_size = draft_size_for(self.meta.preprocess.input_size, draft_fraction(self.meta.preprocess))
         self.runner: Runner = runner if runner is not None else select_runner(self.bundle_dir, self.meta, backend)
@@ -291,6 +294,22 @@ class Predictor:
                 flush()
         flush()
         return [r for r in results if r is not None]
+
+    def predict_with_progress(
+        self, sources: Sequence[Source], batch_size: int = 16, description: str = "predicting"
+    ) -> list[Prediction | PneumoError]:
+        """:meth:`predict_many` batch by batch under a progress bar (stderr; off when not a terminal or quiet)."""
+        from pneumo.core import progress
+
+        if len(sources) <= batch_size:
+            return self.predict_many(sources, batch_size=batch_size)
+        results: list[Prediction | PneumoError] = []
+        with progress.task(description, len(sources)) as advance:
+            for start in range(0, len(sources), batch_size):
+                chunk = sources[start : start + batch_size]
+                results += self.predict_many(chunk, batch_size=batch_size)
+                advance(len(chunk))
+        return results
 
     def _batch_runner(self) -> Runner:
         """The model with half the cores (made once, on the first batch that needs it), else the runner itself.

@@ -57,11 +57,9 @@ from pneumo.core import progress as bars
 from pneumo.core.bundle import (
     INPUT_NAME,
     INT8_FILE,
-    LOCALIZER_FILE,
     Backend,
     BundleMeta,
     Int8Entry,
-    bundle_file,
     is_positive,
     read_meta,
     resolve_bundle,
@@ -69,6 +67,7 @@ from pneumo.core.bundle import (
 from pneumo.core.decode import read_image
 from pneumo.core.errors import PneumoError
 from pneumo.core.preprocess import Preprocessor
+from pneumo.inference.predictor import bundle_preprocessor
 from pneumo.inference.runners import OnnxRunner, Runner, file_sha256, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -277,7 +276,7 @@ def quantize_bundle(
         "Calibrating on %d training images, checking on %d validation images (%s) and %d other training images.",
         len(picked), len(val), how, len(heldout),
     )  # fmt: skip
-    preprocessor = Preprocessor(meta.preprocess, bundle_file(folder, LOCALIZER_FILE, required=meta.preprocess.framed))
+    preprocessor = bundle_preprocessor(folder, meta)
     calibration = load_arrays([s.path for s in picked], preprocessor, "INT8: reading calibration images")
     sets = {
         name: (

@@ -24,18 +24,15 @@ import numpy as np
 
 from pneumo.core.bundle import (
     INT8_FILE,
-    LOCALIZER_FILE,
     ONNX_FILE,
     Backend,
     BundleMeta,
-    bundle_file,
     read_meta,
     resolve_bundle,
 )
 from pneumo.core.dataset import train_val_samples
 from pneumo.core.environment import hardware_info
 from pneumo.core.errors import PneumoError
-from pneumo.core.preprocess import Preprocessor
 from pneumo.inference.openvino import (
     RUNTIME,
     OpenVinoRunner,
@@ -47,6 +44,7 @@ from pneumo.inference.openvino import (
     release,
     write_checks,
 )
+from pneumo.inference.predictor import bundle_preprocessor
 from pneumo.inference.runners import OnnxRunner, file_sha256, find_onnx
 from pneumo.modeling.quantize import (
     DEFAULT_CALIBRATION_IMAGES,
@@ -91,7 +89,7 @@ def check_openvino(
     # Without an INT8 graph nothing was calibrated: every training image is held out.
     n_calibration = (meta.int8.validation.get("n_calibration") or DEFAULT_CALIBRATION_IMAGES) if meta.int8 else 0
     _, heldout = calibration_and_heldout(train, int(n_calibration))
-    preprocessor = Preprocessor(meta.preprocess, bundle_file(folder, LOCALIZER_FILE, required=meta.preprocess.framed))
+    preprocessor = bundle_preprocessor(folder, meta)
     sets = {
         name: (load_arrays([s.path for s in samples], preprocessor), np.array([s.label for s in samples]))
         for name, samples in (("validation", val), ("heldout", heldout))
