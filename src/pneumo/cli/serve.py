@@ -194,8 +194,12 @@ def serve(
     from pneumo.core.errors import PneumoError
 
     timeouts = (request_timeout, queue_timeout, header_timeout, body_timeout, body_deadline)
-    upload_mb = max_upload_mb if max_upload_mb is not None else 1.0
-    if upload_mb <= 0 or max_batch_files < 1 or (max_concurrent or 1) < 1 or (max_queue or 0) < 0:
+    if (
+        (max_upload_mb is not None and max_upload_mb <= 0)
+        or max_batch_files < 1
+        or (max_concurrent or 1) < 1
+        or (max_queue or 0) < 0
+    ):
         fail("--max-upload-mb must be positive, --max-batch-files and --max-concurrent at least 1, --max-queue >= 0.")
     if workers < 1 or min(timeouts) <= 0 or keep_alive < 1 or max_connections < 16 or max_connections_per_client < 0:
         fail("--workers must be >= 1, every timeout > 0, --max-connections >= 16, --max-connections-per-client >= 0.")

@@ -114,9 +114,14 @@ def cluster_bootstrap_ci(
         index = np.concatenate([stratum[i] for stratum in strata for i in rng.integers(0, len(stratum), len(stratum))])
         for name, v in score(y[index], p[index][None, :], threshold, metrics).items():
             values[name].append(float(v[0]))
+    return percentile_intervals({name: np.asarray(values[name]) for name in metrics}, alpha)
+
+
+def percentile_intervals(values: dict[str, np.ndarray], alpha: float) -> dict[str, tuple[float, float] | None]:
+    """The central ``1 - alpha`` percentile interval of each metric's resampled values; NaNs (undefined
+    resamples) left out, ``None`` when none is defined. Shared by the image and the patient bootstrap."""
     out: dict[str, tuple[float, float] | None] = {}
-    for name in metrics:
-        v = np.asarray(values[name])
+    for name, v in values.items():
         v = v[~np.isnan(v)]
         if v.size == 0:
             out[name] = None

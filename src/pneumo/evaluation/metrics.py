@@ -31,7 +31,7 @@ from sklearn.metrics import (
 
 from pneumo.core.bundle import NEGATIVE, POSITIVE, ThresholdRule, is_positive
 from pneumo.core.errors import PneumoError
-from pneumo.evaluation.intervals import cluster_bootstrap_ci, repair_degenerate
+from pneumo.evaluation.intervals import cluster_bootstrap_ci, percentile_intervals, repair_degenerate
 
 logger = logging.getLogger(__name__)
 
@@ -311,16 +311,7 @@ def bootstrap_ci(
         idx = np.concatenate([g[rng.integers(0, g.size, size=(size, g.size))] for g in groups], axis=1)
         for name, v in _metric_rows(y_resampled, p[idx], thr, metrics).items():
             values[name].append(v)
-    out: dict[str, tuple[float, float] | None] = {}
-    for name in metrics:
-        v = np.concatenate(values[name])
-        v = v[~np.isnan(v)]
-        if v.size == 0:
-            out[name] = None
-            continue
-        lo, hi = np.percentile(v, [50 * alpha, 100 - 50 * alpha])
-        out[name] = (float(lo), float(hi))
-    return out
+    return percentile_intervals({name: np.concatenate(values[name]) for name in metrics}, alpha)
 
 
 def evaluation_report(
