@@ -16,7 +16,7 @@ from fastapi import UploadFile
 from pneumo.api.backpressure import Backpressure
 from pneumo.api.metrics import Metrics
 from pneumo.api.schemas import Crop, Heatmap, ModelRef, PredictionResponse
-from pneumo.core.decode import Limits
+from pneumo.core.decode import DecodedImage, Limits
 from pneumo.core.errors import InputTooLargeError, PneumoError
 from pneumo.inference.explain import ExplainUnavailableError
 from pneumo.inference.model_info import png_bytes
@@ -39,7 +39,10 @@ class Service:
     metrics: Metrics | None = None
     auth: bool = False
 
-    def answer(self, prediction: Prediction, name: str | None, data: bytes, heatmap: bool, opacity: float) -> dict:
+    def answer(
+        self, prediction: Prediction, name: str | None, image: bytes | DecodedImage, heatmap: bool, opacity: float
+    ) -> dict:
+        """The JSON answer; with ``heatmap``, ``image`` (decoded already, or the upload's bytes) is explained."""
         body = PredictionResponse(
             file=name,
             label=prediction.label,
@@ -55,7 +58,8 @@ class Service:
             model=self.model_ref,
         )
         if heatmap:
-            body.heatmap = _heatmap(self.explainer, self.predictor, data, prediction.label, opacity)
+            decoded = image if isinstance(image, DecodedImage) else self.predictor.decode(image)
+            body.heatmap = _heatmap(self.explainer, decoded, prediction.label, opacity)
         if self.metrics is not None:
             self.metrics.observe_answer(prediction.label, prediction.probability, prediction.ood_score)
         return body.model_dump()
@@ -64,7 +68,8 @@ class Service:
         data, name = read_upload(upload, self.limits.max_bytes), upload.filename
         if isinstance(data, PneumoError):
             raise data
-        return self.answer(self.predictor.predict(data, name=name), name, data, heatmap, opacity)
+        decoded = self.predictor.decode(data)  # once, for the answer and its heatmap
+        return self.answer(self.predictor.predict(decoded, name=name), name, decoded, heatmap, opacity)
 
     def predict_batch(self, uploads: list[UploadFile], heatmap: bool, opacity: float) -> dict:
         items = [(upload.filename, read_upload(upload, self.limits.max_bytes)) for upload in uploads]
@@ -97,10 +102,10 @@ def read_upload(upload: UploadFile, max_bytes: int) -> bytes | PneumoError:
     return data
 
 
-def _heatmap(explainer: Explainer | None, predictor: Predictor, data: bytes, label: str, opacity: float) -> Heatmap:
+def _heatmap(explainer: Explainer | None, decoded: DecodedImage, label: str, opacity: float) -> Heatmap:
     if explainer is None:
         raise ExplainUnavailableError("Heatmaps are not available for this model.")
-    explanation = explainer.explain(predictor.decode(data), label)
+    explanation = explainer.explain(decoded, label)
     overlay = explanation.overlay(opacity)
     return Heatmap(
         png_base64=base64.b64encode(png_bytes(overlay)).decode("ascii"),

@@ -124,7 +124,8 @@ class Analyser:
             report = self._report(clean, None, (err.code, err.message), notes, outside=True)
             return Outcome("outside_intended_use", uid, code=err.code, objects=[report], notes=noted)
         try:
-            prediction = self.predictor.predict(source)
+            decoded = self.predictor.decode(source)  # once: the heatmap reads the same image
+            prediction = self.predictor.predict(decoded)
         except PneumoError as err:
             report = self._report(clean, None, (err.code, err.message), notes)
             return Outcome("no_result", uid, code=err.code, objects=[report], notes=noted)
@@ -151,7 +152,7 @@ class Analyser:
         )
         if self.explainer is not None:
             try:
-                explanation = self.explainer.explain(self.predictor.decode(source), target_label=prediction.label)
+                explanation = self.explainer.explain(decoded, target_label=prediction.label)
                 overlay = np.asarray(explanation.overlay())
                 del explanation
                 outcome.objects.append(build_overlay(clean, self.model, overlay, prediction.label))

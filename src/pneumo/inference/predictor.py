@@ -246,16 +246,20 @@ class Predictor:
 
     # --- the public entry points ---
 
-    def predict(self, source: Source, name: str | None = None) -> Prediction:
-        """Predict one file or upload.
+    def predict(self, source: Source | DecodedImage, name: str | None = None) -> Prediction:
+        """Predict one file or upload, or an image :meth:`decode` already read (a caller that also
+        explains the answer decodes once and passes the result to both).
 
         Raises:
             PneumoError: a typed error (invalid image, not a chest X-ray, ...) with a stable ``code``.
         """
-        decoded = self.decode(source)
+        if isinstance(source, DecodedImage):
+            decoded, name = source, name
+        else:
+            decoded, name = self.decode(source), name or name_of(source)
         array, box = self.preprocessor.prepare(decoded.image)
         logits, features = self.forward(array[None])
-        return self._answer(self.calibrated(logits)[0], features[0], decoded, name or name_of(source), box)
+        return self._answer(self.calibrated(logits)[0], features[0], decoded, name, box)
 
     def predict_many(self, sources: Sequence[Source], batch_size: int = 16) -> list[Prediction | PneumoError]:
         """Predict many inputs in batches; one entry per input, in input order: a result or its error.
