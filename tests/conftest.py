@@ -102,8 +102,8 @@ def shared_data() -> Path:
 def _production_backend_and_private_onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Run the backend production runs (``auto``: the INT8 graph, else the fp32 graph); exports in a private cache.
 
-    No ``PNEUMO_BACKEND`` from the caller's shell leaks in; the test bundles' fp32 exports
-    (:func:`model_helpers.tiny_bundle`) go to a session folder, not ``~/.cache``.
+    No ``PNEUMO_BACKEND`` from the caller's shell leaks in; exports to the cache (the default bundle's fp32
+    graph, the cache tests) go to a session folder, not ``~/.cache``.
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("PNEUMO_BACKEND", raising=False)

@@ -10,15 +10,21 @@ statistics and a head chosen by ``head``:
 - ``"spread"``: the head rescaled so the logit gaps of 32 synthetic X-rays have mean 0 and std 3
   (probabilities spread over (0, 1), so backend parity is tested away from one flat point).
 
-Every bundle is exported to fp32 ONNX (into the session's private cache, keyed by the weights'
-hash: the same seeded bundle is exported once per test session), so ``Predictor(bundle)`` runs
-what production runs for a bundle without an INT8 graph; pass ``export=False`` for tests of the
-torch side only (:func:`pneumo.modeling.torch_predictor`).
+Every bundle is exported to fp32 ONNX, into its own folder as ``model.onnx`` (where a user's export goes),
+so ``Predictor(bundle)`` runs what production runs for a bundle without an INT8 graph; pass
+``export=False`` for tests of the torch side only (:func:`pneumo.modeling.torch_predictor`).
+An export takes seconds, so the same seeded weights are exported once per process and the graph copied.
+Not the user cache: it keeps only the most recently used graphs, and pruned under a session
+fixture's bundle it would leave that bundle without a graph halfway through the suite.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,10 +33,10 @@ import torch
 from conftest import synthetic_xray
 from torch import nn
 
-from pneumo.core.bundle import BundleMeta
+from pneumo.core.bundle import ONNX_FILE, BundleMeta
 from pneumo.core.decode import read_image
 from pneumo.core.preprocess import PreprocessConfig, preprocess
-from pneumo.inference.runners import cached_onnx_path
+from pneumo.inference.runners import weights_sha256
 from pneumo.modeling.export import export_onnx
 from pneumo.modeling.models import create_model, get_spec
 from pneumo.modeling.weights import save_bundle
@@ -102,7 +108,8 @@ def tiny_bundle(
     export: bool = True,
     **meta: Any,
 ) -> tuple[Path, nn.Module]:
-    """Save ``model`` (default: :func:`tiny_model`) as a bundle with a small input size; returns both.
+    """Save ``model`` (default: :func:`tiny_model`) as a bundle with a small input size (and, with ``export``, its
+    fp32 ``model.onnx``); returns both.
 
     ``meta`` sets or overrides fields of ``bundle.json`` (``threshold``, ``name``, ...).
     """
@@ -118,7 +125,20 @@ def tiny_bundle(
     }
     folder = save_bundle(folder, model, BundleMeta(**fields))
     if export:
-        target = cached_onnx_path(folder, input_size)
-        if not target.is_file():
-            export_onnx(folder, out=target)
+        key = (weights_sha256(folder), arch, input_size)
+        if key not in _GRAPHS:
+            _GRAPHS[key] = export_onnx(folder, out=Path(_graph_folder()) / f"{len(_GRAPHS)}.onnx")
+        shutil.copyfile(_GRAPHS[key], folder / ONNX_FILE)
     return folder, model
+
+
+#: This process's exports by (weights' SHA-256, arch, input size): the graph records the weights' hash,
+#: arch and size only, so one export serves every bundle of the same seeded weights.
+_GRAPHS: dict[tuple[str, str, int], Path] = {}
+
+
+@functools.cache
+def _graph_folder() -> str:
+    folder = tempfile.mkdtemp(prefix="pneumo-test-graphs-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
