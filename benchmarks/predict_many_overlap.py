@@ -12,7 +12,9 @@ model). Strategies compared, interleaved round by round on the same files, one p
 - ``split_all``: as ``split``, with one decode thread per core (decoding may take every core while
   the model waits for its batch);
 - ``predictor``: what ``Predictor.predict_many`` does now: ``split_all``, except that a batch whose
-  successors are all decoded already runs with every core.
+  successors are all decoded already runs with every core;
+- ``per_core``: no hand-over at all: each of one thread per core takes a chunk of ``batch / (2 x cores)``
+  files, decodes it and runs a one-thread model on it (data parallel, as a multi-worker server is).
 
 Each figure: images per second (wall) and CPU milliseconds per image (process time, all threads,
 spin-waiting included). On a shared machine the wall figures move with the load; the ratios within
@@ -79,8 +81,23 @@ def ahead(predictor: Predictor, blobs: list[bytes], batch: int, pool: ThreadPool
         _forward(predictor, done)
 
 
+def per_core(single: Predictor, blobs: list[bytes], chunk: int, pool: ThreadPoolExecutor) -> None:
+    """Each pool thread decodes its own chunk and runs ``single`` (a one-thread model) on it."""
+
+    def work(part: list[bytes]) -> None:
+        _forward(single, [single._decode_and_prepare(b) for b in part])
+
+    list(pool.map(work, [blobs[start : start + chunk] for start in range(0, len(blobs), chunk)]))
+
+
 def _strategies(
-    base: Predictor, half: Predictor, pools: dict[int, ThreadPoolExecutor], blobs: list[bytes], batch: int, cores: int
+    base: Predictor,
+    half: Predictor,
+    single: Predictor,
+    pools: dict[int, ThreadPoolExecutor],
+    blobs: list[bytes],
+    batch: int,
+    cores: int,
 ) -> dict[str, Callable[[], None]]:
     rest = max(1, cores - cores // 2)
     return {
@@ -89,6 +106,7 @@ def _strategies(
         "split": lambda: ahead(half, blobs, batch, pools[rest]),
         "split_all": lambda: ahead(half, blobs, batch, pools[cores]),
         "predictor": lambda: predictor(base, blobs, batch),
+        "per_core": lambda: per_core(single, blobs, max(1, batch // (2 * cores)), pools[cores]),
     }
 
 
@@ -109,8 +127,9 @@ def main() -> None:
     for backend in args.backends.split(","):
         base = Predictor(backend=backend, check_ood=False)
         half = Predictor(backend=backend, check_ood=False, runner=_runner(base, max(1, cores // 2)))
+        single = Predictor(backend=backend, check_ood=False, runner=_runner(base, 1))
         pools = {n: ThreadPoolExecutor(n) for n in {cores, max(1, cores - cores // 2)}}
-        strategies = _strategies(base, half, pools, blobs, args.batch, cores)
+        strategies = _strategies(base, half, single, pools, blobs, args.batch, cores)
         for run in strategies.values():  # warm-up: pools started, first-call allocations
             run()
         wall: dict[str, list[float]] = {name: [] for name in strategies}

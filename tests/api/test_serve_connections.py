@@ -175,8 +175,13 @@ def test_a_refused_part_flood_closes_the_connection_instead_of_draining_it(start
         part += b"\xff" * 1000 + b"\r\n"
         sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
     received = b""
-    while chunk := sock.recv(4096):  # EOF: the server closed the connection
-        received += chunk
+    try:
+        while chunk := sock.recv(4096):  # EOF: the server closed the connection
+            received += chunk
+    except ConnectionResetError:
+        # Also a close: a socket closed with the flood's rest still unread in its receive queue is reset,
+        # not ended with a FIN (RFC 1122, 4.2.2.13); which one comes depends on how much arrived before it.
+        pass
     sock.close()
     head = received.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 413") and b"connection: close" in head
