@@ -6,6 +6,7 @@
     SPOOL/incoming/<uid>.dcm     acknowledged, waiting for analysis (+ <uid>.json: who sent it, attempts)
     SPOOL/outgoing/<uid>/        analysed: the objects to deliver (*.dcm) and item.json (audit fields, attempts)
     SPOOL/failed/<uid>/          dead letters: what could not be answered or delivered, and reason.json
+                                 (built as failed/.<uid>.staging, renamed into place whole)
     SPOOL/rejected/              datasets answered 0xC210 (unparseable), kept for inspection
     SPOOL/status.json            what ``pneumo dicom status`` shows, rewritten by the running node
 
@@ -32,6 +33,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _UID = re.compile(r"[0-9.]{1,64}")
+#: Suffix of a dead-letter entry being built (hidden: a leading dot), see :meth:`Spool.dead_letter`.
+_STAGING = ".staging"
 _COPY_CHUNK = 1 << 20
 
 
@@ -123,13 +126,19 @@ class Spool:
                 continue
         if removed:
             log.warning("Removed %d left-over partial file(s) of interrupted writes from the spool.", removed)
+        for staging in self.failed.glob(f".*{_STAGING}"):  # dead letters interrupted by a crash
+            if not any(staging.iterdir()):  # the crash came before its reason was written: nothing was moved
+                staging.rmdir()
+                continue
+            os.replace(staging, self.failed / staging.name[1 : -len(_STAGING)])
+            log.warning("Finished the interrupted dead letter %s.", staging.name[1 : -len(_STAGING)])
         for folder in self.quotas:
             self.enforce_quota(folder)
         return removed
 
     def enforce_quota(self, folder: Path) -> None:
         quota = self.quotas[folder]
-        entries = sorted(folder.iterdir(), key=_mtime)
+        entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=_mtime)  # not in-flight
         sizes = {entry: _size(entry) for entry in entries}
         total = sum(sizes.values())
         while entries and (len(entries) > quota.max_entries or total > quota.max_bytes):
@@ -213,20 +222,31 @@ class Spool:
         return target
 
     def dead_letter(self, paths: list[Path], uid: str | None, reason: dict[str, Any]) -> Path:
-        """Move ``paths`` (files) into ``failed/<uid>/`` with ``reason.json``; returns the entry."""
-        entry = self.failed / f"{safe_name(uid)}-{uuid.uuid4().hex[:8]}"
-        entry.mkdir(parents=True)
+        """Move ``paths`` (files) into ``failed/<uid>/`` with ``reason.json``; returns the entry.
+
+        The entry is built under a hidden name in ``failed/`` (reason first, then the files) and renamed
+        into place whole: the health count and ``pneumo dicom status`` never see an entry without its
+        reason, and after a crash mid-way :meth:`clean` finds the hidden one, reason included, and
+        finishes it. Not built in ``tmp/``: ``clean`` empties that, and the files would be lost with it.
+        """
+        name = f"{safe_name(uid)}-{uuid.uuid4().hex[:8]}"
+        staging = self.failed / f".{name}{_STAGING}"
+        staging.mkdir(parents=True)
+        write_json(staging / "reason.json", {**reason, "sop_instance_uid": uid, "time": time.time()})
         for path in paths:
             if path.exists():
-                os.replace(path, entry / path.name)
-        write_json(entry / "reason.json", {**reason, "sop_instance_uid": uid, "time": time.time()})
+                os.replace(path, staging / path.name)
+        entry = self.failed / name
+        os.replace(staging, entry)
         fsync_dir(self.failed)
         self.enforce_quota(self.failed)
         return entry
 
     def dead_letters(self, newest: int = 20) -> list[dict[str, Any]]:
         """The newest dead-letter reasons (for ``pneumo dicom status``)."""
-        entries = sorted((p for p in self.failed.iterdir() if p.is_dir()), key=_mtime, reverse=True)
+        entries = sorted(
+            (p for p in self.failed.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_mtime, reverse=True
+        )
         return [read_json(entry / "reason.json") | {"entry": entry.name} for entry in entries[:newest]]
 
     def count(self, folder: Path) -> int:
