@@ -47,6 +47,13 @@ def audit_lines(node: DicomNode) -> list[dict[str, Any]]:
     return [json.loads(line) for line in node.config.audit_log.read_text().splitlines()]
 
 
+def audited(node: DicomNode, event: str) -> int:
+    """How many ``event`` lines the audit log holds now (complete lines only: the node may be writing one)."""
+    assert node.config.audit_log is not None
+    text = node.config.audit_log.read_text()
+    return sum(json.loads(line)["event"] == event for line in text[: text.rfind("\n") + 1].splitlines())
+
+
 def test_a_destination_refusing_sr_gets_the_overlay_and_the_sr_is_a_reported_dead_letter(
     node_factory: Callable[..., DicomNode], sink_factory: Callable[..., Sink]
 ) -> None:
@@ -55,7 +62,8 @@ def test_a_destination_refusing_sr_gets_the_overlay_and_the_sr_is_a_reported_dea
     node = node_factory(sink.destination, heatmap=True)
     assert store(node.port, [film(), film()]) == [0, 0]
     assert wait_until(lambda: len(sink.of_class(SC)) == 2), "the overlays the destination accepts are delivered"
-    assert wait_until(lambda: node.health()["dead_letters"] == 2)
+    # An item's last step is its result_delivered line (after its dead letter, its failure and their audit).
+    assert wait_until(lambda: node.health()["dead_letters"] == 2 and audited(node, "result_delivered") == 2)
     state = node.health()
     assert state["healthy"] and state["stages"]["analyse"]["alive"] and state["stages"]["deliver"]["alive"]
     assert all("does not accept Comprehensive 3D SR" in f["reason"] for f in state["failures"] if f["dead_letter"])
@@ -75,7 +83,10 @@ def test_an_unreachable_destination_ends_in_dead_letters_within_the_retry_bound(
     node = node_factory(Destination("NOBODY", "127.0.0.1", free_port()), retry=RetryPolicy(3, 0.1, 0.2))
     assert store(node.port, [film(), film(), film()]) == [0, 0, 0]
     done = {"incoming": 0, "outgoing": 0, "oldest_age_s": None}
-    assert wait_until(lambda: node.health()["queue"] == done and node.health()["dead_letters"] == 3, timeout=90)
+    assert wait_until(lambda: node.health()["queue"] == done and audited(node, "dead_letter") == 3, timeout=90), (
+        "each dead letter is noted and audited just after it is counted"
+    )
+    assert node.health()["dead_letters"] == 3
     state = node.health()
     dead = [f for f in state["failures"] if f["dead_letter"]]
     assert len(dead) == 3 and all(f["attempts"] == 3 and "association" in f["reason"] for f in dead)
@@ -141,7 +152,8 @@ def test_an_instance_that_always_fails_analysis_becomes_a_dead_letter_with_its_r
     node.start()
     try:
         assert store(node.port, [film()]) == [0]
-        assert wait_until(lambda: node.health()["dead_letters"] == 1 and not node.health()["queue"]["incoming"])
+        assert wait_until(lambda: not node.health()["queue"]["incoming"] and audited(node, "dead_letter") == 1)
+        assert node.health()["dead_letters"] == 1
         entry = next(node.spool.failed.iterdir())
         reason = json.loads((entry / "reason.json").read_text())
         assert (reason["stage"], reason["attempts"]) == ("analyse", 3) and "No space left" in reason["reason"]
