@@ -73,7 +73,7 @@ def test_slow_association_requests_do_not_lock_out_a_legitimate_sender(node_fact
         assert store(node.port, [film()]) == [0]
 
 
-@pytest.mark.slow  # four threads connect and close for the length of five C-STOREs: about 13 s
+@pytest.mark.slow  # four threads connect and close for the length of five C-STOREs: about 90 s
 def test_a_connection_flood_does_not_lock_out_a_legitimate_sender(node_factory: Callable[..., DicomNode]) -> None:
     node = node_factory(NOWHERE)
     stop = threading.Event()
@@ -86,11 +86,25 @@ def test_a_connection_flood_does_not_lock_out_a_legitimate_sender(node_factory: 
             except OSError:
                 pass
 
+    def send() -> list[int]:
+        """One C-STORE as a PACS queue sends it: an association that did not come up is tried again (3 tries).
+
+        Before: idle and flooding sockets filled pynetdicom's fixed limit, and every try failed. Now every
+        C-STORE gets through, but slowly: 16-19 s each on an idle 2-core machine under this flood (every
+        flooding connection still costs the node a thread), and once in CI past the sender's 30 s
+        association timeout. A retry absorbs that; a lockout fails all three.
+        """
+        answer: list[int] = []
+        for _ in range(3):
+            if answer := store(node.port, [film()]):
+                break
+        return answer
+
     floods = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
     for thread in floods:
         thread.start()
     try:
-        answers = [store(node.port, [film()]) for _ in range(5)]
+        answers = [send() for _ in range(5)]
     finally:
         stop.set()
         for thread in floods:
