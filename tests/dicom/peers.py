@@ -9,9 +9,11 @@ import by name.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,28 @@ def dcmtk(tool: str) -> str | None:
             if "dcmtk" in (run.stdout + run.stderr).lower() or "offis" in (run.stdout + run.stderr).lower():
                 return path
     return None
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll ``check`` until it returns something truthy (the node is asynchronous); its last value."""
+    deadline = time.monotonic() + timeout
+    value = check()
+    while not value and time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = check()
+    return value
+
+
+def audit_lines(node: DicomNode) -> list[dict[str, Any]]:
+    """The node's audit log, complete lines only (the node may be writing one as it is read)."""
+    assert node.config.audit_log is not None
+    text = node.config.audit_log.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def audited(node: DicomNode, event: str) -> int:
+    """How many ``event`` lines the audit log holds now."""
+    return sum(line["event"] == event for line in audit_lines(node))
 
 
 def film(**fields: Any) -> bytes:

@@ -8,7 +8,6 @@ AE title and the caller's host were never checked, and refusals were not audited
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import struct
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 from peers import *  # noqa: F403  (the fixtures)
-from peers import dcmtk, echo, film, store
+from peers import audit_lines, audited, dcmtk, echo, film, store, wait_until
 
 from pneumo.dicom.audit import AUDIT_KEYS
 from pneumo.dicom.node import Destination, DicomNode
@@ -31,13 +30,9 @@ from pneumo.dicom.policy import AccessPolicy, CallerRule
 NOWHERE = Destination("NOBODY", "127.0.0.1", 9)
 
 
-def audit(node: DicomNode) -> list[dict[str, Any]]:
-    assert node.config.audit_log is not None
-    return [json.loads(line) for line in node.config.audit_log.read_text().splitlines()]
-
-
 def refusals(node: DicomNode) -> list[str]:
-    return [line["reason"] for line in audit(node) if line["event"] in ("association_rejected", "instance_refused")]
+    refused = ("association_rejected", "instance_refused")
+    return [line["reason"] for line in audit_lines(node) if line["event"] in refused]
 
 
 @contextmanager
@@ -136,10 +131,8 @@ def test_an_instance_over_the_size_limit_is_cut_and_leaves_nothing(node_factory:
     big = dicom_bytes(np.zeros((512, 512), np.uint16), StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.3.4")
     assert store(node.port, [big]) in ([], [-1])
     assert "instance_too_large" in refusals(node)
-    deadline = time.monotonic() + 10.0  # the cut association's partial file is removed as it unwinds
-    while (leftover := [*node.spool.incoming.iterdir(), *node.spool.tmp.iterdir()]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not leftover
+    # The cut association's partial file is removed as it unwinds.
+    assert wait_until(lambda: not [*node.spool.incoming.iterdir(), *node.spool.tmp.iterdir()], timeout=10)
     assert store(node.port, [film()]) == [0]
 
 
@@ -147,7 +140,7 @@ def test_called_ae_title_is_checked(node_factory: Callable[..., DicomNode]) -> N
     node = node_factory(NOWHERE)
     assert not echo(node.port, called="SOMEONE_ELSE")
     assert echo(node.port)
-    rejected = [line for line in audit(node) if line["event"] == "association_rejected"]
+    rejected = [line for line in audit_lines(node) if line["event"] == "association_rejected"]
     assert rejected[0]["reason"] == "called_ae_not_recognised" and rejected[0]["called_ae"] == "SOMEONE_ELSE"
     assert rejected[0]["calling_ae"] == "SENDER" and rejected[0]["peer"].startswith("127.0.0.1:")
 
@@ -199,12 +192,8 @@ def test_an_idle_association_is_dropped_after_the_network_timeout(node_factory: 
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.2)
     assert assoc.is_aborted
-    deadline = time.monotonic() + 10  # the node audits the abort in its own thread, maybe after the peer saw it
-    while not (aborted := any(line["event"] == "association_aborted" for line in audit(node))):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert aborted
+    # The node audits the abort in its own thread, maybe after the peer saw it.
+    assert wait_until(lambda: audited(node, "association_aborted"), timeout=10)
 
 
 def test_every_audit_line_has_the_one_shape(
@@ -215,9 +204,9 @@ def test_every_audit_line_has_the_one_shape(
     assert store(node.port, [film(), film(StudyInstanceUID="")]) == [0, 0xC210]
     assert not echo(node.port, calling="STRANGER")
     deadline = time.monotonic() + 60
-    while not any(line["event"] == "result_delivered" for line in audit(node)) and time.monotonic() < deadline:
+    while not any(line["event"] == "result_delivered" for line in audit_lines(node)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    lines = audit(node)
+    lines = audit_lines(node)
     assert all(tuple(line) == AUDIT_KEYS for line in lines)
     events = {line["event"] for line in lines}
     assert {"association_accepted", "association_rejected", "instance_received", "instance_refused"} <= events
@@ -240,7 +229,7 @@ def test_dcmtk_echoscu_and_storescu_interoperate(node_factory: Callable[..., Dic
     path.write_bytes(film())
     sent = [storescu, "-aet", "SENDER", "-aec", "PNEUMO", "127.0.0.1", str(node.port), str(path)]
     assert subprocess.run(sent, capture_output=True, timeout=60).returncode == 0
-    assert [line["outcome"] for line in audit(node) if line["event"] == "instance_received"] == ["accepted"]
+    assert [line["outcome"] for line in audit_lines(node) if line["event"] == "instance_received"] == ["accepted"]
 
 
 # ------------------------------------------------------------------------------------------------- TLS

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from orthanc_helpers import free_port
 from peers import *  # noqa: F403  (the fixtures)
-from peers import Sink, dcmtk, film, store
+from peers import Sink, audit_lines, audited, dcmtk, film, store, wait_until
 from typer.testing import CliRunner
 
 from pneumo.cli import app
@@ -30,28 +30,6 @@ from pneumo.dicom.spool import Quota
 
 SR = pydicom.uid.Comprehensive3DSRStorage
 SC = pydicom.uid.SecondaryCaptureImageStorage
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll ``check`` until it returns something truthy (the pipeline is asynchronous); its last value."""
-    deadline = time.monotonic() + timeout
-    value = check()
-    while not value and time.monotonic() < deadline:
-        time.sleep(0.1)
-        value = check()
-    return value
-
-
-def audit_lines(node: DicomNode) -> list[dict[str, Any]]:
-    assert node.config.audit_log is not None
-    return [json.loads(line) for line in node.config.audit_log.read_text().splitlines()]
-
-
-def audited(node: DicomNode, event: str) -> int:
-    """How many ``event`` lines the audit log holds now (complete lines only: the node may be writing one)."""
-    assert node.config.audit_log is not None
-    text = node.config.audit_log.read_text()
-    return sum(json.loads(line)["event"] == event for line in text[: text.rfind("\n") + 1].splitlines())
 
 
 def test_a_destination_refusing_sr_gets_the_overlay_and_the_sr_is_a_reported_dead_letter(

@@ -130,8 +130,9 @@ class Spool:
             if not any(staging.iterdir()):  # the crash came before its reason was written: nothing was moved
                 staging.rmdir()
                 continue
-            os.replace(staging, self.failed / staging.name[1 : -len(_STAGING)])
-            log.warning("Finished the interrupted dead letter %s.", staging.name[1 : -len(_STAGING)])
+            name = staging.name[1 : -len(_STAGING)]
+            os.replace(staging, self.failed / name)
+            log.warning("Finished the interrupted dead letter %s.", name)
         for folder in self.quotas:
             self.enforce_quota(folder)
         return removed
